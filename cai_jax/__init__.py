@@ -1,0 +1,1 @@
+"""cai-jax: Constitutional AI (Bai et al. 2022) end to end in JAX."""

@@ -1,0 +1,262 @@
+"""A decoder-only transformer in Flax Linen: the Llama family and GPT-2.
+
+One module covers both families (see `TransformerConfig.arch`). It is purely
+functional: parameters come in as a pytree, and the optional KV cache is an
+explicit input and output rather than a mutable Flax collection, so that the
+sampler can donate it and every stage sees the same call:
+
+    outputs, new_cache = model.apply({"params": params}, tokens_bt, positions_bt,
+                                     key_mask_bs, cache=cache, cache_index=i)
+
+Without a cache the keys are the tokens themselves (S == T). With a cache of
+length S the new keys/values are written at slots [cache_index, cache_index + T)
+and every query attends to the slots at or before its own whose `key_mask_bs`
+entry is true, which handles left padding and decoding alike.
+
+Every parameter carries logical axis names (embed, mlp, heads, kv_heads,
+head_dim, vocab, layers) that `cai_jax.sharding` maps onto the mesh.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cai_jax.models.config import TransformerConfig
+
+KVCache = dict  # {"k": [layers, batch, kv_heads, seq, head_dim], "v": same}
+
+_NEG_INF = -1e30
+
+
+def init_cache(config: TransformerConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """An empty KV cache. Layout [L, B, H_kv, S, D]: decode attention on
+    XLA:CPU was ~10x faster with the sequence axis next to head_dim (design.md)."""
+    dtype = dtype or config.compute_dtype
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _param_init(names, init=nn.initializers.normal(0.02)):
+    return nn.with_logical_partitioning(init, names)
+
+
+class Norm(nn.Module):
+    """RMSNorm (llama) or LayerNorm (gpt2), computed in float32."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", _param_init(("embed",), nn.initializers.ones),
+                           (cfg.d_model,), cfg.weight_dtype)
+        if cfg.arch == "llama":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
+            return (y * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
+        bias = self.param("bias", _param_init(("embed",), nn.initializers.zeros),
+                          (cfg.d_model,), cfg.weight_dtype)
+        mean = jnp.mean(x32, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.compute_dtype)
+
+
+def rope(x_bthd, positions_bt, theta: float):
+    """Rotary embedding, HF "rotate half" layout (first half pairs with second)."""
+    half = x_bthd.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x = x_bthd.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    return out.astype(x_bthd.dtype)
+
+
+def _dense(features, names, cfg, use_bias, axis=-1, name=None):
+    """DenseGeneral whose kernel/bias carry logical axis names (bias: output axes)."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=use_bias, dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype, kernel_init=_param_init(names),
+        bias_init=_param_init(names[-n_out:], nn.initializers.zeros), name=name)
+
+
+class Attention(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, key_mask_bs, cache_index, layer_cache):
+        cfg = self.config
+        h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense((h, hd), ("embed", "heads", "head_dim"), cfg, cfg.qkv_bias, name="q")(x_btd)
+        k = _dense((kv, hd), ("embed", "kv_heads", "head_dim"), cfg, cfg.qkv_bias, name="k")(x_btd)
+        v = _dense((kv, hd), ("embed", "kv_heads", "head_dim"), cfg, cfg.qkv_bias, name="v")(x_btd)
+        if cfg.arch == "llama":
+            q = rope(q, positions_bt, cfg.rope_theta)
+            k = rope(k, positions_bt, cfg.rope_theta)
+        k_bksd = k.transpose(0, 2, 1, 3)
+        v_bksd = v.transpose(0, 2, 1, 3)
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            k_bksd = jax.lax.dynamic_update_slice(ck, k_bksd.astype(ck.dtype), (0, 0, cache_index, 0))
+            v_bksd = jax.lax.dynamic_update_slice(cv, v_bksd.astype(cv.dtype), (0, 0, cache_index, 0))
+            new_cache = (k_bksd, v_bksd)
+        else:
+            new_cache = None
+
+        b, t = x_btd.shape[:2]
+        s = k_bksd.shape[2]
+        q_bkgtd = q.reshape(b, t, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q_bkgtd, k_bksd.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+        query_slot = cache_index + jnp.arange(t)
+        causal_ts = jnp.arange(s)[None, :] <= query_slot[:, None]
+        allowed = causal_ts[None, None, None] & key_mask_bs[:, None, None, None, :].astype(bool)
+        scores = jnp.where(allowed, scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd.astype(cfg.compute_dtype))
+        out = out.reshape(b, t, h, hd)
+        out = _dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, cfg.out_bias,
+                     axis=(-2, -1), name="o")(out)
+        return out, new_cache
+
+
+class Mlp(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        if cfg.arch == "llama":
+            gate = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, cfg.mlp_bias, name="gate")(x)
+            up = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up")(x)
+            hidden = nn.silu(gate) * up
+        else:
+            hidden = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up")(x)
+            hidden = jax.nn.gelu(hidden, approximate=True)  # GPT-2's "gelu_new"
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return _dense(cfg.d_model, ("mlp", "embed"), cfg, cfg.mlp_bias, name="down")(hidden)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer. Signature fits `nn.scan`: (carry, *xs)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions_bt, key_mask_bs, cache_index, layer_cache):
+        cfg = self.config
+        attn_out, new_cache = Attention(cfg, name="attn")(
+            Norm(cfg, name="attn_norm")(x), positions_bt, key_mask_bs, cache_index, layer_cache)
+        x = x + attn_out
+        x = x + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+def _remat_policy(name: str):
+    return {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }[name]
+
+
+class Transformer(nn.Module):
+    """Decoder trunk plus the heads named in `config.heads`.
+
+    Returns ({"hidden": [B,T,D], "logits": [B,T,V] if "lm", "scalar": [B,T] if
+    "scalar"}, new_cache). `last_only=True` applies the heads to the final
+    position only (prefill in the sampler needs just that).
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt, key_mask_bs, cache: Optional[KVCache] = None,
+                 cache_index: Any = 0, last_only: bool = False):
+        cfg = self.config
+        embedding = self.param("embed", _param_init(("vocab", "embed")),
+                               (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
+        x = jnp.take(embedding, tokens_bt, axis=0).astype(cfg.compute_dtype)
+        if cfg.arch == "gpt2":
+            pos_table = self.param("pos_embed", _param_init((None, "embed"), nn.initializers.normal(0.01)),
+                                   (cfg.max_seq_len, cfg.d_model), cfg.weight_dtype)
+            x = x + jnp.take(pos_table, positions_bt, axis=0).astype(cfg.compute_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            cache_axis = 0 if cache is not None else nn.broadcast
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, cache_axis),
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            layer_caches = (cache["k"], cache["v"]) if cache is not None else None
+            x, new_kv = layers(x, positions_bt, key_mask_bs, cache_index, layer_caches)
+            new_cache = {"k": new_kv[0], "v": new_kv[1]} if cache is not None else None
+        else:
+            new_k, new_v = [], []
+            for i in range(cfg.num_layers):
+                layer_cache = (cache["k"][i], cache["v"][i]) if cache is not None else None
+                x, kv = block(cfg, name=f"layers_{i}")(x, positions_bt, key_mask_bs, cache_index,
+                                                        layer_cache)
+                if cache is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+            new_cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)} if cache is not None else None
+
+        x = Norm(cfg, name="final_norm")(x)
+        if last_only:
+            x = x[:, -1:]
+        outputs = {"hidden": x}
+        if "lm" in cfg.heads:
+            if cfg.tie_embeddings:
+                logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype),
+                                    preferred_element_type=jnp.float32)
+            else:
+                logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, False, name="lm_head")(x)
+            outputs["logits"] = logits.astype(jnp.float32)
+        if "scalar" in cfg.heads:
+            head = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
+                            kernel_init=_param_init(("embed", None), nn.initializers.zeros),
+                            bias_init=_param_init((None,), nn.initializers.zeros),
+                            name="scalar_head")
+            outputs["scalar"] = head(x.astype(jnp.float32))[..., 0]
+        return outputs, new_cache
+
+
+def positions_from_mask(mask_bt):
+    """Position ids for left-padded rows: 0 at each row's first real token."""
+    mask = mask_bt.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _init_params(config: TransformerConfig, rng):
+    model = Transformer(config)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    return model.init(rng, tokens, jnp.arange(4)[None], jnp.ones((1, 4), bool))["params"]
+
+
+def init_params(config: TransformerConfig, rng) -> dict:
+    """Random parameters (logical-axis metadata stripped: a plain pytree)."""
+    return nn.meta.unbox(_init_params(config, rng))
+
+
+def abstract_params(config: TransformerConfig) -> dict:
+    """Shapes/dtypes of the parameters, boxed with their logical axis names."""
+    model = Transformer(config)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                             jnp.arange(4)[None], jnp.ones((1, 4), bool)))["params"]

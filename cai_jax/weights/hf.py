@@ -1,0 +1,112 @@
+"""Local HF model directories (safetensors + config.json + tokenizer): import and export.
+
+Supported families: Llama, Mistral, Qwen2 (all on our llama path) and GPT-2.
+Nothing is downloaded: `directory` must already hold the files.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from cai_jax.models.config import TransformerConfig
+from cai_jax.weights import layout
+
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> TransformerConfig:
+    model_type = hf.get("model_type")
+    if model_type in _LLAMA_LIKE:
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        return TransformerConfig(
+            arch="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            mlp_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            out_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if model_type == "gpt2":
+        d = hf["n_embd"]
+        return TransformerConfig(
+            arch="gpt2", vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["n_layer"],
+            num_heads=hf["n_head"], num_kv_heads=hf["n_head"], head_dim=d // hf["n_head"],
+            mlp_dim=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), qkv_bias=True, out_bias=True,
+            mlp_bias=True, tie_embeddings=True)
+    raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+                     f"(one of {_LLAMA_LIKE + ('gpt2',)})")
+
+
+def config_to_hf(cfg: TransformerConfig):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if cfg.arch == "gpt2":
+        return GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.num_layers,
+                          n_head=cfg.num_heads, n_inner=cfg.mlp_dim, n_positions=cfg.max_seq_len,
+                          layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
+                          tie_word_embeddings=True)
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias:
+        return Qwen2Config(**common)
+    if cfg.qkv_bias != cfg.out_bias:
+        raise ValueError("HF Llama has one attention_bias switch for q/k/v and o; this model "
+                         "has qkv_bias != out_bias and is not Qwen2-shaped")
+    return LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **common)
+
+
+def read_hf_dir(directory: str) -> tuple[TransformerConfig, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: an HF model directory needs config.json")
+    with open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f), cfg_path)
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files (PyTorch .bin is not read)")
+    tensors = {}
+    for path in files:
+        for name, value in load_file(path).items():
+            tensors[name] = value.astype(np.float32) if value.dtype != np.float32 else value
+    return cfg, tensors
+
+
+def write_hf_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None) -> None:
+    """Exports params as an HF directory that transformers loads; written atomically."""
+    from safetensors.numpy import save_file
+
+    tensors = layout.to_hf(layout.to_scan_layout(params, cfg), cfg)
+    tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()}
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    hf_cfg = config_to_hf(cfg)
+    hf_cfg.architectures = ["GPT2LMHeadModel" if cfg.arch == "gpt2" else
+                            type(hf_cfg).__name__.replace("Config", "ForCausalLM")]
+    if tokenizer is not None:
+        hf_cfg.eos_token_id = tokenizer.eos_token_id
+        hf_cfg.bos_token_id = tokenizer.bos_token_id
+        hf_cfg.pad_token_id = tokenizer.pad_token_id
+        tokenizer.save_pretrained(tmp)
+    hf_cfg.save_pretrained(tmp)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)

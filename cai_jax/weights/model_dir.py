@@ -1,0 +1,82 @@
+"""Our own model directory (`ckpt:DIR`): shapes, tokenizer and orbax parameters.
+
+    DIR/model.json     TransformerConfig fields
+    DIR/tokenizer/     transformers tokenizer files
+    DIR/params/        orbax checkpoint of the parameter pytree (scan layout)
+
+Stages hand models to each other in this form (SL-CAI -> pairs, PM -> PPO).
+The directory is assembled under a temporary name and renamed into place, so a
+reader never sees half of one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+from cai_jax.models.config import TransformerConfig
+from cai_jax.weights import layout
+
+
+def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None) -> None:
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
+    with open(os.path.join(tmp, "model.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    params = layout.to_scan_layout(params, cfg)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.wait_until_finished()
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def read_model_config(directory: str) -> TransformerConfig:
+    path = os.path.join(directory, "model.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: not a cai_jax model directory")
+    with open(path) as f:
+        fields = json.load(f)
+    fields["heads"] = tuple(fields.get("heads", ("lm",)))
+    return TransformerConfig(**fields)
+
+
+def load_model_dir(directory: str, shardings=None) -> tuple[TransformerConfig, dict]:
+    """Config and params (scan layout). `shardings`: optional pytree of
+    NamedShardings to restore straight onto a mesh, whatever mesh saved it."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    cfg = read_model_config(directory)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.join(directory, "params"))
+        tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+        if shardings is None:
+            device = jax.devices()[0]
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+                m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), tree)
+        else:
+            target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                                  tree, shardings)
+        params = ckptr.restore(os.path.join(directory, "params"), target)
+    return cfg, params
+
+
+def has_tokenizer(directory: str) -> bool:
+    return os.path.isdir(os.path.join(directory, "tokenizer"))
+
+
+def params_to_numpy(params):
+    return jax.tree.map(np.asarray, params)
