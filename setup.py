@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         # torch is only the reference implementation the tests compare logits with.
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3"],
+        "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "pytest-xdist>=3"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
 )

@@ -54,7 +54,7 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
                to_device: bool = True) -> LoadedModel:
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     bad = [k for k in overrides if k not in RUNTIME_FIELDS]
-    if bad:
+    if bad and not source.startswith("init:"):
         raise ValueError(f"cannot override {bad} when loading weights from {source!r}; "
                          f"only {RUNTIME_FIELDS} may differ from the stored shapes")
     if "heads" in overrides:
@@ -86,7 +86,7 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
     else:
         raise ValueError(f"model source {source!r}: expected smollm2, gguf:PATH, hf:DIR, ckpt:DIR "
                          "or init:NAME")
-    cfg = cfg.replace(**overrides)
+    cfg = cfg.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
     params = _with_scalar_head(params, cfg)
     params = _cast(params, np.dtype(cfg.weight_dtype))
     params = layout.to_model_layout(params, cfg)

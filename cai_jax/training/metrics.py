@@ -1,0 +1,57 @@
+"""Metric writers: a JSONL log (one object per step) and TensorBoard event files."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+def _plain(value):
+    value = np.asarray(value)
+    return value.item() if value.size == 1 else value.tolist()
+
+
+class MetricWriter:
+    """Appends {"step": s, **metrics} to `<dir>/<name>.jsonl` and to TensorBoard.
+
+    On resume, lines with a step >= the restored step are dropped first so the
+    log holds each step once.
+    """
+
+    def __init__(self, directory: str, name: str = "metrics", tensorboard: bool = True):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"{name}.jsonl")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard", name))
+
+    def truncate_from(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: Mapping) -> None:
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
