@@ -267,11 +267,11 @@ def parse_critique_transcript(text: str) -> CritiqueTranscript:
         labels = [label for label, _ in segments[:4]]
         if labels == ["CritiqueRequest", "Critique", "RevisionRequest", "Revision"]:
             (_, cr), (_, c), (_, rr), (_, r) = segments[:4]
-            rounds.append(CritiqueRound(rr, r, cr, c))
+            rounds.append(CritiqueRound(critique_request=cr, critique=c, revision_request=rr, revision=r))
             del segments[:4]
         elif labels[:2] == ["RevisionRequest", "Revision"]:
             (_, rr), (_, r) = segments[:2]
-            rounds.append(CritiqueRound(rr, r))
+            rounds.append(CritiqueRound(revision_request=rr, revision=r))
             del segments[:2]
         else:
             raise ConversationFormatError(

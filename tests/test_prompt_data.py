@@ -1,0 +1,83 @@
+"""The embedded red-team and helpful prompt sets and their fixed split."""
+
+import collections
+import importlib.resources
+import json
+
+import pytest
+
+from cai_jax.data.conversation import Turn
+from cai_jax.data.prompt_sets import categories, load_prompts, split_of
+
+RED_TEAM_AREAS = {"violence", "weapons", "drugs", "theft_fraud", "hacking", "hate_racism", "sexism",
+                  "harassment_toxicity", "self_harm", "privacy", "dangerous_chemistry", "age_inappropriate",
+                  "manipulation", "illegal_activity"}
+HELPFUL_AREAS = {"cooking", "coding", "writing", "science", "travel", "math"}
+
+
+@pytest.mark.parametrize("kind", ["red_team", "helpful"])
+def test_sizes_ids_and_texts(kind):
+    prompts = load_prompts(kind)
+    assert len(prompts) >= 220
+    assert len({p.id for p in prompts}) == len(prompts)
+    assert len({p.text.lower() for p in prompts}) == len(prompts)
+    for p in prompts:
+        assert p.kind == kind
+        assert p.text == p.text.strip() and 10 <= len(p.text) <= 300, p.id
+        assert p.category in p.id, p.id
+
+
+def test_red_team_covers_every_harm_area():
+    counts = collections.Counter(p.category for p in load_prompts("red_team"))
+    assert set(counts) == RED_TEAM_AREAS
+    assert min(counts.values()) >= 10
+
+
+def test_helpful_covers_ordinary_topics():
+    counts = collections.Counter(p.category for p in load_prompts("helpful"))
+    assert HELPFUL_AREAS <= set(counts)
+    assert min(counts.values()) >= 10
+    assert categories("helpful")[0] == "cooking"
+
+
+def test_sets_do_not_overlap():
+    red = {p.text for p in load_prompts("red_team")}
+    helpful = {p.text for p in load_prompts("helpful")}
+    assert not red & helpful
+
+
+@pytest.mark.parametrize("kind", ["red_team", "helpful"])
+def test_split_is_a_partition_of_about_15_percent(kind):
+    everything = load_prompts(kind, "all")
+    train, test = load_prompts(kind, "train"), load_prompts(kind, "test")
+    assert {p.id for p in train} | {p.id for p in test} == {p.id for p in everything}
+    assert not {p.id for p in train} & {p.id for p in test}
+    assert 0.10 <= len(test) / len(everything) <= 0.20
+    assert [p.id for p in load_prompts(kind, "test")] == [p.id for p in test]  # stable across calls
+
+
+def test_split_depends_on_the_id_only():
+    # Ids that are not in the files at all still get a fixed split, and
+    # roughly 15 in 100 of them land in test.
+    ids = [f"made-up-{i}" for i in range(2000)]
+    share = sum(split_of(i) == "test" for i in ids) / len(ids)
+    assert 0.12 <= share <= 0.18
+    assert [split_of(i) for i in ids[:50]] == [split_of(i) for i in ids[:50]]
+    assert split_of("x", test_percent=0) == "train" and split_of("x", test_percent=100) == "test"
+
+
+def test_files_are_package_data_in_jsonl():
+    root = importlib.resources.files("cai_jax.data") / "prompts"
+    for name in ("red_team.jsonl", "helpful.jsonl"):
+        lines = (root / name).read_text(encoding="utf-8").splitlines()
+        row = json.loads(lines[0])
+        assert set(row) == {"id", "category", "prompt"}
+
+
+def test_prompt_conversation_and_bad_arguments():
+    p = load_prompts("helpful")[0]
+    assert p.conversation() == (Turn("user", p.text),)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        load_prompts("toxic")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_prompts("helpful", "validation")
