@@ -1,5 +1,7 @@
-"""Fields every experiment shares. Experiment files start from `base_config()`."""
+"""Fields every experiment shares. Experiment files start from `base_config()` and
+add the stage sections (each stage module owns its defaults)."""
 import ml_collections
+from ml_collections import config_dict
 
 from cai_jax import config as cfg_lib
 
@@ -7,8 +9,27 @@ from cai_jax import config as cfg_lib
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # The helpful model every stage starts from (and the feedback model by default).
     config.model = cfg_lib.model_section("smollm2-135m")
     config.mesh = cfg_lib.mesh_section()
+    # "default" (our constitution), a path to a constitution JSON, or "paper:DIR"
+    # for the paper's supplementary prompt files. num_principles keeps a seeded
+    # subset (the paper's figure 6 ablation); None keeps all.
+    config.constitution = ml_collections.ConfigDict({
+        "path": "default", "num_principles": config_dict.placeholder(int)})
+    # Prompt sources: "embedded" (shipped with the package) or an HH-format file
+    # (.jsonl/.jsonl.gz with chosen/rejected). Limits of 0 mean "all".
+    config.data = ml_collections.ConfigDict({
+        "red_team": "embedded", "helpful": "embedded", "red_team_limit": 0, "helpful_limit": 0,
+        "on_error": "raise",
+        # How conversations are shown to models: "chat" (the tokenizer's chat
+        # template) or "hh" (the paper's raw "\n\nHuman: ... \n\nAssistant:" text).
+        "render": "chat"})
+    # Default sampling settings for generation stages.
+    config.sampling = ml_collections.ConfigDict({
+        "temperature": 1.0, "top_k": 0, "top_p": 0.95, "max_new_tokens": 128, "batch_size": 16})
+    config.distributed = ml_collections.ConfigDict({
+        "enabled": False, "coordinator_address": "", "num_processes": 0, "process_id": -1})
     return config
 
 

@@ -1,0 +1,110 @@
+"""Atomic artifact writing and resumable JSONL files.
+
+Every artifact is written under a temporary name in the same directory and
+renamed into place, so a killed process leaves either the old file or the new
+one. Long generation stages append one record per finished item to a `.partial`
+JSONL file and rename it when complete; on restart they read the ids already
+done and skip them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Iterable, Iterator
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Reads a JSONL artifact; a malformed line is an error naming file and line."""
+    out = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from e
+    return out
+
+
+class PartialJsonl:
+    """Append-only record log for a stage that produces one record per item.
+
+    Records go to `<path>.partial` as they finish (flushed and fsynced per batch);
+    `finish()` renames it to `<path>`. A torn last line from a kill is dropped
+    on reopen.
+    """
+
+    def __init__(self, path: str, key: str = "id"):
+        self.path, self.partial, self.key = path, path + ".partial", key
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.records: list[dict] = []
+        if os.path.exists(self.partial):
+            with open(self.partial) as f:
+                for line in f:
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # the line being written when the process died
+            # Rewrite without the torn tail so appends start on a clean line.
+            write_jsonl_atomic(self.partial, self.records)
+
+    def done_keys(self) -> set:
+        return {r[self.key] for r in self.records}
+
+    def extend(self, records: Iterable[dict]) -> None:
+        records = list(records)
+        with open(self.partial, "a") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.extend(records)
+
+    def finish(self, order: Iterable | None = None) -> list[dict]:
+        """Writes the final file (optionally in the given key order) atomically."""
+        records = self.records
+        if order is not None:
+            by_key = {r[self.key]: r for r in records}
+            records = [by_key[k] for k in order if k in by_key]
+        write_jsonl_atomic(self.path, records)
+        if os.path.exists(self.partial):
+            os.remove(self.partial)
+        return records
+
+
+def file_hash(path: str) -> str | None:
+    """sha256 of a file (or of a directory's model.json), None when absent."""
+    if not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def iter_batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
