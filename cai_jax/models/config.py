@@ -107,7 +107,8 @@ def _paper_size(num_layers: int) -> dict[str, Any]:
     # Askell et al. 2021 (the model family CAI used) published only a few shapes;
     # d_model = 128 * n_layers (head_dim 128, one head per layer) matches the two
     # that are known (52B: 64 x 8192, 13B: 40 x 5120) and, with a SwiGLU width of
-    # 8/3 d (12 * L * d^2 weights), lands on each nominal size within 3%.
+    # 8/3 d (about 12 * L * d^2 weights outside the embeddings), lands each size's
+    # non-embedding count within 5% of its nominal value.
     d = 128 * num_layers
     mlp = int(round(8 * d / 3 / 256)) * 256
     return _llama(d, num_layers, num_heads=num_layers, num_kv_heads=num_layers, mlp_dim=mlp,
