@@ -46,3 +46,15 @@ def test_sharded_train_steps_match_single_device():
         assert r["param_diff"] <= 1e-5, (shape, r)
     # The meshes really shard the weights: fsdp on embed, tensor on mlp.
     assert report["1x4x2"]["mlp_up_spec"] == "P(None, 'fsdp', 'tensor')"
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "scripts", "checkpoint_reshard.py")
+    out = subprocess.run([sys.executable, script, str(tmp_path / "ckpt")], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(report) == {"1x4x2", "8x1x1", "1x1x1"}
+    for shape, r in report.items():
+        assert r == {"equal": True, "on_target_sharding": True, "rng_equal": True,
+                     "extra": {"data": {"pos": 3}}}, shape
