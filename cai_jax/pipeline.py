@@ -28,12 +28,12 @@ from cai_jax import artifacts
 # name -> (module:function, config sections it depends on, input artifacts)
 STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "sl_generate": ("cai_jax.sl_cai.generate:run_stage", ("seed", "model", "sampling", "constitution", "data", "sl_generate"), ()),
-    "sl_train": ("cai_jax.sl_cai.sft:run_stage", ("seed", "model", "sl_train"), ("sl_data.jsonl", "helpful_data.jsonl")),
-    "pairs": ("cai_jax.rl_cai.pairs:run_stage", ("seed", "sampling", "data", "pairs"), ("models/sl_cai/model.json",)),
+    "sl_train": ("cai_jax.sl_cai.sft:run_stage", ("seed", "model", "data", "sl_train"), ("sl_data.jsonl", "helpful_data.jsonl")),
+    "pairs": ("cai_jax.rl_cai.pairs:run_stage", ("seed", "sampling", "data", "pairs"), ("models/sl_cai/saved.json",)),
     "feedback": ("cai_jax.rl_cai.feedback:run_stage", ("seed", "model", "constitution", "feedback"), ("pairs.jsonl",)),
     "pm_train": ("cai_jax.rl_cai.preference:run_stage", ("seed", "pm_train"), ("labels.jsonl",)),
-    "ppo": ("cai_jax.rl_cai.ppo:run_stage", ("seed", "data", "ppo"), ("models/sl_cai/model.json", "models/pm/model.json")),
-    "eval": ("cai_jax.eval.evaluate:run_stage", ("seed", "data", "eval"), ("models/sl_cai/model.json", "models/pm/model.json")),
+    "ppo": ("cai_jax.rl_cai.ppo:run_stage", ("seed", "data", "ppo"), ("models/sl_cai/saved.json", "models/pm/saved.json")),
+    "eval": ("cai_jax.eval.evaluate:run_stage", ("seed", "model", "data", "eval"), ("models/sl_cai/saved.json", "models/pm/saved.json")),
 }
 ORDER = tuple(STAGES)
 
@@ -66,9 +66,13 @@ def _section_hash(config: ml_collections.ConfigDict, sections) -> str:
 
 
 def stage_fingerprint(config, workdir: str, name: str) -> dict:
+    """What a stage's result depends on: its config sections, its input files,
+    and the manifests of every earlier stage (a rerun upstream invalidates it)."""
     _, sections, inputs = STAGES[name]
+    upstream = ORDER[:ORDER.index(name)]
     return {"config": _section_hash(config, sections),
-            "inputs": {rel: artifacts.file_hash(os.path.join(workdir, rel)) for rel in inputs}}
+            "inputs": {rel: artifacts.file_hash(os.path.join(workdir, rel)) for rel in inputs},
+            "upstream": {s: artifacts.file_hash(_manifest_path(workdir, s)) for s in upstream}}
 
 
 def _manifest_path(workdir: str, name: str) -> str:

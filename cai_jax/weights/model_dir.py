@@ -3,6 +3,8 @@
     DIR/model.json     TransformerConfig fields
     DIR/tokenizer/     transformers tokenizer files
     DIR/params/        orbax checkpoint of the parameter pytree (scan layout)
+    DIR/saved.json     a fresh id per save: later pipeline stages hash it to
+                       notice that the model they were built from changed
 
 Stages hand models to each other in this form (SL-CAI -> pairs, PM -> PPO).
 The directory is assembled under a temporary name and renamed into place, so a
@@ -15,6 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import uuid
 
 import jax
 import numpy as np
@@ -32,6 +36,8 @@ def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=Non
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
     with open(os.path.join(tmp, "model.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
+    with open(os.path.join(tmp, "saved.json"), "w") as f:
+        json.dump({"id": uuid.uuid4().hex, "time": time.time()}, f)
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     params = layout.to_scan_layout(params, cfg)
