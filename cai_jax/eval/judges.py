@@ -1,0 +1,202 @@
+"""Judges: who decides which of two answers to the same prompt is better.
+
+A judge turns comparisons (one prompt, the answers of two models) into
+verdicts: the probability that model A's answer is the better one, once with
+A's answer shown first and once with it shown second. The evaluation averages
+the two, so a judge's preference for a slot cancels out. Three kinds:
+
+* `PreferenceModelJudge`: a trained preference model scores each answer on
+  its own; p(A beats B) = sigmoid(r_A - r_B). The PM never sees the two
+  answers together, so both orders give the same number.
+* `FeedbackJudge`: the AI feedback labeler (rl_cai/feedback.py) asks a
+  multiple-choice question under principles drawn from one set of the
+  constitution ("harmless" or "helpful"), in both orders.
+* `HumanLabelJudge`: labels read from a JSONL file, one line per judged
+  pair: {"prompt_id", "model_a", "model_b", "p_a"} with p_a in [0, 1]
+  (1: A's answer is better, 0.5: a tie). Several lines for one pair are
+  averaged; a line for (B, A) counts as 1 - p_a for (A, B). Pairs without a
+  label get no verdict and stay out of that judge's Elo.
+
+Judges are named by spec strings in the config (see `parse_judge_spec`):
+"pm", "pm:DIR", "feedback:harmless", "feedback:helpful", "human:PATH", "none".
+Every judge has a `version` that changes when its weights or labels do;
+cached judgments carry it, so a retrained PM is asked again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from cai_jax import artifacts
+from cai_jax.data.conversation import Conversation
+
+PRINCIPLE_SETS = ("harmless", "helpful")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """The answers of two models to one prompt."""
+
+    prompt_id: str
+    conversation: Conversation  # the prompt, ending with the human's turn
+    model_a: str
+    model_b: str
+    answer_a: str
+    answer_b: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.prompt_id}|{self.model_a}|{self.model_b}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """p(A's answer is better) with A's answer shown first (p_ab) and second (p_ba)."""
+
+    p_ab: float
+    p_ba: float
+
+    @property
+    def outcome(self) -> float:
+        return 0.5 * (self.p_ab + self.p_ba)
+
+
+class Judge(Protocol):
+    name: str  # the spec it was built from, e.g. "pm" or "feedback:helpful"
+    version: str  # changes with the judge's weights or labels
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSpec:
+    kind: str  # "pm" | "feedback" | "human" | "none"
+    arg: str = ""  # PM directory, principle set, or labels path ("" = default)
+
+
+def parse_judge_spec(spec: str, key: str = "eval judge") -> JudgeSpec:
+    """"pm" | "pm:DIR" | "feedback:harmless" | "feedback:helpful" | "human:PATH" | "none"."""
+    kind, _, arg = spec.partition(":")
+    if kind == "none" and not arg:
+        return JudgeSpec("none")
+    if kind == "pm":
+        return JudgeSpec("pm", arg)
+    if kind == "feedback" and arg in PRINCIPLE_SETS:
+        return JudgeSpec("feedback", arg)
+    if kind == "human" and arg:
+        return JudgeSpec("human", arg)
+    raise ValueError(f"{key} is {spec!r}; use 'pm', 'pm:DIR', 'feedback:harmless', "
+                     "'feedback:helpful', 'human:PATH' or 'none'")
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+class PreferenceModelJudge:
+    """p(A beats B) = sigmoid(score(A) - score(B)) under a preference model.
+
+    `scorer` is anything with `score(conversations, answers) -> [N] scores`
+    (rl_cai.preference.PreferenceScorer). Each distinct (prompt, answer) is
+    scored once, however many comparisons it appears in.
+    """
+
+    def __init__(self, scorer, name: str = "pm", version: str = ""):
+        self.scorer, self.name, self.version = scorer, name, version
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+        keys, convs, answers = {}, [], []
+        for c in comparisons:
+            for answer in (c.answer_a, c.answer_b):
+                key = (c.prompt_id, answer)
+                if key not in keys:
+                    keys[key] = len(answers)
+                    convs.append(c.conversation)
+                    answers.append(answer)
+        scores = np.asarray(self.scorer.score(convs, answers), np.float64) if answers else np.zeros(0)
+        out = []
+        for c in comparisons:
+            r_a, r_b = scores[keys[(c.prompt_id, c.answer_a)]], scores[keys[(c.prompt_id, c.answer_b)]]
+            # The PM scores answers one at a time: showing B first changes nothing.
+            out.append(Verdict(float(_sigmoid(r_a - r_b)), float(1.0 - _sigmoid(r_b - r_a))))
+        return out
+
+
+class FeedbackJudge:
+    """The AI feedback labeler as a judge, under one set of principles.
+
+    `labeler` is a rl_cai.feedback.FeedbackLabeler built with both_orders=True:
+    each drawn principle is asked with the answers in both orders, and the
+    verdict keeps the two orders apart (averaged over principles).
+    """
+
+    def __init__(self, labeler, principle_set: str, name: Optional[str] = None, version: str = ""):
+        if principle_set not in PRINCIPLE_SETS:
+            raise ValueError(f"principle set {principle_set!r}; one of {PRINCIPLE_SETS}")
+        if not getattr(labeler, "both_orders", True):
+            raise ValueError("a FeedbackJudge needs a labeler built with both_orders=True")
+        self.labeler, self.principle_set = labeler, principle_set
+        self.name = name or f"feedback:{principle_set}"
+        self.version = version
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+        from cai_jax.rl_cai import feedback
+
+        # The labeler's kind picks the principle pool: "harmless" -> the
+        # constitution's feedback principles, "helpful" -> its helpfulness ones.
+        asks = [feedback.Comparison(c.id, self.principle_set, c.conversation, c.answer_a, c.answer_b)
+                for c in comparisons]
+        records = self.labeler.label(asks) if asks else []
+        return [Verdict(float(np.mean(r["p_first_ab"])), float(1.0 - np.mean(r["p_first_ba"])))
+                for r in records]
+
+
+class HumanLabelJudge:
+    """Verdicts from human-labelled pairs (see the module docstring for the format)."""
+
+    def __init__(self, path: str, name: Optional[str] = None):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"human labels {path} do not exist (eval judge 'human:{path}')")
+        self.path, self.name = path, name or f"human:{path}"
+        self.version = artifacts.file_hash(path)
+        self.labels: dict[tuple[str, str, str], list[float]] = {}
+        for line, r in enumerate(artifacts.read_jsonl(path), 1):
+            missing = [k for k in ("prompt_id", "model_a", "model_b", "p_a") if k not in r]
+            if missing:
+                raise ValueError(f"{path} line {line}: missing {missing}; each line needs prompt_id, "
+                                 "model_a, model_b and p_a")
+            p = r["p_a"]
+            if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{path} line {line}: 'p_a' is {p!r}, must be in [0, 1]")
+            self.labels.setdefault((str(r["prompt_id"]), r["model_a"], r["model_b"]), []).append(float(p))
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+        out = []
+        for c in comparisons:
+            votes = list(self.labels.get((c.prompt_id, c.model_a, c.model_b), []))
+            votes += [1.0 - p for p in self.labels.get((c.prompt_id, c.model_b, c.model_a), [])]
+            # The file does not say which answer the rater saw first.
+            out.append(Verdict(float(np.mean(votes)), float(np.mean(votes))) if votes else None)
+        return out
+
+
+def directory_version(directory: str) -> str:
+    """A short fingerprint of a model directory that changes with every save:
+    the hash of its saved.json (a fresh id per save), or for directories
+    without one, of its files' names, sizes and modification times."""
+    saved = os.path.join(directory, "saved.json")
+    if os.path.exists(saved):
+        return artifacts.file_hash(saved)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            h.update(f"{os.path.relpath(path, directory)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
