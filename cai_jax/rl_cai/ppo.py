@@ -1,0 +1,520 @@
+"""RL-CAI: PPO against the preference model, with a KL penalty to the SL-CAI model.
+
+The stage `ppo` loads four models: the policy (SL-CAI weights, trained), the
+reference (the same weights, frozen, optionally bfloat16), the preference model
+(frozen) and a value model (a separate trunk with a scalar head initialised from
+the PM or the policy, or the policy's own trunk with a second head when
+`ppo.share_trunk`). Each iteration:
+
+    rollout   prompts -> sampler(policy params) -> answers
+              one forward pass each: policy and reference log-probs, values
+    reward    PM score on the last answer token (normalised, clipped, minus an
+              optional penalty when the answer hit max_new_tokens) and
+              -beta * (log pi - log pi_ref) on every answer token
+    update    GAE, whitened advantages, `epochs` passes of shuffled minibatch
+              steps of the clipped policy and value losses (ppo_update.py)
+    control   beta follows the observed KL (Ziegler et al. 2019) or stays fixed
+
+Outputs: `<workdir>/ppo/metrics.jsonl` (+ TensorBoard), held-out evaluation
+answers `<workdir>/ppo/eval/step_K.jsonl`, policy checkpoints
+`<workdir>/models/rl_cai/step_K/` (ckpt: dirs, value model in `value/`), and a
+resumable state in `<workdir>/ppo/ckpt`. Everything random is a function of
+(seed, iteration), so a resumed run ends exactly where an unbroken one does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from cai_jax import artifacts, sharding as shd
+from cai_jax.config import optimizer_section
+from cai_jax.models.config import TransformerConfig
+from cai_jax.models.transformer import Transformer
+from cai_jax.rl_cai import ppo_math, ppo_update, rollout as ro
+from cai_jax.training import optimizers, train_step as ts
+from cai_jax.training.checkpoint import Checkpointer
+from cai_jax.training.metrics import MetricWriter, read_metrics
+
+# Where an answer ends in the HH rendering: the next speaker label.
+HH_STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:")
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """The `ppo` section. CI-sized runs override iterations, rollout_batch_size,
+    minibatch_size, max_new_tokens, eval_prompts and save_every/eval_every."""
+    c = ml_collections.ConfigDict()
+    # Model sources: a path relative to the work directory (a ckpt: dir written by
+    # an earlier stage) or any load_model source ("init:tiny", "ckpt:/abs", ...).
+    c.policy = "models/sl_cai"
+    c.preference_model = "models/pm"
+    c.value_init = "pm"  # "pm" | "policy": where the value trunk starts
+    c.share_trunk = False  # one trunk with lm + scalar heads for policy and value
+    c.dtype = "float32"  # compute dtype of policy and value
+    c.ref_dtype = "float32"  # the frozen reference (bfloat16 halves its memory)
+    c.pm_dtype = "float32"
+
+    c.iterations = 100
+    c.rollout_batch_size = 32  # prompts (= answers) per iteration
+    c.red_team_fraction = 0.5  # the rest are helpful prompts
+    c.max_prompt_tokens = 256  # longer prompts are dropped
+    c.max_new_tokens = 96
+    c.temperature = 1.0  # policy logits are divided by it everywhere, so PPO stays on-policy
+    c.top_k = 0
+    c.top_p = 1.0
+    c.sample_batch_size = 32
+    # Recompute rollout log-probs with a full forward pass (the same function the
+    # update uses) instead of taking the sampler's, so the first ratio is exactly 1.
+    c.recompute_logprobs = True
+
+    c.kl = ml_collections.ConfigDict({"adaptive": True, "init_beta": 0.1, "target": 6.0,
+                                      "horizon": 10000.0})
+    c.gamma = 1.0
+    c.lam = 0.95
+    c.clip_eps = 0.2
+    c.value_clip_eps = 0.2
+    c.entropy_coef = 0.0
+    c.value_coef = 0.5  # weight of the value loss when share_trunk
+    c.whiten_advantages = True
+    c.epochs = 4
+    c.minibatch_size = 8
+    c.grad_accum_steps = 1
+    c.policy_optimizer = optimizer_section(learning_rate=1e-6, total_steps=1, warmup_steps=0,
+                                           schedule="constant")
+    c.value_optimizer = optimizer_section(learning_rate=1e-5, total_steps=1, warmup_steps=0,
+                                          schedule="constant")
+
+    c.reward_norm = True  # running mean/std of PM scores
+    c.reward_clip = 5.0  # after normalisation; 0 = no clip
+    c.eos_penalty = 0.0  # subtracted from the score of answers cut off at max_new_tokens
+
+    c.save_every = 20  # policy/value model dirs and the resumable state
+    c.keep_checkpoints = 2
+    c.eval_every = 10  # held-out red-team prompts; 0 = never
+    c.eval_prompts = 32  # 0 = all test-split red-team prompts
+    c.eval_temperature = 0.0  # 0 = greedy
+    c.tensorboard = True
+    return c
+
+
+# ------------------------------------------------------------------ setup
+
+def _head_view(params: dict, heads) -> dict:
+    """The parameters a model with `heads` uses (a dict view, no copies)."""
+    drop = set()
+    if "scalar" not in heads:
+        drop.add("scalar_head")
+    if "lm" not in heads:
+        drop.add("lm_head")
+    return {k: v for k, v in params.items() if k not in drop}
+
+
+def _cast(params, dtype):
+    return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+
+
+@dataclasses.dataclass
+class PPOSetup:
+    """Everything one PPO run is built from. `run_stage` loads it from the work
+    directory; tests assemble it from tiny models and their own reward function."""
+
+    section: ml_collections.ConfigDict  # config.ppo
+    seed: int
+    mesh: Any
+    tokenizer: Any
+    policy_config: TransformerConfig  # heads ("lm",), or ("lm", "scalar") with a shared trunk
+    policy_params: dict  # host (NumPy) parameters
+    value_config: Optional[TransformerConfig]  # None with a shared trunk
+    value_params: Optional[dict]
+    reward_fn: ro.RewardFn
+    train_red_team: list  # encoded PolicyPrompts
+    train_helpful: list
+    eval_prompts: list
+    render: str = "chat"  # how prompts were rendered ("hh" adds the HH stop string)
+    ref_config: Optional[TransformerConfig] = None  # default: policy config, heads ("lm",)
+
+
+def hyper_from_config(c) -> ppo_update.PPOHyper:
+    return ppo_update.PPOHyper(
+        clip_eps=c.clip_eps, value_clip_eps=c.value_clip_eps, entropy_coef=c.entropy_coef,
+        value_coef=c.value_coef, temperature=c.temperature, gamma=c.gamma, lam=c.lam,
+        whiten_advantages=c.whiten_advantages, epochs=c.epochs, minibatch_size=c.minibatch_size,
+        grad_accum_steps=c.grad_accum_steps)
+
+
+def kl_controller(kl_cfg):
+    if kl_cfg.adaptive:
+        return ppo_math.AdaptiveKLController(kl_cfg.init_beta, kl_cfg.target, kl_cfg.horizon)
+    return ppo_math.FixedKLController(kl_cfg.init_beta)
+
+
+def check_config(c, mesh):
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if c.rollout_batch_size % c.minibatch_size:
+        raise ValueError(f"config.ppo.rollout_batch_size ({c.rollout_batch_size}) must be a "
+                         f"multiple of config.ppo.minibatch_size ({c.minibatch_size})")
+    for key in ("rollout_batch_size", "minibatch_size"):
+        if c[key] % batch_devices:
+            raise ValueError(f"config.ppo.{key} ({c[key]}) must be a multiple of the "
+                             f"{batch_devices} devices on the mesh's data and fsdp axes")
+    if (c.minibatch_size // batch_devices) % c.grad_accum_steps:
+        raise ValueError(f"config.ppo.minibatch_size per device must be divisible by "
+                         f"config.ppo.grad_accum_steps ({c.grad_accum_steps})")
+    if not c.recompute_logprobs and (c.temperature != 1.0 or c.top_k or c.top_p < 1.0):
+        raise ValueError("config.ppo.recompute_logprobs=False takes the sampler's log-probs, which "
+                         "are before temperature/top-k/top-p; with temperature != 1 or a filter "
+                         "the importance ratio would be wrong: recompute them")
+    if c.value_init not in ("pm", "policy"):
+        raise ValueError(f"config.ppo.value_init is {c.value_init!r}; one of 'pm', 'policy'")
+
+
+# ----------------------------------------------------------------- runner
+
+class PPORunner:
+    """Compiles the pieces of one setup once; `run()` can then be called
+    repeatedly (tests resume and compare runs without recompiling)."""
+
+    def __init__(self, setup: PPOSetup):
+        from cai_jax.sampling import Sampler
+
+        c = setup.section
+        check_config(c, setup.mesh)
+        self.setup, self.c, self.mesh = setup, c, setup.mesh
+        self.hyper = hyper_from_config(c)
+        self.shared = setup.value_config is None
+        self.controller = kl_controller(c.kl)
+
+        self.policy_model = Transformer(setup.policy_config)
+        self.policy_opt = optimizers.make_optimizer(c.policy_optimizer)
+        self.policy_psh = shd.param_shardings(setup.policy_config, self.mesh)
+        self.value_model = self.value_opt = self.value_psh = None
+        if not self.shared:
+            self.value_model = Transformer(setup.value_config)
+            self.value_opt = optimizers.make_optimizer(c.value_optimizer)
+            self.value_psh = shd.param_shardings(setup.value_config, self.mesh)
+        self.steps = ppo_update.build_ppo_steps(
+            mesh=self.mesh, hyper=self.hyper, policy_model=self.policy_model,
+            policy_optimizer=self.policy_opt, policy_param_shardings=self.policy_psh,
+            value_model=self.value_model, value_optimizer=self.value_opt,
+            value_param_shardings=self.value_psh)
+
+        # The frozen reference: the policy's starting weights, LM head only.
+        ref_config = setup.ref_config or setup.policy_config.replace(
+            heads=("lm",), dtype=c.ref_dtype, param_dtype=c.ref_dtype)
+        self.ref_model = Transformer(ref_config)
+        ref_params = _cast(_head_view(setup.policy_params, ("lm",)), ref_config.weight_dtype)
+        self.ref_params = shd.place(ref_params, shd.param_shardings(ref_config, self.mesh))
+
+        self.scorer = ro.build_rollout_scorer(self.policy_model, self.ref_model, self.value_model,
+                                              c.temperature)
+        self.sample_config = setup.policy_config.replace(heads=("lm",))
+        self.sampler = Sampler(self.sample_config, setup.tokenizer, mesh=self.mesh)
+        self.data_sharding = shd.data_sharding(self.mesh, 2)
+        self.pad_id = int(setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None
+                          else 0)
+
+    # -- pieces of an iteration
+
+    def _sampling_params(self, temperature):
+        from cai_jax.sampling import SamplingParams
+        # In the HH rendering the model would go on to write the next
+        # "Human:" turn itself; the answer ends before it.
+        stops = HH_STOP_STRINGS if self.setup.render == "hh" else ()
+        return SamplingParams(temperature=temperature, top_k=self.c.top_k, top_p=self.c.top_p,
+                              max_new_tokens=self.c.max_new_tokens, stop_strings=stops)
+
+    def _generate(self, policy_params, prompts, temperature, seed, tag) -> ro.Rollout:
+        # Example ids unique per row: a prompt drawn twice gets two answers.
+        samples = self.sampler.generate(
+            _head_view(policy_params, ("lm",)), [list(p.tokens) for p in prompts],
+            self._sampling_params(temperature), seed=seed,
+            example_ids=[f"{tag}:{i}:{p.id}" for i, p in enumerate(prompts)],
+            batch_size=self.c.sample_batch_size, progress=False)
+        return ro.pack_rollout(prompts, samples, self._prompt_width(prompts),
+                               self.c.max_new_tokens, self.pad_id)
+
+    def _prompt_width(self, prompts) -> int:
+        """The longest prompt rounded up to a power of two (at least 16, at most
+        max_prompt_tokens): little padding, and only a few shapes to compile."""
+        longest = max(len(p.tokens) for p in prompts)
+        return min(max(16, 1 << (longest - 1).bit_length()), self.c.max_prompt_tokens)
+
+    def initial_states(self):
+        policy_state = ts.init_train_state(shd.place(self.setup.policy_params, self.policy_psh),
+                                           self.policy_opt)
+        value_state = None
+        if not self.shared:
+            value_state = ts.init_train_state(shd.place(self.setup.value_params, self.value_psh),
+                                              self.value_opt)
+        return policy_state, value_state
+
+    def iteration(self, it: int, policy_state, value_state, beta: float,
+                  moments: ro.RunningMoments, key):
+        """One rollout + update. Returns (policy_state, value_state, new beta, metrics)."""
+        c, s = self.c, self.setup
+        start = time.perf_counter()
+        prompts = ro.choose_prompts(s.train_red_team, s.train_helpful, c.rollout_batch_size,
+                                    c.red_team_fraction, s.seed, it)
+        rollout = self._generate(policy_state.params, prompts, c.temperature,
+                                 ro.sampler_seed(s.seed, it), "train")
+        sample_seconds = time.perf_counter() - start
+
+        put = lambda x: jax.device_put(x, self.data_sharding)  # noqa: E731
+        value_params = None if self.shared else value_state.params
+        scored = self.scorer(policy_state.params, self.ref_params, value_params,
+                             put(rollout.tokens), put(rollout.attention_mask),
+                             put(rollout.action_mask))
+        scored = {k: np.asarray(v) for k, v in scored.items()}
+        mask = rollout.action_mask
+        raw = np.asarray(s.reward_fn(rollout), np.float32)
+        if raw.shape != (len(prompts),):
+            raise ValueError(f"reward function returned shape {raw.shape}, expected ({len(prompts)},)")
+        scores = ro.process_scores(raw, rollout.ended, moments, normalize=c.reward_norm,
+                                   eos_penalty=c.eos_penalty, clip=c.reward_clip)
+        logp_old = scored["logp_policy"] if c.recompute_logprobs else rollout.sampler_logp
+        rewards, kl_k1, kl_k3 = ro.shaped_rewards(scores, logp_old, scored["logp_ref"], mask, beta)
+        advantages, returns = ppo_update.compute_advantages(rewards, scored["values"], mask,
+                                                            self.hyper)
+        rollout_seconds = time.perf_counter() - start
+
+        batch = {"tokens": rollout.tokens, "attention_mask": rollout.attention_mask,
+                 "action_mask": mask, "logp_old": logp_old, "values_old": scored["values"],
+                 "advantages": advantages, "returns": returns}
+        update_start = time.perf_counter()
+        policy_state, value_state, update_metrics = ppo_update.ppo_update(
+            self.steps, policy_state, value_state, batch, jax.random.fold_in(key, it))
+        update_seconds = time.perf_counter() - update_start
+        new_beta = float(self.controller.update(np.float32(beta), np.float32(kl_k1.mean()),
+                                                len(prompts)))
+
+        tokens = mask.sum()
+        metrics = {
+            "reward_mean": float(raw.mean()), "reward_std": float(raw.std()),
+            "score_mean": float(scores.mean()),
+            "kl_k1": float(kl_k1.mean()), "kl_k3": float(kl_k3.mean()),
+            "entropy": float(scored["entropy"].sum() / max(tokens, 1)),
+            "explained_variance": float(ppo_math.explained_variance(
+                scored["values"], returns, mask)),
+            "answer_length": float(mask.sum(1).mean()),
+            "eos_fraction": float(rollout.ended.mean()),
+            "beta": float(beta),
+            "logp_sampler_gap": float(np.abs((rollout.sampler_logp - scored["logp_policy"])
+                                             * mask).max()),
+            "rollout_tokens_per_s": float(tokens / max(sample_seconds, 1e-9)),
+            "update_tokens_per_s": float(rollout.attention_mask.sum() * c.epochs
+                                         / max(update_seconds, 1e-9)),
+            "rollout_seconds": rollout_seconds, "update_seconds": update_seconds,
+            **update_metrics,
+        }
+        return policy_state, value_state, new_beta, metrics
+
+    def evaluate(self, policy_params, it: int) -> tuple[dict, list[dict]]:
+        """Mean reward of answers to the held-out red-team prompts."""
+        prompts = self.setup.eval_prompts
+        rollout = self._generate(policy_params, prompts, self.c.eval_temperature,
+                                 ro.sampler_seed(self.setup.seed, it, 1), "eval")
+        raw = np.asarray(self.setup.reward_fn(rollout), np.float32)
+        records = [{"id": p.id, "prompt": p.text, "answer": a, "reward": float(r),
+                    "ended": bool(e)}
+                   for p, a, r, e in zip(prompts, rollout.answers, raw, rollout.ended)]
+        return {"eval_reward": float(raw.mean()), "eval_reward_std": float(raw.std()),
+                "eval_answer_length": float(rollout.answer_lengths.mean()),
+                "eval_eos_fraction": float(rollout.ended.mean())}, records
+
+    # -- saving
+
+    def save_models(self, models_dir: str, done: int, policy_state, value_state) -> None:
+        from cai_jax.weights.model_dir import save_model_dir
+        directory = os.path.join(models_dir, f"step_{done}")
+        cfg = self.setup.policy_config
+        save_model_dir(directory, cfg.replace(heads=("lm",)),
+                       _head_view(policy_state.params, ("lm",)), self.setup.tokenizer)
+        if self.shared:
+            value_cfg, value_params = cfg.replace(heads=("scalar",)), policy_state.params
+        else:
+            value_cfg, value_params = self.setup.value_config, value_state.params
+        save_model_dir(os.path.join(directory, "value"), value_cfg,
+                       _head_view(value_params, ("scalar",)), self.setup.tokenizer)
+
+    def _state_tree(self, policy_state, value_state):
+        return ({"policy": policy_state} if self.shared
+                else {"policy": policy_state, "value": value_state})
+
+    def _abstract_state(self, policy_state, value_state):
+        shardings = self._state_tree(self.steps.policy_state_sharding,
+                                     self.steps.value_state_sharding)
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            self._state_tree(policy_state, value_state), shardings)
+
+    # -- the loop
+
+    def run(self, out_dir: str, models_dir: str, progress: bool = True,
+            stop_after: Optional[int] = None) -> dict:
+        """Runs (or resumes) `iterations` iterations. `stop_after` ends early after
+        that iteration, as a kill would (tests). Returns the summary numbers."""
+        c, s = self.c, self.setup
+        os.makedirs(out_dir, exist_ok=True)
+        policy_state, value_state = self.initial_states()
+        beta = float(self.controller.init())
+        moments = ro.RunningMoments()
+        key = jax.random.key(s.seed)
+        checkpointer = Checkpointer(os.path.join(out_dir, "ckpt"), keep_last=c.keep_checkpoints)
+        writer = MetricWriter(out_dir, "metrics", tensorboard=c.tensorboard)
+        start = 0
+        if checkpointer.latest_step() is not None:
+            restored, key, extra = checkpointer.restore(
+                self._abstract_state(policy_state, value_state))
+            policy_state, value_state = restored["policy"], restored.get("value")
+            start, beta = int(extra["iteration"]), float(extra["beta"])
+            moments = ro.RunningMoments.from_state(extra["reward_moments"])
+            writer.truncate_from(start + 1)  # steps 0..start are logged already
+        else:
+            writer.truncate_from(0)
+            if c.eval_every and s.eval_prompts:
+                evaluation, records = self.evaluate(policy_state.params, 0)
+                self._write_eval(out_dir, 0, records)
+                writer.write(0, evaluation)
+
+        bar = tqdm(total=c.iterations, initial=start, desc="ppo", disable=not progress,
+                   dynamic_ncols=True)
+        for it in range(start, c.iterations):
+            policy_state, value_state, beta, metrics = self.iteration(
+                it, policy_state, value_state, beta, moments, key)
+            done = it + 1
+            if c.eval_every and s.eval_prompts and (done % c.eval_every == 0
+                                                    or done == c.iterations):
+                evaluation, records = self.evaluate(policy_state.params, done)
+                self._write_eval(out_dir, done, records)
+                metrics.update(evaluation)
+            # NaN (e.g. explained variance of constant returns) is not JSON: log null.
+            writer.write(done, {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                                for k, v in metrics.items()})
+            bar.set_postfix({"reward": f"{metrics['reward_mean']:.3g}",
+                             "kl": f"{metrics['kl_k1']:.3g}", "beta": f"{metrics['beta']:.3g}"})
+            bar.update(1)
+            if done % c.save_every == 0 or done == c.iterations:
+                self.save_models(models_dir, done, policy_state, value_state)
+                checkpointer.save(done, self._state_tree(policy_state, value_state), key,
+                                  {"iteration": done, "beta": beta,
+                                   "reward_moments": moments.state_dict()})
+            if stop_after is not None and done >= stop_after:
+                break
+        bar.close()
+        writer.close()
+        checkpointer.close()
+        self.final_states = (policy_state, value_state)
+        return summarize(os.path.join(out_dir, "metrics.jsonl"))
+
+    @staticmethod
+    def _write_eval(out_dir, step, records):
+        artifacts.write_jsonl_atomic(os.path.join(out_dir, "eval", f"step_{step}.jsonl"), records)
+
+
+def summarize(metrics_path: str) -> dict:
+    """First/last rollout reward, final KL and the held-out reward curve's ends."""
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "reward_mean" in r]
+    evals = [r for r in rows if "eval_reward" in r]
+    out = {}
+    if train:
+        out.update(iterations=train[-1]["step"], first_reward=train[0]["reward_mean"],
+                   last_reward=train[-1]["reward_mean"], final_kl=train[-1]["kl_k1"],
+                   final_beta=train[-1]["beta"])
+    if evals:
+        out.update(eval_reward_first=evals[0]["eval_reward"],
+                   eval_reward_last=evals[-1]["eval_reward"])
+    return out
+
+
+# ------------------------------------------------------------------ stage
+
+def _source(spec: str, workdir: str) -> str:
+    """"models/sl_cai" -> "ckpt:<workdir>/models/sl_cai"; load_model sources
+    ("smollm2", "init:tiny", "ckpt:/abs", "hf:DIR", "gguf:PATH") pass through."""
+    if spec == "smollm2" or spec.split(":", 1)[0] in ("init", "ckpt", "hf", "gguf"):
+        return spec
+    return "ckpt:" + (spec if os.path.isabs(spec) else os.path.join(workdir, spec))
+
+
+def preference_reward(source: str, dtype: str, default_render: str, mesh,
+                      batch_size: int) -> ro.PreferenceModelReward:
+    """The trained PM as a reward function, rendering answers as it was trained
+    (the style stored beside its weights), in the configured dtype."""
+    import json
+
+    from cai_jax.rl_cai.preference import PM_INFO_FILE, PreferenceScorer
+    from cai_jax.weights.loader import load_model
+
+    info = {}
+    if source.startswith("ckpt:"):
+        info_path = os.path.join(source[5:], PM_INFO_FILE)
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                info = json.load(f)
+    pm = load_model(source, {"heads": ("scalar",), "dtype": dtype, "param_dtype": dtype})
+    scorer = PreferenceScorer(pm, style=info.get("render", default_render),
+                              max_len=info.get("max_seq_len", 512), batch_size=batch_size,
+                              mesh=mesh)
+    return ro.PreferenceModelReward(scorer)
+
+
+def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) -> PPOSetup:
+    """Loads models and prompts as the config says. `reward_fn` replaces the
+    preference model (tests, synthetic rewards)."""
+    from cai_jax.weights.loader import load_model
+
+    c = config.ppo
+    mesh = shd.make_mesh(dict(config.get("mesh", {"data": -1})))
+    policy_heads = ("lm", "scalar") if c.share_trunk else ("lm",)
+    policy = load_model(_source(c.policy, workdir), {"heads": policy_heads, "dtype": c.dtype},
+                        seed=config.seed, to_device=False)
+    if policy.tokenizer is None:
+        raise ValueError(f"config.ppo.policy {c.policy!r} has no tokenizer; PPO needs one to "
+                         "render prompts and decode answers")
+    value_config = value_params = None
+    if not c.share_trunk:
+        value_spec = c.preference_model if c.value_init == "pm" else c.policy
+        value = load_model(_source(value_spec, workdir), {"heads": ("scalar",), "dtype": c.dtype},
+                           seed=config.seed, to_device=False)
+        value_config, value_params = value.config, value.params
+    if reward_fn is None:
+        reward_fn = preference_reward(_source(c.preference_model, workdir), c.pm_dtype,
+                                      config.data.render, mesh, c.rollout_batch_size)
+        if reward_fn.scorer.config.vocab_size != policy.config.vocab_size:
+            raise ValueError(f"config.ppo.preference_model {c.preference_model!r} has vocabulary "
+                             f"{reward_fn.scorer.config.vocab_size}, the policy "
+                             f"{policy.config.vocab_size}: they must share a tokenizer")
+
+    style, tok = config.data.render, policy.tokenizer
+
+    def pool(kind, split):
+        return ro.encode_prompts(ro.load_prompt_pool(config.data, kind, split), style, tok,
+                                 c.max_prompt_tokens)
+
+    train_helpful = pool("helpful", "train") if c.red_team_fraction < 1 else []
+    train_red = pool("red_team", "train") if c.red_team_fraction > 0 else []
+    eval_prompts = pool("red_team", "test") if c.eval_every else []
+    if c.eval_prompts:
+        eval_prompts = eval_prompts[:c.eval_prompts]
+    return PPOSetup(section=c, seed=config.seed, mesh=mesh, tokenizer=tok,
+                    policy_config=policy.config, policy_params=policy.params,
+                    value_config=value_config, value_params=value_params, reward_fn=reward_fn,
+                    train_red_team=train_red, train_helpful=train_helpful,
+                    eval_prompts=eval_prompts, render=style)
+
+
+def run_stage(ctx) -> dict:
+    from cai_jax.pipeline import discard_stale_work
+
+    # A checkpoint from a run with another config or other input models must
+    # not be resumed: start over.
+    discard_stale_work(ctx.config, ctx.workdir, "ppo", ["ppo", "models/rl_cai"])
+    setup = load_setup(ctx.config, ctx.workdir)
+    runner = PPORunner(setup)
+    return runner.run(ctx.path("ppo"), ctx.path("models", "rl_cai"), progress=ctx.progress)
