@@ -7,7 +7,7 @@
 Stages run in recipe order (sl_generate, sl_train, pairs, feedback, pm_train,
 ppo, eval); complete stages are skipped, a killed stage resumes.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cai_jax import distributed, pipeline
@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
     config = _CONFIG.value
     distributed.maybe_initialize(config)
     rows = pipeline.run_pipeline(config, _WORKDIR.value, _STAGES.value, progress=_PROGRESS.value,

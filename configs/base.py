@@ -33,7 +33,25 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def experiment_config() -> ml_collections.ConfigDict:
+    """The shared sections plus every stage's own defaults (unlocked)."""
+    from cai_jax.eval import evaluate
+    from cai_jax.rl_cai import feedback, pairs, ppo, preference
+    from cai_jax.sl_cai import generate, sft
+
+    config = base_config()
+    config.sl_generate = generate.get_default_config()
+    config.sl_train = sft.get_default_config()
+    config.pairs = pairs.get_default_config()
+    config.feedback = feedback.get_default_config()
+    config.pm_train = preference.get_default_config()
+    config.ppo = ppo.get_default_config()
+    config.eval = evaluate.get_default_config()
+    return config
+
+
 def get_config():
+    """Model and mesh only: enough for tools such as aot and score_pairs."""
     config = base_config()
     config.lock()
     return config
