@@ -1,0 +1,338 @@
+"""SL-CAI finetuning (stage `sl_train`): the helpful model learns the final revisions.
+
+Training examples are (red-team prompt, final revision) from `sl_data.jsonl`
+mixed with (helpful prompt, helpful answer) from `helpful_data.jsonl`, so the
+model keeps being helpful while it learns to answer harmful requests the way
+its revisions did. Each example is the conversation rendered the way the
+other stages prompt the model (`data.render`: the tokenizer's chat template
+or the paper's HH text); the loss covers only the assistant's answer and the
+token that ends it, so the model learns what to say and when to stop, not to
+predict the prompt.
+
+A held-out slice of the SL data is scored before training (the base model)
+and every `eval_every` steps, which shows how much closer to the revisions the
+model got. The trained model is written to `<workdir>/models/sl_cai`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from cai_jax import artifacts, sharding as shd
+from cai_jax.config import optimizer_section, resolve_model
+from cai_jax.data.conversation import Turn, render_chat, render_hh
+from cai_jax.data.loaders import make_dataset
+from cai_jax.models.transformer import Transformer
+from cai_jax.training import lm_loss, optimizers, train_step as ts
+from cai_jax.training.checkpoint import Checkpointer
+from cai_jax.training.loop import train_loop
+from cai_jax.training.metrics import MetricWriter
+from cai_jax.weights.loader import load_model
+from cai_jax.weights.model_dir import save_model_dir
+from cai_jax.weights.tokenizer import stop_token_ids
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        # Length of training: num_steps if > 0, else num_epochs passes over the mix.
+        "num_steps": 0,
+        "num_epochs": 1.0,
+        # grad_accum_steps splits each batch into micro-batches (same result):
+        # on a CPU host a 135M model's activations and [batch, length, vocab]
+        # logits for 8 x 512 tokens take over 10 GB, for 4 x 512 half that.
+        "batch_size": 8,
+        "grad_accum_steps": 2,
+        # Helpful examples per SL-CAI revision example in the training mix
+        # (capped by what helpful_data.jsonl holds); 0 trains on revisions only.
+        "helpful_ratio": 1.0,
+        # Prompts whose revisions were all dropped have final_answer ==
+        # initial_answer; training on them would teach the unrevised answer.
+        "skip_unrevised": True,
+        # Fraction of SL records held out to measure the loss on revisions.
+        "eval_fraction": 0.1,
+        "eval_every": 20,
+        "eval_batch_size": 4,
+        # Examples longer than max_seq_len are skipped (and counted). Batches are
+        # right-padded to the smallest bucket (min_bucket, 2*min_bucket, ...,
+        # max_seq_len) that fits, so only a few shapes get compiled.
+        "max_seq_len": 512,
+        "min_bucket": 64,
+        # None: the rendering the other stages use (config.data.render).
+        "render": config_dict.placeholder(str),
+        "save_every": 50,
+        "keep_checkpoints": 2,
+        "optimizer": optimizer_section(learning_rate=1e-5, total_steps=0, warmup_steps=5,
+                                       schedule="cosine"),
+    })
+
+
+# ------------------------------------------------------------ tokenization
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # Rendered text already holds the template's special tokens; adding more
+    # (a second BOS) would make the training text differ from what sampling sees.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_example(conversation: Sequence[Turn], answer: str, tokenizer,
+                     style: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `conversation` answered by `answer`, and the loss mask.
+
+    The mask is 1 exactly on the answer's tokens and the token that ends the
+    turn: the chat template's end-of-turn token ("<|im_end|>" for SmolLM2), or
+    EOS for the HH rendering (whose models otherwise never learn to stop).
+    Prompt and answer are tokenized apart, as the sampler sees them.
+    """
+    conversation = tuple(conversation)
+    if style == "chat":
+        prompt = render_chat(conversation, tokenizer, add_generation_prompt=True)
+        full = render_chat(conversation + (Turn("assistant", answer),), tokenizer,
+                           add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ValueError("the tokenizer's chat template does not render the generation prompt "
+                             "as a prefix of the answered conversation; set data.render='hh'")
+        answer_ids = _encode(tokenizer, full[len(prompt):])
+        # Keep up to and including the end-of-turn token; what the template puts
+        # after it (a newline) belongs to no one.
+        stops = set(stop_token_ids(tokenizer))
+        ends = [i for i, t in enumerate(answer_ids) if t in stops]
+        if ends:
+            answer_ids = answer_ids[:ends[0] + 1]
+    elif style == "hh":
+        prompt = render_hh(conversation, add_generation_prompt=True)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("data.render='hh' needs a tokenizer with an EOS token to end answers")
+        answer_ids = _encode(tokenizer, " " + answer) + [int(tokenizer.eos_token_id)]
+    else:
+        raise ValueError(f"render style must be 'chat' or 'hh', got {style!r}")
+    prompt_ids = _encode(tokenizer, prompt)
+    tokens = np.asarray(prompt_ids + answer_ids, np.int32)
+    mask = np.concatenate([np.zeros(len(prompt_ids), np.int32), np.ones(len(answer_ids), np.int32)])
+    return tokens, mask
+
+
+def bucket_lengths(min_bucket: int, max_len: int) -> list[int]:
+    """min_bucket, 2*min_bucket, ... capped by (and ending at) max_len."""
+    if min_bucket < 1 or max_len < 1:
+        raise ValueError(f"sl_train.min_bucket ({min_bucket}) and max_seq_len ({max_len}) must be positive")
+    out, n = [], min(min_bucket, max_len)
+    while n < max_len:
+        out.append(n)
+        n *= 2
+    return out + [max_len]
+
+
+def pad_batch(examples: Sequence[dict], buckets: Sequence[int], pad_id: int,
+              rows: Optional[int] = None) -> dict:
+    """Right-pads examples ({"tokens", "loss_mask"}) to the smallest bucket that
+    fits the longest; `rows` adds all-padding rows (masked out everywhere)."""
+    longest = max(len(e["tokens"]) for e in examples)
+    length = next((b for b in buckets if b >= longest), None)
+    if length is None:
+        raise ValueError(f"an example of {longest} tokens exceeds the largest bucket {buckets[-1]}")
+    rows = rows or len(examples)
+    tokens = np.full((rows, length), pad_id, np.int32)
+    attention = np.zeros((rows, length), np.int32)
+    loss_mask = np.zeros((rows, length), np.int32)
+    for i, e in enumerate(examples):
+        n = len(e["tokens"])
+        tokens[i, :n] = e["tokens"]
+        attention[i, :n] = 1
+        loss_mask[i, :n] = e["loss_mask"]
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+# ------------------------------------------------------------ training mix
+
+def _hash_fraction(key: str) -> float:
+    # Salted so the held-out slice is unrelated to the prompt sets' own split.
+    digest = hashlib.sha256(f"sl_train-eval|{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_heldout(records: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held out): the records whose id hashes lowest, `fraction` of them
+    but at least one and never all (when there are two or more)."""
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    count = min(max(1, round(fraction * len(records))), len(records) - 1)
+    by_hash = sorted(records, key=lambda r: _hash_fraction(r["id"]))
+    held = {r["id"] for r in by_hash[:count]}
+    return [r for r in records if r["id"] not in held], [r for r in records if r["id"] in held]
+
+
+def revision_pairs(records: Sequence[dict], skip_unrevised: bool) -> tuple[list[tuple], int]:
+    """(conversation, final answer) per SL record, and how many were skipped
+    because no revision of theirs was kept."""
+    pairs, skipped = [], 0
+    for r in records:
+        kept = [x for x in r["rounds"] if x.get("dropped") is None]
+        if (skip_unrevised and not kept) or not r["final_answer"].strip():
+            skipped += 1
+            continue
+        pairs.append(((Turn("user", r["prompt"]),), r["final_answer"]))
+    return pairs, skipped
+
+
+def helpful_pairs(records: Sequence[dict], count: int, seed: int) -> list[tuple]:
+    """(conversation, answer) for a seeded choice of `count` usable helpful records
+    (all of them when there are fewer), in file order."""
+    usable = [r for r in records if r.get("dropped") is None and r["answer"].strip()]
+    order = np.random.default_rng(seed).permutation(len(usable))[:count]
+    return [((Turn("user", usable[i]["prompt"]),), usable[i]["answer"]) for i in sorted(order)]
+
+
+def tokenize_all(pairs, tokenizer, style: str, max_len: int) -> tuple[list[dict], int]:
+    """Tokenized examples and the number skipped for being longer than max_len."""
+    out, too_long = [], 0
+    for conv, answer in pairs:
+        tokens, mask = tokenize_example(conv, answer, tokenizer, style)
+        if len(tokens) > max_len:
+            too_long += 1
+            continue
+        out.append({"tokens": tokens, "loss_mask": mask})
+    return out, too_long
+
+
+# ------------------------------------------------------------ evaluation
+
+def make_eval_fn(model: Transformer, examples: Sequence[dict], buckets, pad_id: int,
+                 batch_size: int, mesh):
+    """params -> {"loss", "tokens"}: mean loss per answer token over `examples`.
+
+    Batches are padded to a fixed number of rows so each bucket compiles once.
+    """
+    batches = [pad_batch(chunk, buckets, pad_id, rows=batch_size)
+               for chunk in artifacts.iter_batches(list(examples), batch_size)]
+    loss_fn = lm_loss.make_lm_loss(model)
+    batch_sharding = shd.data_sharding(mesh, 2)
+
+    @jax.jit
+    def sums(params, batch):
+        with nn.logical_axis_rules(shd.DEFAULT_RULES):
+            total, count, _ = loss_fn(params, batch, None)
+        return total, count
+
+    def evaluate(params) -> dict:
+        total, count = 0.0, 0.0
+        for batch in batches:
+            s, c = sums(params, jax.device_put(batch, batch_sharding))
+            total, count = total + float(s), count + float(c)
+        return {"loss": total / max(count, 1.0), "tokens": count}
+
+    return evaluate
+
+
+# ------------------------------------------------------------ the stage
+
+def _optimizer_config(section, num_steps: int) -> dict:
+    opt = section.optimizer.to_dict()
+    if opt["total_steps"] <= 0:
+        opt["total_steps"] = num_steps
+    # Short runs must still reach the peak rate: warm up for at most a quarter of them.
+    opt["warmup_steps"] = min(opt["warmup_steps"], num_steps // 4)
+    return opt
+
+
+def run_stage(ctx) -> dict:
+    from cai_jax.pipeline import discard_stale_work
+
+    config, section = ctx.config, ctx.config.sl_train
+    style = section.render or config.data.render
+    # Checkpoints of a run with another config or other data must not be resumed.
+    discard_stale_work(config, ctx.workdir, "sl_train", ["sl_train"])
+    sl_path, helpful_path = ctx.path("sl_data.jsonl"), ctx.path("helpful_data.jsonl")
+    sl_records = artifacts.read_jsonl(sl_path)
+    helpful_records = artifacts.read_jsonl(helpful_path)
+
+    source, overrides = resolve_model(config.model)
+    loaded = load_model(source, overrides, seed=config.seed, to_device=False)
+    cfg, tokenizer = loaded.config, loaded.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"model source {source!r} has no tokenizer; sl_train needs one to render "
+                         "the training conversations")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_len = min(section.max_seq_len, cfg.max_seq_len)
+    buckets = bucket_lengths(section.min_bucket, max_len)
+
+    train_records, eval_records = split_heldout(sl_records, section.eval_fraction)
+    revisions, skipped_train = revision_pairs(train_records, section.skip_unrevised)
+    eval_revisions, skipped_eval = revision_pairs(eval_records, section.skip_unrevised)
+    helpful = helpful_pairs(helpful_records, round(section.helpful_ratio * len(revisions)), config.seed)
+    train_examples, too_long = tokenize_all(revisions + helpful, tokenizer, style, max_len)
+    eval_examples, eval_too_long = tokenize_all(eval_revisions, tokenizer, style, max_len)
+    if not train_examples:
+        raise ValueError(f"{sl_path} and {helpful_path} give no training examples "
+                         f"({skipped_train} SL records had no kept revision, {too_long} were longer "
+                         f"than sl_train.max_seq_len={max_len}); generate more data or raise the limit")
+    if section.batch_size % section.grad_accum_steps:
+        raise ValueError(f"sl_train.batch_size ({section.batch_size}) must be a multiple of "
+                         f"sl_train.grad_accum_steps ({section.grad_accum_steps})")
+    num_steps = section.num_steps or max(
+        1, math.ceil(section.num_epochs * len(train_examples) / section.batch_size))
+
+    mesh = shd.make_mesh(section_dict(config.mesh))
+    model = Transformer(cfg)
+    optimizer = optimizers.make_optimizer(_optimizer_config(section, num_steps))
+    param_sharding = shd.param_shardings(cfg, mesh)
+    params = shd.place(loaded.params, param_sharding)
+    params_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state_sharding = ts.state_shardings(param_sharding, optimizer, params_abstract, mesh)
+
+    evaluate = None
+    base_eval = {}
+    if eval_examples:
+        evaluate = make_eval_fn(model, eval_examples, buckets, pad_id, section.eval_batch_size, mesh)
+        base_eval = evaluate(params)  # before any step: the improvement is measured from here
+
+    state = jax.jit(lambda p: ts.init_train_state(p, optimizer), out_shardings=state_sharding)(params)
+    del params  # the train step donates the state; keep no second copy of the weights
+    step = ts.build_train_step(lm_loss.make_lm_loss(model), optimizer, mesh, state_sharding,
+                               shd.data_sharding(mesh, 2), section.grad_accum_steps)
+    dataset = make_dataset(train_examples, lambda e: e, batch_size=section.batch_size,
+                           seed=config.seed, batch_fn=lambda rows: pad_batch(rows, buckets, pad_id))
+    out_dir = ctx.path("sl_train")
+    writer = MetricWriter(out_dir, "metrics")
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep_last=section.keep_checkpoints)
+    if checkpointer.latest_step() is None:
+        # A fresh start: drop lines a run killed before its first checkpoint left.
+        writer.truncate_from(0)
+        if base_eval:  # step 0 of the eval curve: the base model
+            writer.write(0, {f"eval_{k}": v for k, v in base_eval.items()})
+    state, last = train_loop(
+        train_step=step, state=state, state_sharding=state_sharding, data_iter=iter(dataset),
+        rng=jax.random.key(config.seed), num_steps=num_steps, checkpointer=checkpointer,
+        save_every=section.save_every, writer=writer,
+        eval_fn=evaluate, eval_every=section.eval_every if evaluate else 0,
+        desc="sl_train", progress=ctx.progress)
+    writer.close()
+    checkpointer.close()
+    final_eval = evaluate(state.params) if evaluate else {}
+    save_model_dir(ctx.path("models", "sl_cai"), cfg, state.params, tokenizer)
+
+    summary = {
+        "steps": num_steps,
+        "train_examples": len(train_examples),
+        "revision_examples": len(revisions),
+        "helpful_examples": len(helpful),
+        "eval_examples": len(eval_examples),
+        "skipped_unrevised": skipped_train + skipped_eval,
+        "skipped_too_long": too_long + eval_too_long,
+        "final_train_loss": float(last["loss"]) if "loss" in last else None,
+        "base_eval_loss": base_eval.get("loss"),
+        "sl_cai_eval_loss": final_eval.get("loss"),
+    }
+    artifacts.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def section_dict(section) -> dict:
+    return section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)
