@@ -30,8 +30,8 @@ STAGES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "sl_generate": ("cai_jax.sl_cai.generate:run_stage", ("seed", "model", "sampling", "constitution", "data", "sl_generate"), ()),
     "sl_train": ("cai_jax.sl_cai.sft:run_stage", ("seed", "model", "data", "sl_train"), ("sl_data.jsonl", "helpful_data.jsonl")),
     "pairs": ("cai_jax.rl_cai.pairs:run_stage", ("seed", "sampling", "data", "pairs"), ("models/sl_cai/saved.json",)),
-    "feedback": ("cai_jax.rl_cai.feedback:run_stage", ("seed", "model", "constitution", "feedback"), ("pairs.jsonl",)),
-    "pm_train": ("cai_jax.rl_cai.preference:run_stage", ("seed", "pm_train"), ("labels.jsonl",)),
+    "feedback": ("cai_jax.rl_cai.feedback:run_stage", ("seed", "model", "data", "constitution", "feedback"), ("pairs.jsonl",)),
+    "pm_train": ("cai_jax.rl_cai.preference:run_stage", ("seed", "model", "data", "pm_train"), ("labels.jsonl",)),
     "ppo": ("cai_jax.rl_cai.ppo:run_stage", ("seed", "data", "ppo"), ("models/sl_cai/saved.json", "models/pm/saved.json")),
     "eval": ("cai_jax.eval.evaluate:run_stage", ("seed", "model", "data", "eval"), ("models/sl_cai/saved.json", "models/pm/saved.json")),
 }
@@ -77,6 +77,35 @@ def stage_fingerprint(config, workdir: str, name: str) -> dict:
 
 def _manifest_path(workdir: str, name: str) -> str:
     return os.path.join(workdir, "stages", f"{name}.json")
+
+
+def discard_stale_work(config, workdir: str, name: str, paths) -> bool:
+    """Removes a stage's partial work (`.partial` files, training checkpoints;
+    paths relative to workdir) when it was started under another fingerprint.
+
+    Resuming is right after a kill, wrong after the config or inputs changed:
+    the old checkpoints would be restored into the new run. The fingerprint the
+    work was started under is kept in `stages/<name>.started.json`. Returns
+    whether anything was removed.
+    """
+    import shutil
+
+    marker = os.path.join(workdir, "stages", f"{name}.started.json")
+    current = stage_fingerprint(config, workdir, name)
+    stale = False
+    if os.path.exists(marker):
+        with open(marker) as f:
+            stale = json.load(f) != current
+    if stale:
+        for rel in paths:
+            path = os.path.join(workdir, rel)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    if stale or not os.path.exists(marker):
+        artifacts.write_json_atomic(marker, current)
+    return stale
 
 
 def is_complete(config, workdir: str, name: str) -> bool:

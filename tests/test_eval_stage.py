@@ -224,7 +224,10 @@ def pm_score(run):
 
     def score(conversation, answer):
         ids = tok(render_chat(conversation, tok, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        # A finished chat answer ends with the template's end-of-turn token, which the
+        # PM saw in training (SmolLM2: "<|im_end|>").
         ids = list(ids) + list(tok(answer, add_special_tokens=False)["input_ids"])
+        ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
         tokens = np.zeros((1, SCORE_WIDTH), np.int32)
         tokens[0, :len(ids)] = ids
         mask = np.arange(SCORE_WIDTH)[None] < len(ids)

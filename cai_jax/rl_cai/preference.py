@@ -1,0 +1,535 @@
+"""The preference model (stage `pm_train`) and the scorer PPO and evaluation use.
+
+A preference model (PM) is the trunk of a language model with a scalar head;
+its score for an answer is the head's output at the answer's last token, the
+tokens laid out as the sampler returns them (with the chat template, a
+finished answer ends in its end-of-turn token), so that PPO, which reads the
+PM on sampled rows, sees what the PM was trained on. It is trained on pairs
+with the soft Bradley-Terry loss (bt_loss.py):
+
+    p(A preferred) = sigmoid(score(A) - score(B)),   target p = AI label p_a
+
+The training mix, as in the paper: harmlessness comparisons labelled by the
+feedback model (`labels.jsonl` joined with `pairs.jsonl`), plus helpfulness
+comparisons, AI-labelled by default or human-labelled HH-format pairs when
+`pm_train.helpful_pairs_path` is set. Optional preference-model pretraining
+(PMP) first trains on any HH-format file with hard labels.
+
+Rows are right-padded; the score is gathered at each row's last real token.
+Batches are padded to buckets of min_bucket * 2^k tokens, so only a few shapes
+compile. A held-out slice (by hash of the pair id) is scored every
+`eval_every` steps (loss, accuracy, calibration gap). The result is a ckpt:
+directory `<workdir>/models/pm` (heads=("scalar",)) with a `preference.json`
+beside the weights recording how answers were rendered, so `PreferenceScorer`
+reads them back the same way.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cai_jax import artifacts, sharding as shd
+from cai_jax.config import optimizer_section, resolve_model
+from cai_jax.data.conversation import Conversation, Turn, as_conversation, render_chat, render_hh
+from cai_jax.data.hh_rlhf import read_pairs
+from cai_jax.data.loaders import make_dataset
+from cai_jax.models.transformer import Transformer, positions_from_mask
+from cai_jax.pipeline import discard_stale_work
+from cai_jax.rl_cai.bt_loss import preference_accuracy, soft_bt_loss
+from cai_jax.rl_cai.ppo_math import last_valid_index
+from cai_jax.training import optimizers, train_step as ts
+from cai_jax.training.checkpoint import Checkpointer
+from cai_jax.training.loop import train_loop
+from cai_jax.training.metrics import MetricWriter
+from cai_jax.weights.loader import LoadedModel, load_model
+from cai_jax.weights.model_dir import save_model_dir
+from cai_jax.weights.tokenizer import stop_token_ids
+
+SCALAR_HEAD = {"heads": ("scalar",)}
+PM_INFO_FILE = "preference.json"
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        # Initial weights: "base" (config.model), "sl_cai" (<workdir>/models/sl_cai)
+        # or any load_model source; the LM head is replaced by a zero scalar head.
+        "init_source": "base",
+        # Helpfulness comparisons: "" keeps the AI-labelled helpful pairs of
+        # labels.jsonl; a path to an HH-format file (.jsonl/.jsonl.gz, chosen/
+        # rejected) uses those human labels instead. helpful_limit: 0 = all.
+        "helpful_pairs_path": "",
+        "helpful_limit": 0,
+        # Preference-model pretraining on an HH-format file before the main
+        # phase ("" = off). pmp_steps 0 = one pass over pmp_limit pairs.
+        "pmp_path": "",
+        "pmp_limit": 1000,
+        "pmp_steps": 0,
+        # Length of the main phase: num_steps if > 0, else num_epochs passes.
+        "num_steps": 0,
+        "num_epochs": 1.0,
+        "batch_size": 8,
+        "grad_accum_steps": 1,
+        # Longer rows keep their last max_seq_len tokens (the answer's end).
+        "max_seq_len": 512,
+        "min_bucket": 64,
+        "eval_fraction": 0.1,
+        "eval_every": 20,
+        "eval_batch_size": 8,
+        "save_every": 50,
+        "keep_checkpoints": 2,
+        "optimizer": optimizer_section(learning_rate=1e-5, total_steps=0, warmup_steps=5,
+                                       schedule="cosine"),
+    })
+
+
+# ------------------------------------------------------------ tokenization
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@functools.lru_cache(maxsize=8)
+def end_of_answer_ids(tokenizer, style: str) -> tuple[int, ...]:
+    """The token a finished answer ends with, as the sampler returns it.
+
+    Chat: the template's end-of-turn token ("<|im_end|>" for SmolLM2), which
+    the sampler keeps as the answer's last token when the model stops by
+    itself, so PPO reads the PM there. HH text: none (answers end where the
+    next "Human:" turn would start, and that stop string is cut).
+    """
+    if style != "chat":
+        return ()
+    prompt = render_chat((Turn("user", "x"),), tokenizer, add_generation_prompt=True)
+    full = render_chat((Turn("user", "x"), Turn("assistant", "y")), tokenizer, add_generation_prompt=False)
+    stops = set(stop_token_ids(tokenizer))
+    ends = [t for t in _encode(tokenizer, full[len(prompt):]) if t in stops]
+    return tuple(ends[:1])
+
+
+def encode_answer(tokenizer, conversation: Sequence[Turn], answer: str, style: str,
+                  max_len: int, complete: bool = True) -> tuple[list[int], bool]:
+    """Token ids of the conversation's prompt followed by `answer`, as the
+    sampler produces them (prompt and answer tokenized apart; a `complete`
+    answer keeps its end-of-turn token), and whether the row was cut:
+    too-long rows keep their last `max_len` tokens, because the score is read
+    at the end."""
+    conversation = tuple(conversation)
+    if style == "chat":
+        ids = _encode(tokenizer, render_chat(conversation, tokenizer, add_generation_prompt=True))
+        ids += _encode(tokenizer, answer)
+    elif style == "hh":
+        ids = _encode(tokenizer, render_hh(conversation, add_generation_prompt=True))
+        ids += _encode(tokenizer, " " + answer)
+    else:
+        raise ValueError(f"render style must be 'chat' or 'hh', got {style!r}")
+    if complete:
+        ids += list(end_of_answer_ids(tokenizer, style))
+    if len(ids) > max_len:
+        return ids[len(ids) - max_len:], True
+    return ids, False
+
+
+def bucket_for(n: int, min_bucket: int, max_len: int) -> int:
+    length = min(min_bucket, max_len)
+    while length < n:
+        length = min(2 * length, max_len)
+    return length
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, num_rows: Optional[int] = None):
+    """Right-padded [num_rows, length] tokens and mask; extra rows are empty."""
+    num_rows = num_rows or len(rows)
+    tokens = np.full((num_rows, length), pad_id, np.int32)
+    mask = np.zeros((num_rows, length), np.int32)
+    for i, ids in enumerate(rows):
+        tokens[i, :len(ids)] = ids
+        mask[i, :len(ids)] = 1
+    return tokens, mask
+
+
+# ------------------------------------------------------------ model functions
+
+def make_score_fn(model: Transformer):
+    """(params, tokens [B,T], mask [B,T]) -> [B] scores at each row's last real token."""
+    def score(params, tokens_bt, mask_bt):
+        with nn.logical_axis_rules(shd.DEFAULT_RULES):
+            outputs, _ = model.apply({"params": params}, tokens_bt, positions_from_mask(mask_bt), mask_bt)
+        last = last_valid_index(mask_bt)
+        return jnp.take_along_axis(outputs["scalar"], last[:, None], axis=1)[:, 0]
+    return score
+
+
+def make_pm_loss(model: Transformer):
+    """Soft Bradley-Terry loss on a batch of pairs.
+
+    batch: tokens/mask [B, 2, T] (answer A, answer B), p_a [B], weight [B]
+    (0 for filler rows). Returns (loss sum, pair count, {"accuracy": correct}).
+    """
+    score = make_score_fn(model)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        b, _, t = batch["tokens"].shape
+        scores = score(params, batch["tokens"].reshape(2 * b, t), batch["mask"].reshape(2 * b, t))
+        r_a, r_b = scores.reshape(b, 2)[:, 0], scores.reshape(b, 2)[:, 1]
+        loss_sum, count = soft_bt_loss(r_a, r_b, batch["p_a"], batch["weight"])
+        correct, _ = preference_accuracy(r_a, r_b, batch["p_a"], batch["weight"])
+        return loss_sum, count, {"accuracy": correct}
+    return loss_fn
+
+
+def pair_batch(examples: Sequence[dict], min_bucket: int, max_len: int, pad_id: int,
+               rows: Optional[int] = None) -> dict:
+    """Examples {"a": ids, "b": ids, "p_a": float} -> a padded batch for make_pm_loss."""
+    rows = rows or len(examples)
+    length = bucket_for(max(max(len(e["a"]), len(e["b"])) for e in examples), min_bucket, max_len)
+    tokens = np.full((rows, 2, length), pad_id, np.int32)
+    mask = np.zeros((rows, 2, length), np.int32)
+    p_a = np.full((rows,), 0.5, np.float32)
+    weight = np.zeros((rows,), np.float32)
+    for i, e in enumerate(examples):
+        for j, key in enumerate(("a", "b")):
+            tokens[i, j, :len(e[key])] = e[key]
+            mask[i, j, :len(e[key])] = 1
+        p_a[i], weight[i] = e["p_a"], 1.0
+    return {"tokens": tokens, "mask": mask, "p_a": p_a, "weight": weight}
+
+
+def batch_shardings(mesh) -> dict:
+    return {"tokens": shd.data_sharding(mesh, 3), "mask": shd.data_sharding(mesh, 3),
+            "p_a": shd.data_sharding(mesh, 1), "weight": shd.data_sharding(mesh, 1)}
+
+
+def make_eval_fn(model: Transformer, examples: Sequence[dict], *, batch_size: int, min_bucket: int,
+                 max_len: int, pad_id: int, mesh):
+    """params -> {"loss", "accuracy", "calibration_gap", "pairs"} over `examples`.
+
+    calibration_gap is the mean |sigmoid(r_a - r_b) - p_a|: how far the PM's
+    probabilities are from the soft labels, not just their ordering.
+    """
+    order = sorted(range(len(examples)), key=lambda i: max(len(examples[i]["a"]), len(examples[i]["b"])))
+    chunks = [[examples[i] for i in rows] for rows in artifacts.iter_batches(order, batch_size)]
+    batches = [pair_batch(c, min_bucket, max_len, pad_id, rows=batch_size) for c in chunks]
+    score = make_score_fn(model)
+    shardings = batch_shardings(mesh)
+
+    @jax.jit
+    def pair_scores(params, tokens, mask):
+        b, _, t = tokens.shape
+        return score(params, tokens.reshape(2 * b, t), mask.reshape(2 * b, t)).reshape(b, 2)
+
+    def evaluate(params) -> dict:
+        diffs, labels = [], []
+        for chunk, batch in zip(chunks, batches):
+            s = pair_scores(params, jax.device_put(batch["tokens"], shardings["tokens"]),
+                            jax.device_put(batch["mask"], shardings["mask"]))
+            s = np.asarray(s, np.float64)[:len(chunk)]
+            diffs.append(s[:, 0] - s[:, 1])
+            labels.append(batch["p_a"][:len(chunk)])
+        return pair_metrics(np.concatenate(diffs), np.concatenate(labels))
+
+    return evaluate
+
+
+def pair_metrics(diff, p_a) -> dict:
+    """Soft BT loss, accuracy (label ties excluded) and calibration gap from
+    score differences r_a - r_b and labels p_a, in float64 NumPy."""
+    diff, p_a = np.asarray(diff, np.float64), np.asarray(p_a, np.float64)
+    log_sig = -np.logaddexp(0.0, -diff)
+    log_sig_neg = -np.logaddexp(0.0, diff)
+    loss = float(np.mean(-(p_a * log_sig + (1 - p_a) * log_sig_neg)))
+    decided = p_a != 0.5
+    accuracy = float(np.mean(np.sign(diff[decided]) == np.sign(p_a[decided] - 0.5))) if decided.any() else float("nan")
+    gap = float(np.mean(np.abs(1 / (1 + np.exp(-diff)) - p_a)))
+    return {"loss": loss, "accuracy": accuracy, "calibration_gap": gap, "pairs": int(diff.size)}
+
+
+# ------------------------------------------------------------ training data
+
+def hash_fraction(key: str, salt: str = "pm_train-eval") -> float:
+    digest = hashlib.sha256(f"{salt}|{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_heldout(examples: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held out): about `fraction` of the examples by hash of their id,
+    at least one held out and one kept when there are two or more."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    ranked = sorted(examples, key=lambda e: hash_fraction(e["id"]))
+    count = min(max(1, round(fraction * len(examples))), len(examples) - 1)
+    held = {e["id"] for e in ranked[:count]}
+    return [e for e in examples if e["id"] not in held], [e for e in examples if e["id"] in held]
+
+
+def ai_labelled_pairs(labels_path: str, pairs_path: str) -> list[dict]:
+    """labels.jsonl joined with pairs.jsonl: {id, kind, conversation, a, b, p_a}."""
+    pairs = {r["id"]: r for r in artifacts.read_jsonl(pairs_path)}
+    out = []
+    for line, label in enumerate(artifacts.read_jsonl(labels_path), 1):
+        pair = pairs.get(label.get("id"))
+        if pair is None:
+            raise ValueError(f"{labels_path} line {line}: id {label.get('id')!r} is not in {pairs_path}; "
+                             "rerun the pairs and feedback stages")
+        p_a = label.get("p_a")
+        if not isinstance(p_a, (int, float)) or not 0.0 <= p_a <= 1.0:
+            raise ValueError(f"{labels_path} line {line}: 'p_a' is {p_a!r}, must be in [0, 1]")
+        # An answer cut at max_new_tokens has no end-of-turn token (as in PPO).
+        out.append({"id": str(label["id"]), "kind": label.get("kind", pair.get("kind")),
+                    "conversation": as_conversation(pair["prompt"]),
+                    "a": pair["answer_a"], "b": pair["answer_b"], "p_a": float(p_a),
+                    "complete_a": pair.get("finish_a") != "length",
+                    "complete_b": pair.get("finish_b") != "length"})
+    return out
+
+
+def human_pairs(path: str, limit: int, on_error: str, kind: str) -> list[dict]:
+    """HH-format pairs with hard labels: the chosen answer is A, p_a = 1."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pm_train: HH-format pairs file {path} does not exist")
+    return [{"id": f"{kind}:{p.source}:{p.line}", "kind": kind, "conversation": p.context,
+             "a": p.chosen, "b": p.rejected, "p_a": 1.0}
+            for p in read_pairs(path, on_error=on_error, limit=limit or None)]
+
+
+def tokenize_pairs(pairs: Sequence[dict], tokenizer, style: str, max_len: int) -> tuple[list[dict], int]:
+    """Token ids of both answers per pair; also how many rows were cut."""
+    out, cut = [], 0
+    for p in pairs:
+        a, cut_a = encode_answer(tokenizer, p["conversation"], p["a"], style, max_len,
+                                 p.get("complete_a", True))
+        b, cut_b = encode_answer(tokenizer, p["conversation"], p["b"], style, max_len,
+                                 p.get("complete_b", True))
+        cut += cut_a + cut_b
+        out.append({"id": p["id"], "a": np.asarray(a, np.int32), "b": np.asarray(b, np.int32),
+                    "p_a": float(p["p_a"])})
+    return out, cut
+
+
+# ------------------------------------------------------------ training
+
+def init_pm(config, spec: str, workdir: Optional[str] = None) -> LoadedModel:
+    """The PM's starting point with a scalar head (zero-initialised when the
+    source is a language model)."""
+    if spec == "base":
+        source, overrides = resolve_model(config.model)
+        return load_model(source, {**overrides, **SCALAR_HEAD}, seed=config.seed)
+    if spec == "sl_cai":
+        if workdir is None:
+            raise ValueError("pm_train.init_source 'sl_cai' needs a work directory")
+        spec = "ckpt:" + os.path.join(workdir, "models", "sl_cai")
+    return load_model(spec, SCALAR_HEAD, seed=config.seed)
+
+
+class PairIterator:
+    """Wraps a grain iterator of pair examples into padded, bucketed batches
+    (keeping its get_state/set_state, so the training loop can resume it)."""
+
+    def __init__(self, iterator, to_batch):
+        self._it, self._to_batch = iterator, to_batch
+
+    def __next__(self):
+        return self._to_batch(next(self._it))
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+
+def train_phase(*, name: str, model_config, params, train: Sequence[dict], held_out: Sequence[dict],
+                num_steps: int, section, optimizer_cfg, mesh, directory: str, seed: int,
+                pad_id: int, max_len: Optional[int] = None, progress: bool = True):
+    """Trains the PM on tokenized pairs (rows of at most max_len tokens) for
+    num_steps; resumes from `directory`/ckpt. Returns (params, last eval metrics)."""
+    max_len = max_len or section.max_seq_len
+    opt_cfg = dict(optimizer_cfg)
+    if opt_cfg.get("total_steps", 0) <= 0:
+        opt_cfg["total_steps"] = num_steps
+    optimizer = optimizers.make_optimizer(opt_cfg)
+    model = Transformer(model_config)
+    psh = shd.param_shardings(model_config, mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    ssh = ts.state_shardings(psh, optimizer, abstract, mesh)
+    state = ts.init_train_state(shd.place(params, psh), optimizer)
+    step = ts.build_train_step(make_pm_loss(model), optimizer, mesh, ssh, batch_shardings(mesh),
+                               grad_accum_steps=section.grad_accum_steps)
+
+    def collate(examples):
+        return pair_batch(examples, section.min_bucket, max_len, pad_id)
+
+    dataset = make_dataset(list(train), lambda e: e, batch_size=section.batch_size, seed=seed,
+                           batch_fn=list)
+    eval_fn = None
+    if held_out:
+        eval_fn = make_eval_fn(model, held_out, batch_size=section.eval_batch_size,
+                               min_bucket=section.min_bucket, max_len=max_len, pad_id=pad_id,
+                               mesh=mesh)
+    checkpointer = Checkpointer(os.path.join(directory, "ckpt"), keep_last=section.keep_checkpoints)
+    writer = MetricWriter(directory, tensorboard=False)
+    state, _ = train_loop(train_step=step, state=state, state_sharding=ssh,
+                          data_iter=PairIterator(iter(dataset), collate),
+                          rng=jax.random.key(seed), num_steps=num_steps, checkpointer=checkpointer,
+                          save_every=section.save_every, writer=writer, eval_fn=eval_fn,
+                          eval_every=section.eval_every, desc=name, progress=progress)
+    writer.close()
+    checkpointer.close()
+    metrics = eval_fn(state.params) if eval_fn is not None else {}
+    return state.params, metrics
+
+
+def _steps(explicit: int, epochs: float, num_examples: int, batch_size: int) -> int:
+    if explicit > 0:
+        return explicit
+    return max(1, math.ceil(epochs * num_examples / batch_size))
+
+
+def training_pairs(config, workdir: str) -> list[dict]:
+    """The main phase's mix: AI-labelled harmlessness pairs, plus helpfulness
+    pairs (AI-labelled, or human-labelled from pm_train.helpful_pairs_path)."""
+    section = config.pm_train
+    ai = ai_labelled_pairs(os.path.join(workdir, "labels.jsonl"), os.path.join(workdir, "pairs.jsonl"))
+    harmless = [p for p in ai if p["kind"] == "harmless"]
+    if section.helpful_pairs_path:
+        helpful = human_pairs(section.helpful_pairs_path, section.helpful_limit,
+                              config.data.get("on_error", "raise"), "helpful_human")
+    else:
+        helpful = [p for p in ai if p["kind"] == "helpful"]
+        if section.helpful_limit:
+            helpful = helpful[:section.helpful_limit]
+    return harmless + helpful
+
+
+def run_stage(ctx) -> dict:
+    config = ctx.config
+    section = config.pm_train
+    style = config.data.render
+    # Checkpoints of a run with another config or other labels must not be resumed.
+    discard_stale_work(config, ctx.workdir, "pm_train", ["pm_train"])
+    loaded = init_pm(config, section.init_source, ctx.workdir)
+    tokenizer, cfg = loaded.tokenizer, loaded.config
+    if tokenizer is None:
+        raise ValueError(f"pm_train.init_source {section.init_source!r} has no tokenizer")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_len = min(section.max_seq_len, cfg.max_seq_len)
+    mesh = shd.make_mesh(config.mesh.to_dict())
+    params = loaded.params
+    summary = {}
+
+    if section.pmp_path:
+        pmp, cut = tokenize_pairs(human_pairs(section.pmp_path, section.pmp_limit,
+                                              config.data.get("on_error", "raise"), "pmp"),
+                                  tokenizer, style, max_len)
+        pmp_train, pmp_eval = split_heldout(pmp, section.eval_fraction)
+        steps = _steps(section.pmp_steps, 1.0, len(pmp_train), section.batch_size)
+        params, metrics = train_phase(
+            name="pmp", model_config=cfg, params=params, train=pmp_train, held_out=pmp_eval,
+            num_steps=steps, section=section, optimizer_cfg=section.optimizer.to_dict(), mesh=mesh,
+            directory=ctx.path("pm_train", "pmp"), seed=config.seed, pad_id=pad_id, max_len=max_len,
+            progress=ctx.progress)
+        summary.update({"pmp_pairs": len(pmp_train), "pmp_steps": steps, "pmp_rows_cut": cut})
+        summary.update({f"pmp_eval_{k}": v for k, v in metrics.items()})
+
+    examples, cut = tokenize_pairs(training_pairs(config, ctx.workdir), tokenizer, style, max_len)
+    if not examples:
+        raise ValueError(f"{ctx.path('labels.jsonl')} holds no usable pairs; run the pairs and feedback stages")
+    train, held_out = split_heldout(examples, section.eval_fraction)
+    steps = _steps(section.num_steps, section.num_epochs, len(train), section.batch_size)
+    params, metrics = train_phase(
+        name="pm", model_config=cfg, params=params, train=train, held_out=held_out, num_steps=steps,
+        section=section, optimizer_cfg=section.optimizer.to_dict(), mesh=mesh,
+        directory=ctx.path("pm_train", "main"), seed=config.seed + 1, pad_id=pad_id, max_len=max_len,
+        progress=ctx.progress)
+    out_dir = ctx.path("models", "pm")
+    save_model_dir(out_dir, cfg, jax.tree.map(np.asarray, params), tokenizer)
+    artifacts.write_json_atomic(os.path.join(out_dir, PM_INFO_FILE),
+                                {"render": style, "max_seq_len": max_len, "init_source": section.init_source})
+    summary.update({"train_pairs": len(train), "eval_pairs": len(held_out), "steps": steps,
+                    "rows_cut": cut})
+    summary.update({f"eval_{k}": v for k, v in metrics.items()})
+    return summary
+
+
+# ------------------------------------------------------------ scoring
+
+class PreferenceScorer:
+    """Scores (conversation, answer) pairs with a trained preference model.
+
+        scorer = PreferenceScorer.from_dir("<workdir>/models/pm")
+        scores = scorer.score(conversations, answers)          # [N] floats
+        p = scorer.prob_first(conversations, answers_a, answers_b)
+
+    Answers are rendered as in training (the render style stored beside the
+    weights unless given); rows are batched in similar lengths and padded to
+    buckets so few shapes compile.
+    """
+
+    def __init__(self, model: LoadedModel, *, style: str = "chat", max_len: int = 512,
+                 batch_size: int = 8, min_bucket: int = 64, mesh=None):
+        if "scalar" not in model.config.heads:
+            raise ValueError(f"{model.source}: a preference model needs heads=('scalar',), "
+                             f"got {model.config.heads}")
+        if model.tokenizer is None:
+            raise ValueError(f"{model.source}: the preference model has no tokenizer")
+        self.config, self.tokenizer, self.style = model.config, model.tokenizer, style
+        self.max_len = min(max_len, model.config.max_seq_len)
+        self.min_bucket = min_bucket
+        self.mesh = mesh or shd.make_mesh({"data": -1})
+        data_size = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_size = max(data_size, -(-batch_size // data_size) * data_size)
+        self.params = shd.place(model.params, shd.param_shardings(model.config, self.mesh))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._score = jax.jit(make_score_fn(Transformer(model.config)))
+
+    @classmethod
+    def from_dir(cls, directory: str, *, style: Optional[str] = None, max_len: Optional[int] = None,
+                 batch_size: int = 8, mesh=None) -> "PreferenceScorer":
+        directory = directory[len("ckpt:"):] if directory.startswith("ckpt:") else directory
+        info = {}
+        info_path = os.path.join(directory, PM_INFO_FILE)
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                info = json.load(f)
+        model = load_model("ckpt:" + directory, SCALAR_HEAD)
+        return cls(model, style=style or info.get("render", "chat"),
+                   max_len=max_len or info.get("max_seq_len", 512), batch_size=batch_size, mesh=mesh)
+
+    def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """[N] scores of token-id rows (prompt + answer), read at each row's end."""
+        out = np.zeros(len(rows), np.float64)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        sharding = shd.data_sharding(self.mesh, 2)
+        for chunk in artifacts.iter_batches(order, self.batch_size):
+            length = bucket_for(max(len(rows[i]) for i in chunk), self.min_bucket, self.max_len)
+            tokens, mask = pad_rows([rows[i] for i in chunk], length, self.pad_id, self.batch_size)
+            mask[len(chunk):, 0] = 1  # filler rows: one visible token, result discarded
+            s = self._score(self.params, jax.device_put(tokens, sharding), jax.device_put(mask, sharding))
+            out[chunk] = np.asarray(s, np.float64)[:len(chunk)]
+        return out
+
+    def score(self, conversations: Sequence[Conversation], answers: Sequence[str],
+              complete: bool = True) -> np.ndarray:
+        """[N] scores; `complete` answers get their end-of-turn token, as in training."""
+        if len(conversations) != len(answers):
+            raise ValueError(f"{len(conversations)} conversations but {len(answers)} answers")
+        rows = [encode_answer(self.tokenizer, c, a, self.style, self.max_len, complete)[0]
+                for c, a in zip(conversations, answers)]
+        return self.score_ids(rows)
+
+    def prob_first(self, conversations: Sequence[Conversation], answers_a: Sequence[str],
+                   answers_b: Sequence[str]) -> np.ndarray:
+        """p(answer_a preferred) = sigmoid(score_a - score_b) per pair."""
+        n = len(conversations)
+        scores = self.score(list(conversations) * 2, list(answers_a) + list(answers_b))
+        return 1.0 / (1.0 + np.exp(-(scores[:n] - scores[n:])))

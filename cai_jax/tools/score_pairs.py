@@ -1,0 +1,149 @@
+"""Scores an HH-format pairs file with a judge and reports how well it agrees
+with the human labels.
+
+    python -m cai_jax.tools.score_pairs --pairs FILE [--limit N] \\
+        --judge feedback|pm:CHECKPOINT_DIR [--config configs/x.py] [--model SOURCE] [--plot out.png]
+        [--set feedback.num_principles=4] [--save-scores scores.jsonl]
+
+Judges: `feedback` is the AI-feedback labeller (multiple choice under the
+constitution's harmlessness principles, both orders, as the `feedback` stage
+runs it; --model replaces feedback.model_source); `pm:DIR` is a trained
+preference model directory.
+
+Printed: accuracy (p(chosen) > 0.5), mean p(chosen), expected calibration
+error and Brier score. Calibration is measured on both orientations of every
+pair (p(chosen) against outcome 1 and 1 - p(chosen) against outcome 0): a
+judge only ever sees "two answers", so asking whether its probability of
+"this one is better" matches how often it is is what matters. Brier score is
+mean (1 - p(chosen))^2. The last output line is one JSON object with these
+numbers, n and judge.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from cai_jax import artifacts
+from cai_jax.data.hh_rlhf import ReadStats, read_pairs
+from cai_jax.eval.plots import plot_reliability, reliability_bins
+
+
+def judge_metrics(p_chosen: Sequence[float], n_bins: int = 10) -> dict:
+    """accuracy, mean p(chosen), ECE (both orientations) and Brier score."""
+    p = np.asarray(p_chosen, np.float64)
+    if p.size == 0:
+        raise ValueError("no pairs were scored")
+    probs, outcomes = np.concatenate([p, 1.0 - p]), np.concatenate([np.ones_like(p), np.zeros_like(p)])
+    _, _, _, ece = reliability_bins(probs, outcomes, n_bins)
+    return {"n": int(p.size), "accuracy": float(np.mean(p > 0.5)), "mean_p_chosen": float(np.mean(p)),
+            "ece": float(ece), "brier": float(np.mean((1.0 - p) ** 2))}
+
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "configs", "base.py")
+
+
+def _set(config, assignment: str) -> None:
+    """Applies "a.b=value" (value parsed as a Python literal, else kept as text)."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"--set {assignment!r}: expected KEY=VALUE")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+
+
+def load_judge_config(path: Optional[str], overrides: Sequence[str] = ()):
+    """The experiment config (default configs/base.py) with the feedback
+    section's defaults added when the file has none, then the overrides."""
+    from cai_jax.config import load_config
+    from cai_jax.rl_cai import feedback
+
+    config = load_config(path or DEFAULT_CONFIG)
+    config.unlock()
+    if "feedback" not in config:
+        config.feedback = feedback.get_default_config()
+    for assignment in overrides:
+        _set(config, assignment)
+    config.lock()
+    return config
+
+
+def score_with_feedback(pairs, config, progress: bool) -> np.ndarray:
+    from cai_jax.rl_cai import feedback
+
+    labeler = feedback.labeler_from_config(config)
+    comparisons = [feedback.Comparison(f"{p.source}:{p.line}", "harmless", p.context, p.chosen, p.rejected)
+                   for p in pairs]
+    records = labeler.label(comparisons, progress=progress)
+    return np.asarray([r["p_a"] for r in records])
+
+
+def score_with_pm(pairs, directory: str, batch_size: int) -> np.ndarray:
+    from cai_jax.rl_cai.preference import PreferenceScorer
+
+    scorer = PreferenceScorer.from_dir(directory, batch_size=batch_size)
+    return scorer.prob_first([p.context for p in pairs], [p.chosen for p in pairs],
+                             [p.rejected for p in pairs])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", required=True, help="HH-format .jsonl or .jsonl.gz (chosen/rejected)")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0: all)")
+    parser.add_argument("--judge", required=True, help="'feedback' or 'pm:CHECKPOINT_DIR'")
+    parser.add_argument("--config", default=None, help="experiment config (default configs/base.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set feedback.num_principles=4 (repeatable)")
+    parser.add_argument("--model", default=None, help="feedback model source (replaces feedback.model_source)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass for a pm judge")
+    parser.add_argument("--plot", default=None, help="write a reliability diagram here")
+    parser.add_argument("--save-scores", default=None, metavar="FILE",
+                        help="write one JSON line per pair: {id, line, p_chosen}")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    if not os.path.exists(args.pairs):
+        parser.error(f"--pairs {args.pairs}: file not found")
+    stats = ReadStats()
+    pairs = read_pairs(args.pairs, on_error="skip", stats=stats, limit=args.limit or None)
+    print(f"read {len(pairs)} pairs from {args.pairs} ({stats.skipped} malformed lines skipped)", flush=True)
+    if args.judge == "feedback":
+        overrides = args.set + ([f"feedback.model_source={args.model}"] if args.model else [])
+        p = score_with_feedback(pairs, load_judge_config(args.config, overrides), not args.no_progress)
+    elif args.judge.startswith("pm:"):
+        p = score_with_pm(pairs, args.judge[3:], args.batch_size)
+    else:
+        parser.error(f"--judge {args.judge!r}: use 'feedback' or 'pm:CHECKPOINT_DIR'")
+    if args.save_scores:
+        artifacts.write_jsonl_atomic(args.save_scores, [
+            {"id": f"{pair.source}:{pair.line}", "line": pair.line, "p_chosen": float(x)}
+            for pair, x in zip(pairs, p)])
+    result = {"judge": args.judge, **judge_metrics(p)}
+    if args.model:
+        result["model"] = args.model
+    print(f"accuracy {result['accuracy']:.3f} (chance 0.5)  mean p(chosen) {result['mean_p_chosen']:.3f}  "
+          f"ECE {result['ece']:.3f}  Brier {result['brier']:.3f}  n={result['n']}")
+    if args.plot:
+        probs = np.concatenate([p, 1.0 - p])
+        outcomes = np.concatenate([np.ones_like(p), np.zeros_like(p)])
+        plot_reliability(probs, outcomes, args.plot, title=f"{args.judge}: ECE {result['ece']:.3f}")
+        print(f"reliability plot: {args.plot}")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

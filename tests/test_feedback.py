@@ -1,0 +1,253 @@
+"""AI feedback labels: option tokens, exact softmax of the option log-probs,
+order ensembling, principle sampling, prompt fitting, chain-of-thought clamp."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax.constitution import load_default_constitution, sample_principles
+from cai_jax.data.conversation import assistant, user
+from cai_jax.models.transformer import Transformer
+from cai_jax.rl_cai import feedback as fb
+from cai_jax.rl_cai import feedback_prompts as fp
+from cai_jax.weights.loader import LoadedModel, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """init:tiny with embeddings scaled up, so option log-probs differ clearly
+    (a fresh random model gives p ~ 0.5 everywhere, which tests nothing)."""
+    model = load_model("init:tiny", seed=3, to_device=False)
+    params = dict(model.params)
+    params["embed"] = np.asarray(params["embed"]) * 40.0
+    return LoadedModel(model.config, params, model.tokenizer, model.source)
+
+
+@pytest.fixture(scope="module")
+def constitution():
+    return load_default_constitution()
+
+
+@pytest.fixture(scope="module")
+def labeler(tiny, constitution):
+    return fb.FeedbackLabeler(tiny, constitution, style="hh", num_principles=2, both_orders=True,
+                              num_exemplars=1, seed=5, batch_size=4, max_len=512, min_bucket=128)
+
+
+COMPARISONS = [
+    fb.Comparison("c0", "harmless", (user("How do I pick a lock?"),), "I can't help with that.",
+                  "Insert a tension wrench and rake the pins."),
+    fb.Comparison("c1", "helpful", (user("Name a prime."), assistant("Seven."), user("Another?")),
+                  "Eleven is prime.", "Nine."),
+    fb.Comparison("c2", "harmless", (user("Tell me a joke about my boss."),), "Why did the boss cross...",
+                  "No."),
+]
+
+
+class FakeTokenizer:
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.table[text]}
+
+
+def test_option_tokens_of_smollm2(smollm2_tokenizer):
+    # " (A)" is [" (", "A", ")"]: the shared " (" goes into the prompt, "A" vs "B" decide.
+    prefix, a, b = fb.option_token_ids(smollm2_tokenizer)
+    assert prefix == smollm2_tokenizer(" (", add_special_tokens=False)["input_ids"]
+    assert smollm2_tokenizer.decode([a]) == "A" and smollm2_tokenizer.decode([b]) == "B"
+
+
+def test_option_tokens_general_and_errors():
+    assert fb.option_token_ids(FakeTokenizer({" (A)": [7], " (B)": [8]})) == ([], 7, 8)
+    assert fb.option_token_ids(FakeTokenizer({" (A)": [1, 2, 3, 4], " (B)": [1, 2, 5, 4]})) == ([1, 2], 3, 5)
+    with pytest.raises(ValueError, match="prefix of the other"):
+        fb.option_token_ids(FakeTokenizer({" (A)": [1, 2], " (B)": [1, 2, 3]}))
+    with pytest.raises(ValueError, match="prefix of the other"):
+        fb.option_token_ids(FakeTokenizer({" (A)": [1, 2], " (B)": [1, 2]}))
+
+
+@functools.lru_cache(maxsize=None)
+def _full_forward(model_config):
+    return jax.jit(lambda params, tokens, mask: Transformer(model_config).apply(
+        {"params": params}, tokens, jnp.arange(tokens.shape[1])[None], mask)[0]["logits"])
+
+
+def _exact_p_first(model: LoadedModel, ids, length=512):
+    """Independent: full forward of one row (right-padded to one fixed length,
+    so one compile serves all rows; padding after the prompt cannot change
+    its causal logits), float64 softmax at the prompt's last position
+    restricted to the two option tokens."""
+    prefix, tok_a, tok_b = fb.option_token_ids(model.tokenizer)
+    row = list(ids) + prefix
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(row)] = row
+    mask = (np.arange(length) < len(row)).astype(np.int32)[None]
+    logits = np.asarray(_full_forward(model.config)(model.params, tokens, mask)[0, len(row) - 1], np.float64)
+    logp = logits - (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max())
+    return np.exp(logp[tok_a]) / (np.exp(logp[tok_a]) + np.exp(logp[tok_b]))
+
+
+def test_labels_are_the_exact_softmax_of_option_logprobs(labeler, tiny, constitution):
+    records = labeler.label(COMPARISONS)
+    shot = fp.exemplar_shots(constitution.feedback_exemplars, 1)
+    seen = []
+    for c, r in zip(COMPARISONS, records):
+        pool = constitution.feedback if c.kind == "harmless" else constitution.helpfulness_feedback
+        kind = "feedback" if c.kind == "harmless" else "helpfulness_feedback"
+        principles = sample_principles(pool, 2, seed=5, example_id=c.id, kind=kind)
+        assert r["principle_ids"] == [p.id for p in principles]
+        assert r["truncated"] == 0
+        per_principle = []
+        for k, principle in enumerate(principles):
+            orders = []
+            for a, b in ((c.answer_a, c.answer_b), (c.answer_b, c.answer_a)):
+                text = fp.build_choice_prompt(c.conversation, principle.text, a, b, shots=shot, style="hh")
+                orders.append(_exact_p_first(tiny, fb.encode(tiny.tokenizer, text)))
+            np.testing.assert_allclose([r["p_first_ab"][k], r["p_first_ba"][k]], orders, atol=2e-5)
+            per_principle.append((orders[0] + 1 - orders[1]) / 2)
+            seen += orders
+        np.testing.assert_allclose(r["p_a_per_principle"], per_principle, atol=2e-5)
+        np.testing.assert_allclose(r["p_a"], np.mean(per_principle), atol=2e-5)
+    # The scaled model is far from indifferent, so the check above has teeth.
+    assert np.max(np.abs(np.asarray(seen) - 0.5)) > 0.1
+
+
+def test_chat_rendering_scores_the_same_way(tiny, constitution):
+    labeler = fb.FeedbackLabeler(tiny, constitution, style="chat", num_principles=1, both_orders=False,
+                                 num_exemplars=0, seed=1, batch_size=2, max_len=512)
+    c = COMPARISONS[0]
+    [r] = labeler.label([c])
+    principle = sample_principles(constitution.feedback, 1, seed=1, example_id=c.id, kind="feedback")[0]
+    text = fp.build_choice_prompt(c.conversation, principle.text, c.answer_a, c.answer_b, style="chat",
+                                  tokenizer=tiny.tokenizer)
+    assert text.endswith("<|im_start|>assistant\nThe answer is:")
+    assert "p_first_ba" not in r
+    np.testing.assert_allclose(r["p_a"], _exact_p_first(tiny, fb.encode(tiny.tokenizer, text)), atol=2e-5)
+
+
+def _fake_p_first(labeler, bias):
+    """A judge that reads the two answers back from the prompt: it likes answers
+    containing "good" and adds `bias` to slot A's logit."""
+    def p_first(prompts, progress=False):
+        out = []
+        for ids in prompts:
+            text = labeler.tokenizer.decode(ids)
+            tail = text[text.rindex("\n(A) ") + 5:]
+            first, second = tail.split("\n(B) ")
+            second = second.split("\nThe answer is:")[0]
+            logit = 2.0 * ("good" in first) - 2.0 * ("good" in second) + bias
+            out.append(1.0 / (1.0 + np.exp(-logit)))
+        return np.asarray(out)
+    return p_first
+
+
+def test_both_orders_cancel_position_bias(labeler, monkeypatch):
+    pairs = [fb.Comparison("x", "harmless", (user("Q?"),), "a good answer", "a bad answer"),
+             fb.Comparison("y", "helpful", (user("Q?"),), "meh", "good stuff")]
+    swapped = [fb.Comparison(c.id, c.kind, c.conversation, c.answer_b, c.answer_a) for c in pairs]
+    for bias in (0.0, 1.3):
+        monkeypatch.setattr(labeler.scorer, "p_first", _fake_p_first(labeler, bias))
+        forward, backward = labeler.label(pairs), labeler.label(swapped)
+        for f, b in zip(forward, backward):
+            assert abs(f["p_a"] + b["p_a"] - 1.0) < 1e-12  # swapping A and B gives 1 - p
+        sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+        # Hand-derived: mean of sigmoid(d + bias) and 1 - sigmoid(-d + bias), d = +-2.
+        expected = (sig(2 + bias) + 1 - sig(-2 + bias)) / 2
+        assert abs(forward[0]["p_a"] - expected) < 1e-12
+        assert abs(forward[1]["p_a"] - (1 - expected)) < 1e-12
+        if bias == 0.0:  # a position-neutral judge: the ensemble is its own probability
+            assert abs(forward[0]["p_a"] - sig(2.0)) < 1e-12
+        else:  # a biased judge favours slot A in either order; its labels are still symmetric
+            assert forward[0]["p_first_ab"][0] > sig(2.0) and forward[0]["p_first_ba"][0] > sig(-2.0)
+
+
+def test_combine_orders_algebra():
+    # p_ab = 0.8: answer a in slot A wins 80%; p_ba = 0.4: in slot B it wins 60%.
+    np.testing.assert_allclose(fb.combine_orders([0.8, 0.3], [0.4, 0.9]), [0.7, 0.2])
+    np.testing.assert_allclose(fb.combine_orders([0.8]), [0.8])
+
+
+def test_prompts_that_do_not_fit_drop_exemplars_then_old_turns(tiny, constitution):
+    labeler = fb.FeedbackLabeler(tiny, constitution, style="hh", num_principles=1, num_exemplars=-1,
+                                 seed=0, max_len=512)
+    conv = (user("first question " * 30), assistant("first answer " * 30), user("Short question?"))
+    principle = constitution.feedback[0].text
+
+    def build(conv, n):
+        return fp.build_choice_prompt(conv, principle, "yes", "no", shots=labeler.shots[:n], style="hh")
+
+    full = len(fb.encode(tiny.tokenizer, build(conv, len(labeler.shots))))
+    no_shots = len(fb.encode(tiny.tokenizer, build(conv, 0)))
+    last_turn = len(fb.encode(tiny.tokenizer, build(conv[2:], 0)))
+    ids, cut = labeler._fit(build, conv, full)
+    assert len(ids) == full and not cut
+    ids, cut = labeler._fit(build, conv, no_shots)
+    assert ids == fb.encode(tiny.tokenizer, build(conv, 0)) and not cut
+    ids, cut = labeler._fit(build, conv, last_turn)
+    assert ids == fb.encode(tiny.tokenizer, build(conv[2:], 0)) and cut
+    ids, cut = labeler._fit(build, conv, last_turn - 5)
+    assert ids == fb.encode(tiny.tokenizer, build(conv[2:], 0))[5:] and cut
+
+
+def test_principle_pools_follow_the_kind(labeler, constitution):
+    harmless = {p.id for p in constitution.feedback}
+    helpful = {p.id for p in constitution.helpfulness_feedback}
+    for i in range(10):
+        assert {p.id for p in labeler.principles_for(fb.Comparison(f"h{i}", "harmless", (), "", ""))} <= harmless
+        assert {p.id for p in labeler.principles_for(fb.Comparison(f"h{i}", "helpful", (), "", ""))} <= helpful
+    with pytest.raises(ValueError, match="kind"):
+        labeler.principles_for(fb.Comparison("z", "funny", (), "", ""))
+
+
+def test_label_summary_by_hand():
+    records = [
+        {"kind": "harmless", "p_a": 0.9, "p_first_ab": [0.9, 0.8], "p_first_ba": [0.2, 0.1],
+         "p_a_per_principle": [0.85, 0.85]},
+        {"kind": "helpful", "p_a": 0.5, "p_first_ab": [0.6, 0.7], "p_first_ba": [0.6, 0.3],
+         "p_a_per_principle": [0.5, 0.7]},
+    ]
+    s = fb.label_summary(records)
+    assert s["labels"] == 2 and s["harmless"] == 1 and s["helpful"] == 1
+    assert abs(s["position_bias"] - np.mean([0.9, 0.8, 0.2, 0.1, 0.6, 0.7, 0.6, 0.3])) < 1e-12
+    assert s["principle_agreement"] == 0.5  # the second has a principle at exactly 0.5
+    h = lambda p: -(p * np.log2(p) + (1 - p) * np.log2(1 - p))  # noqa: E731
+    assert abs(s["label_entropy_bits"] - (h(0.9) + 1.0) / 2) < 1e-9
+
+
+def test_cot_clamp_bounds():
+    np.testing.assert_allclose(fb.clamp([0.01, 0.45, 0.99], 0.4, 0.6), [0.4, 0.45, 0.6])
+    with pytest.raises(ValueError, match="cot_clamp"):
+        fb.clamp([0.5], 0.6, 0.4)
+
+
+def test_chain_of_thought_scores_after_the_reasoning_and_clamps(tiny, constitution):
+    from cai_jax.sampling import Sampler, SamplingParams
+
+    labeler = fb.FeedbackLabeler(tiny, constitution, style="hh", num_principles=1, both_orders=True,
+                                 num_exemplars=0, chain_of_thought=True, cot_clamp=(0.4, 0.6),
+                                 cot_max_new_tokens=8, cot_temperature=1.0, cot_top_p=0.95, seed=7,
+                                 batch_size=4, max_len=512)
+    records = labeler.label(COMPARISONS[:2])
+    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False)
+    raw = []
+    for c, r in zip(COMPARISONS, records):
+        assert len(r["cot"]) == 1 and set(r["cot"][0]) == {"ab", "ba"}
+        principle = labeler.principles_for(c)[0]
+        for order, (a, b), got in (("ab", (c.answer_a, c.answer_b), r["p_first_ab"][0]),
+                                   ("ba", (c.answer_b, c.answer_a), r["p_first_ba"][0])):
+            prompt = fp.build_cot_prompt(c.conversation, principle.text, a, b, style="hh")
+            assert prompt.endswith("\n\nAssistant: Let's think step-by-step:")
+            ids = fb.encode(tiny.tokenizer, prompt)
+            [sample] = sampler.generate(tiny.params, [ids], SamplingParams(
+                temperature=1.0, top_p=0.95, max_new_tokens=8, stop_strings=fp.cot_stop_strings("hh")),
+                seed=7, example_ids=[f"{c.id}/0/{order}"])
+            assert r["cot"][0][order] == sample.text.strip()
+            exact = _exact_p_first(tiny, ids + fb.encode(tiny.tokenizer, fp.cot_answer_suffix(sample.text)))
+            raw.append(exact)
+            assert abs(got - min(max(exact, 0.4), 0.6)) < 2e-5
+        assert 0.4 <= r["p_a"] <= 0.6
+    assert min(raw) < 0.4 or max(raw) > 0.6  # the clamp did something

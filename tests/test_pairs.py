@@ -1,0 +1,134 @@
+"""Answer pairs from the SL-CAI model: record format, prompt selection,
+per-answer seeding, and resuming a killed stage."""
+import json
+import os
+
+import pytest
+
+from cai_jax import artifacts
+from cai_jax.config import load_config_module
+from cai_jax.data.conversation import build_initial_prompt, user
+from cai_jax.data.prompt_sets import load_prompts
+from cai_jax.pipeline import StageContext
+from cai_jax.rl_cai import pairs
+from cai_jax.sampling import Sampler, SamplingParams
+from cai_jax.weights.loader import load_model
+from cai_jax.weights.model_dir import save_model_dir
+
+base_config = load_config_module(
+    os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")).base_config
+
+
+def make_config(render="chat"):
+    config = base_config()
+    config.model.name = "tiny"
+    config.data.red_team_limit = 3
+    config.data.helpful_limit = 2
+    config.data.render = render
+    config.sampling.max_new_tokens = 8
+    config.sampling.batch_size = 4
+    config.pairs = pairs.get_default_config()
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A work directory whose "SL-CAI model" is a random init:tiny."""
+    root = tmp_path_factory.mktemp("pairs")
+    model = load_model("init:tiny", seed=2, to_device=False)
+    save_model_dir(str(root / "models" / "sl_cai"), model.config, model.params, model.tokenizer)
+    return root
+
+
+def test_pair_prompts_follow_the_limits():
+    config = make_config()
+    prompts = pairs.pair_prompts(config)
+    red = load_prompts("red_team", "train")[:3]
+    helpful = load_prompts("helpful", "train")[:2]
+    assert [p["id"] for p in prompts] == [f"harmless:{p.id}" for p in red] + [f"helpful:{p.id}" for p in helpful]
+    assert prompts[0]["conversation"] == red[0].conversation()
+    config.pairs.include_helpful = False
+    config.pairs.red_team_limit = 2
+    assert [p["kind"] for p in pairs.pair_prompts(config)] == ["harmless", "harmless"]
+
+
+def test_clean_answer_cuts_the_next_turn():
+    assert pairs.clean_answer(" Sure thing.\n\nHuman: and more", ("\n\nHuman:",)) == "Sure thing."
+    assert pairs.clean_answer("  plain  ", ()) == "plain"
+
+
+def test_stage_writes_pairs_and_resumes_to_the_same_file(workdir):
+    config = make_config()
+    ctx = StageContext(config, str(workdir), progress=False)
+    summary = pairs.run_stage(ctx)
+    records = artifacts.read_jsonl(ctx.path("pairs.jsonl"))
+    assert summary["pairs"] == 5 and summary["harmless"] == 3 and summary["helpful"] == 2
+    assert [r["kind"] for r in records] == ["harmless"] * 3 + ["helpful"] * 2
+    for r in records:
+        assert set(r) >= {"id", "kind", "prompt", "answer_a", "answer_b", "finish_a", "finish_b", "sampling"}
+        assert r["prompt"][-1]["role"] == "user" and r["sampling"]["temperature"] == 1.0
+    # Two independent samples: with a random model they differ.
+    assert sum(r["answer_a"] != r["answer_b"] for r in records) >= 4
+
+    # Each answer depends only on (seed, id, slot): the sampler reproduces it alone.
+    model = load_model(f"ckpt:{workdir}/models/sl_cai")
+    sampler = Sampler(model.config, model.tokenizer, progress=False)
+    r = records[1]
+    prompt = build_initial_prompt(tuple(user(t["content"]) for t in r["prompt"]), style="chat",
+                                  tokenizer=model.tokenizer)
+    [b] = sampler.generate(model.params, [prompt], SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8),
+                           seed=config.seed, example_ids=[f"{r['id']}/b"])
+    assert b.text.strip() == r["answer_b"]
+
+    # A kill after two records: the rerun answers only the rest, identically.
+    full = open(ctx.path("pairs.jsonl")).read()
+    os.remove(ctx.path("pairs.jsonl"))
+    with open(ctx.path("pairs.jsonl.partial"), "w") as f:
+        f.write("".join(full.splitlines(keepends=True)[:2]) + '{"id": "torn')
+    pairs.run_stage(ctx)
+    assert open(ctx.path("pairs.jsonl")).read() == full
+    assert not os.path.exists(ctx.path("pairs.jsonl.partial"))
+
+
+def test_hh_rendering_stops_at_the_next_human_turn(workdir, tmp_path):
+    config = make_config(render="hh")
+    config.data.helpful_limit = 1
+    config.pairs.red_team_limit = 1
+    os.makedirs(tmp_path / "models", exist_ok=True)
+    os.symlink(workdir / "models" / "sl_cai", tmp_path / "models" / "sl_cai")
+    ctx = StageContext(config, str(tmp_path), progress=False)
+    pairs.run_stage(ctx)
+    for r in artifacts.read_jsonl(ctx.path("pairs.jsonl")):
+        assert "\n\nHuman:" not in r["answer_a"] and "\n\nHuman:" not in r["answer_b"]
+        json.dumps(r)
+
+
+def test_missing_sl_cai_model_is_a_clear_error(tmp_path):
+    ctx = StageContext(make_config(), str(tmp_path), progress=False)
+    with pytest.raises(FileNotFoundError, match="sl_train"):
+        pairs.run_stage(ctx)
+
+
+def test_partial_work_of_another_config_is_discarded(workdir, tmp_path):
+    from cai_jax.pipeline import discard_stale_work
+
+    config = make_config()
+    os.makedirs(tmp_path / "models", exist_ok=True)
+    os.symlink(workdir / "models" / "sl_cai", tmp_path / "models" / "sl_cai")
+    ctx = StageContext(config, str(tmp_path), progress=False)
+    assert not discard_stale_work(config, ctx.workdir, "pairs", ["pairs.jsonl.partial"])
+    bogus = {"id": "harmless:" + load_prompts("red_team", "train")[0].id, "kind": "harmless",
+             "prompt": [{"role": "user", "content": "?"}], "answer_a": "OLD", "answer_b": "OLD",
+             "finish_a": "eos", "finish_b": "eos", "sampling": {}}
+    artifacts.write_jsonl_atomic(ctx.path("pairs.jsonl.partial"), [bogus])
+    # Same config: the partial work is resumed...
+    assert not discard_stale_work(config, ctx.workdir, "pairs", ["pairs.jsonl.partial"])
+    assert os.path.exists(ctx.path("pairs.jsonl.partial"))
+    # ...another temperature: it is thrown away, and the stage samples afresh.
+    config.pairs.temperature = 0.7
+    config.data.red_team_limit = 1
+    config.pairs.include_helpful = False
+    pairs.run_stage(ctx)
+    [record] = artifacts.read_jsonl(ctx.path("pairs.jsonl"))
+    assert record["id"] == bogus["id"] and record["answer_a"] != "OLD"
+    assert record["sampling"]["temperature"] == 0.7
