@@ -207,6 +207,10 @@ class Transformer(nn.Module):
             x, new_kv = layers(x, positions_bt, key_mask_bs, cache_index, layer_caches)
             new_cache = {"k": new_kv[0], "v": new_kv[1]} if cache is not None else None
         else:
+            # A cache given as per-layer lists stays one: a decode loop carrying
+            # separate buffers updates each in place, where slicing and re-stacking
+            # an [L, ...] array would copy the whole cache every step.
+            per_layer = cache is not None and isinstance(cache["k"], (list, tuple))
             new_k, new_v = [], []
             for i in range(cfg.num_layers):
                 layer_cache = (cache["k"][i], cache["v"][i]) if cache is not None else None
@@ -215,7 +219,12 @@ class Transformer(nn.Module):
                 if cache is not None:
                     new_k.append(kv[0])
                     new_v.append(kv[1])
-            new_cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)} if cache is not None else None
+            if cache is None:
+                new_cache = None
+            elif per_layer:
+                new_cache = {"k": new_k, "v": new_v}
+            else:
+                new_cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
 
         x = Norm(cfg, name="final_norm")(x)
         if last_only:

@@ -1,0 +1,498 @@
+"""The one KV-cache sampler every stage uses, and a log-prob scorer beside it.
+
+    sampler = Sampler(model_config, tokenizer, mesh=None)
+    samples = sampler.generate(params, prompts, SamplingParams(temperature=0.7),
+                               seed=0, example_ids=None, batch_size=8)
+    logprobs = sampler.score(params, prompts, continuations)
+
+`generate` sorts the prompts by length, cuts them into batches, left-pads each
+batch and runs two compiled functions on it: `prefill` (the whole prompt in one
+forward pass that fills the KV cache and picks the first token) and `decode` (a
+`lax.while_loop` of one-token steps over the donated cache, which exits as soon
+as every row has stopped). Results come back in input order.
+
+Shapes are bucketed so that varied calls reuse a few compilations: prompt width,
+generation width and batch size are each rounded up to a power of two. What
+else varies per call (temperature, top-k, top-p, stop token ids, the token
+limit, the seed) is traced, except which filters are on at all (greedy or not,
+top-k on, top-p on), since that changes the program. How tokens are chosen
+is in `sampling_choice`, the host-side batching in `sampling_buckets`.
+
+Randomness is per example: the key of example i at step t is
+fold_in(fold_in(key(seed), example_id_i), t), so a sample depends on the seed,
+its example id and its prompt, never on the batch or row it landed in.
+
+Log-probs are those of the chosen token under the model's own distribution,
+before temperature, top-k or top-p (what PPO's importance ratio needs).
+
+Stop strings are found on the host. Without them one decode call runs to the
+end; with them the loop runs in segments of `stop_check_interval` steps and the
+host marks rows whose text already holds a stop string as done, so they stop
+costing steps. The text is cut before the earliest stop string and the tokens
+(and log-probs) are cut to the tokens whose text is the kept text.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from cai_jax import sharding as shd
+from cai_jax.models.config import TransformerConfig
+from cai_jax.models.transformer import Transformer, init_cache, positions_from_mask
+from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
+                                      length_sorted_batches, right_pad, tokens_within)
+from cai_jax.sampling_choice import Mode, choose_tokens
+from cai_jax.weights import layout
+from cai_jax.weights.tokenizer import stop_token_ids
+
+Prompt = Union[str, Sequence[int]]
+
+FINISH_REASONS = ("eos", "stop_string", "length")
+MIN_PROMPT_BUCKET = 16
+MIN_GEN_BUCKET = 16
+LM_HEAD_DV = "lm_head_dv"  # the sampler's extra parameter: the tied embedding as [D, V]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 are off.
+
+    `stop_token_ids` None means the tokenizer's (EOS and end-of-turn);
+    `ignore_eos` samples past them (benchmarks force a length with it).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: Optional[tuple[int, ...]] = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature is {self.temperature}; must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k is {self.top_k}; must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p is {self.top_p}; must be in (0, 1] (1 = off)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens is {self.max_new_tokens}; must be >= 1")
+        if isinstance(self.stop_strings, str) or any(not s for s in self.stop_strings):
+            raise ValueError(f"SamplingParams.stop_strings is {self.stop_strings!r}; it must be a "
+                             "tuple of non-empty strings")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One answer. `tokens` and `logprobs` are the kept generated tokens (the
+    stop token that ended an "eos" answer included); `text` is their decoding
+    without special tokens, cut before any stop string."""
+
+    text: str
+    tokens: np.ndarray  # int32 [n]
+    logprobs: np.ndarray  # float32 [n]: log p(token) before temperature/top-k/top-p
+    prompt_tokens: np.ndarray  # int32 [prompt length]
+    finish_reason: str  # "eos" | "stop_string" | "length"
+
+
+def samples_to_arrays(samples: Sequence[Sample], width: Optional[int] = None,
+                      pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Right-padded [N, width] tokens and log-probs, and the mask of valid tokens."""
+    width = width if width is not None else max([len(s.tokens) for s in samples] + [1])
+    tokens = np.full((len(samples), width), pad_id, np.int32)
+    logprobs = np.zeros((len(samples), width), np.float32)
+    mask = np.zeros((len(samples), width), bool)
+    for i, s in enumerate(samples):
+        n = min(len(s.tokens), width)
+        tokens[i, :n], logprobs[i, :n], mask[i, :n] = s.tokens[:n], s.logprobs[:n], True
+    return {"tokens": tokens, "logprobs": logprobs, "mask": mask}
+
+
+# ----------------------------------------------------------- choosing tokens
+
+def _mode_of(sp: SamplingParams) -> Mode:
+    greedy = sp.temperature == 0
+    return Mode(greedy=greedy, top_k=not greedy and sp.top_k > 0, top_p=not greedy and sp.top_p < 1.0)
+
+
+def _is_stop(tokens_b, stop_ids_n):
+    """stop_ids_n is padded with -1, which no token equals."""
+    return jnp.any(tokens_b[:, None] == stop_ids_n[None, :], axis=-1)
+
+
+def _step_keys(row_keys_b, step):
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_b)
+
+
+# ----------------------------------------------------------- compiled pieces
+
+# How often each compiled function was traced, i.e. compiled (jit traces only
+# on a cache miss). Tests check that a reused bucket does not add to these.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """What the compiled functions close over. Hashable and passed as a static
+    argument, so samplers for the same model and mesh share their compilations."""
+
+    config: TransformerConfig
+    mesh: Optional[Mesh]
+    rules: tuple
+    pad_id: int
+
+    def apply(self, params, *args, **kwargs):
+        params = {k: v for k, v in params.items() if k != LM_HEAD_DV}
+        with nn.logical_axis_rules(self.rules):
+            return Transformer(self.config).apply({"params": params}, *args, **kwargs)
+
+    def logits(self, params, hidden_btd):
+        """The LM head on the model's final hidden states, as [B,T,D] @ [D,V].
+
+        The model's own head contracts the tied embedding [V, D] on its second
+        axis; on XLA:CPU the same product with a [D, V] copy was faster (about
+        2.5 ms a step at batch 1, 7% of the step), and XLA drops the model's
+        unused logits."""
+        cfg = self.config
+        w_dv = params[LM_HEAD_DV] if cfg.tie_embeddings else params["lm_head"]["kernel"]
+        return jnp.einsum("btd,dv->btv", hidden_btd, w_dv.astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+
+    def constrain(self, tree, names):
+        """Shards every leaf of `tree` by the logical axis `names` (on a mesh)."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, shd.spec_for(x.shape, names, self.mesh, self.rules))), tree)
+
+    def new_cache(self, batch: int, length: int):
+        """An empty KV cache: [L, B, H_kv, S, D] arrays when scanned, else lists of
+        per-layer [B, H_kv, S, D] buffers (each updated in place by the decode loop)."""
+        cfg = self.config
+        if cfg.scan_layers:
+            return self.constrain(init_cache(cfg, batch, length), (None, "batch", "kv_heads", None, None))
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        cache = {kv: [jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)]
+                 for kv in ("k", "v")}
+        return self.constrain(cache, ("batch", "kv_heads", None, None))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _transposed_embedding(program: _Program, embed_vd):
+    TRACE_COUNTS["lm_head"] += 1
+    return program.constrain(embed_vd.T, ("embed", "vocab"))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _relayout(program: _Program, params):
+    """Scanned <-> unrolled parameters, placed as the sampler's layout wants."""
+    TRACE_COUNTS["relayout"] += 1
+    cfg = program.config
+    if cfg.scan_layers:
+        params = layout.stack_layers(params, cfg.num_layers)
+    else:
+        params = layout.unstack_layers(params, cfg.num_layers)
+    if program.mesh is None:
+        return params
+    return jax.lax.with_sharding_constraint(
+        params, shd.param_shardings(cfg, program.mesh, program.rules))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("gen_width", "mode"))
+def _prefill(program: _Program, params, prompt_bp, prompt_mask_bp, row_ids_b, active_b, seed, knobs,
+             *, gen_width: int, mode: Mode):
+    """Fills the cache from the left-padded prompts and picks each row's first token."""
+    TRACE_COUNTS["prefill"] += 1
+    b, p = prompt_bp.shape
+    key_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.ones((b, gen_width), bool)], axis=1)
+    out, cache = program.apply(params, prompt_bp, positions_from_mask(prompt_mask_bp), key_mask_bs,
+                               cache=program.new_cache(b, p + gen_width), cache_index=0,
+                               last_only=True)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_b)
+    logits = program.logits(params, out["hidden"])[:, -1]
+    first, first_logp = choose_tokens(logits, _step_keys(row_keys, 0),
+                                      knobs["temperature"], knobs["top_k"], knobs["top_p"], mode)
+    first = jnp.where(active_b, first, program.pad_id)
+    return {
+        "cache": cache,
+        "tokens": jnp.full((b, gen_width), program.pad_id, jnp.int32).at[:, 0].set(first),
+        "logprobs": jnp.zeros((b, gen_width), jnp.float32).at[:, 0].set(
+            jnp.where(active_b, first_logp, 0.0)),
+        "num_tokens": active_b.astype(jnp.int32),  # valid tokens per row
+        "done": ~active_b | _is_stop(first, knobs["stop_ids"]),
+        "step": jnp.ones((), jnp.int32),  # tokens generated so far
+        "prompt_lens": jnp.sum(prompt_mask_bp, axis=1, dtype=jnp.int32),
+        "key_mask": key_mask_bs,
+        "row_keys": row_keys,
+    }
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode",), donate_argnums=(2,))
+def _decode(program: _Program, params, state, limit, force_done_b, knobs, *, mode: Mode):
+    """One-token steps over the donated state until `limit` tokens exist or
+    every row is done."""
+    TRACE_COUNTS["decode"] += 1
+    gen_width = state["tokens"].shape[1]
+    prompt_width = state["key_mask"].shape[1] - gen_width
+
+    def unfinished(s):
+        return (s["step"] < limit) & ~jnp.all(s["done"])
+
+    def step_once(s):
+        step = s["step"]
+        last_b1 = jax.lax.dynamic_slice_in_dim(s["tokens"], step - 1, 1, axis=1)
+        # The last token goes to cache slot prompt_width + step - 1.
+        out, cache = program.apply(params, last_b1, (s["prompt_lens"] + step - 1)[:, None],
+                                   s["key_mask"], cache=s["cache"],
+                                   cache_index=prompt_width + step - 1, last_only=True)
+        logits = program.logits(params, out["hidden"])[:, -1]
+        new, new_logp = choose_tokens(logits, _step_keys(s["row_keys"], step),
+                                      knobs["temperature"], knobs["top_k"], knobs["top_p"], mode)
+        live = ~s["done"]
+        new = jnp.where(live, new, program.pad_id)
+        return dict(
+            s, cache=cache, step=step + 1,
+            tokens=jax.lax.dynamic_update_index_in_dim(s["tokens"], new, step, axis=1),
+            logprobs=jax.lax.dynamic_update_index_in_dim(
+                s["logprobs"], jnp.where(live, new_logp, 0.0), step, axis=1),
+            num_tokens=s["num_tokens"] + live.astype(jnp.int32),
+            done=s["done"] | (live & _is_stop(new, knobs["stop_ids"])))
+
+    state = dict(state, done=state["done"] | force_done_b)
+    return jax.lax.while_loop(unfinished, step_once, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(program: _Program, params, tokens_bt, mask_bt):
+    """log p(token t | tokens before t) for t >= 1: [B, T-1], right-padded rows."""
+    TRACE_COUNTS["score"] += 1
+    out, _ = program.apply(params, tokens_bt, positions_from_mask(mask_bt), mask_bt)
+    logits = program.logits(params, out["hidden"][:, :-1])
+    target = jnp.take_along_axis(logits, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    return target - jax.nn.logsumexp(logits, axis=-1)
+
+
+# ----------------------------------------------------------- the sampler
+
+class Sampler:
+    """Prefill / decode / score for one model config; params come per call.
+
+    With a mesh, parameters are placed as `sharding.param_shardings` says (a
+    no-op for parameters already placed so) and batches go over the mesh's
+    batch axes; without one everything runs on the default device.
+
+    `unroll_layers` (default) runs the layers unrolled with one cache buffer per
+    layer: on XLA:CPU a scanned decode step copies every layer's weights out of
+    the stacked array, which made it about twice as slow (benchmarks/README.md),
+    but the unrolled program takes longer to compile. Parameters in the other
+    layout are converted once per call.
+    """
+
+    def __init__(self, model_config: TransformerConfig, tokenizer, mesh: Optional[Mesh] = None,
+                 rules=shd.DEFAULT_RULES, stop_check_interval: int = 16, progress: bool = True,
+                 unroll_layers: bool = True):
+        if "lm" not in model_config.heads:
+            raise ValueError(f"the sampler needs a model with an 'lm' head; heads are "
+                             f"{model_config.heads}")
+        self.config = model_config.replace(heads=("lm",), scan_layers=not unroll_layers)
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.stop_check_interval = stop_check_interval
+        self.progress = progress
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+        self.default_stop_ids = tuple(stop_token_ids(tokenizer)) if tokenizer is not None else ()
+        self.decode_steps = 0  # while-loop iterations run, summed over calls
+        self._program = _Program(self.config, mesh, self.rules, self.pad_id)
+        self._param_shardings = shd.param_shardings(self.config, mesh, self.rules) if mesh else None
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batch rows must split evenly over the mesh's batch axes."""
+        if self.mesh is None:
+            return 1
+        target = dict(self.rules).get("batch") or ()
+        axes = target if isinstance(target, tuple) else (target,)
+        return int(np.prod([self.mesh.shape[a] for a in axes]))
+
+    def place_params(self, params):
+        """The parameters as the compiled functions take them: in the sampler's
+        layer layout, on the mesh if there is one, without heads the sampler
+        does not use, plus the tied embedding transposed for the LM head."""
+        params = {k: v for k, v in params.items() if k not in ("scalar_head", LM_HEAD_DV)}
+        if ("layers" in params) != self.config.scan_layers:
+            params = _relayout(self._program, params)
+        elif self.mesh is not None:
+            params = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
+                                  else jax.device_put(x, s), params, self._param_shardings)
+        if self.config.tie_embeddings:
+            params[LM_HEAD_DV] = _transposed_embedding(self._program, params["embed"])
+        return params
+
+    def _put_batch(self, x):
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, shd.data_sharding(self.mesh, x.ndim, self.rules))
+
+    # -- generation
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt. Strings are tokenized without adding special
+        tokens: a rendered prompt already holds its template's own."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a string prompt needs a tokenizer; pass token ids instead")
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def _knobs(self, sp: SamplingParams) -> dict:
+        stops = () if sp.ignore_eos else (sp.stop_token_ids if sp.stop_token_ids is not None
+                                          else self.default_stop_ids)
+        stop_ids = np.full((bucket(len(stops), 4),), -1, np.int32)
+        stop_ids[:len(stops)] = stops
+        return {"temperature": np.float32(max(sp.temperature, 1e-6)), "top_k": np.int32(sp.top_k),
+                "top_p": np.float32(sp.top_p), "stop_ids": stop_ids}
+
+    def generate(self, params, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(),
+                 seed: int = 0, example_ids: Optional[Sequence[ExampleId]] = None,
+                 batch_size: int = 8, progress: Optional[bool] = None) -> list[Sample]:
+        """One answer per prompt (a string or token ids), in input order.
+
+        `example_ids` (ints or strings; default the input index) pick each
+        prompt's random stream; `batch_size` caps the rows decoded together.
+        """
+        prompts = [self.encode(p) for p in prompts]
+        example_ids = list(range(len(prompts))) if example_ids is None else list(example_ids)
+        if len(example_ids) != len(prompts):
+            raise ValueError(f"{len(example_ids)} example ids for {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; it needs at least one token")
+            if len(p) + sampling.max_new_tokens > self.config.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens="
+                                 f"{sampling.max_new_tokens} it exceeds the model's context of "
+                                 f"{self.config.max_seq_len}")
+        if sampling.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        params = self.place_params(params)
+        mode, knobs = _mode_of(sampling), self._knobs(sampling)
+        results: list[Optional[Sample]] = [None] * len(prompts)
+        bar = _progress_bar(len(prompts), "sampling", self.progress if progress is None else progress)
+        for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
+            batch = self._generate_batch(params, [prompts[i] for i in idx],
+                                         [example_key_id(example_ids[i]) for i in idx],
+                                         sampling, mode, knobs, seed)
+            for i, sample in zip(idx, batch):
+                results[i] = sample
+            bar.update(len(idx))
+        bar.close()
+        return results
+
+    def _generate_batch(self, params, prompts, row_ids, sampling: SamplingParams, mode: Mode,
+                        knobs: dict, seed: int) -> list[Sample]:
+        n, rows = len(prompts), bucket(len(prompts), self.batch_multiple)
+        prompt_bp, mask_bp = left_pad(prompts, rows, bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET),
+                                      self.pad_id)
+        ids_b = np.zeros((rows,), np.uint32)
+        ids_b[:n] = row_ids
+        put = self._put_batch
+        state = _prefill(self._program, params, put(prompt_bp), put(mask_bp), put(ids_b),
+                              put(np.arange(rows) < n), np.uint32(seed % (1 << 32)), knobs,
+                              gen_width=bucket(sampling.max_new_tokens, MIN_GEN_BUCKET), mode=mode)
+        interval = self.stop_check_interval if sampling.stop_strings else sampling.max_new_tokens
+        stopped = np.zeros((rows,), bool)  # rows the host found a stop string in
+        step = 1
+        while step < sampling.max_new_tokens:
+            limit = min(step + interval, sampling.max_new_tokens)
+            state = _decode(self._program, params, state, np.int32(limit), put(stopped), knobs, mode=mode)
+            new_step = int(state["step"])
+            self.decode_steps += new_step - step
+            if new_step < limit:  # the loop exited early: every row is done
+                break
+            step = new_step
+            if sampling.stop_strings:
+                tokens, num = np.asarray(state["tokens"]), np.asarray(state["num_tokens"])
+                done = np.asarray(state["done"])
+                for r in range(n):
+                    if not done[r] and find_stop(self._text(tokens[r, :num[r]]),
+                                                 sampling.stop_strings) is not None:
+                        stopped[r] = True
+        tokens, logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
+        num = np.asarray(state["num_tokens"])
+        stop_ids = set(int(t) for t in knobs["stop_ids"] if t >= 0)
+        return [self._finish(prompts[r], tokens[r, :num[r]], logprobs[r, :num[r]], stop_ids,
+                             sampling.stop_strings) for r in range(n)]
+
+    def _finish(self, prompt, tokens, logprobs, stop_ids, stop_strings) -> Sample:
+        """Text, finish reason and the cut at the earliest stop string."""
+        reason = "eos" if len(tokens) and int(tokens[-1]) in stop_ids else "length"
+        text = self._text(tokens)
+        cut = find_stop(text, stop_strings) if stop_strings else None
+        if cut is not None:
+            keep = tokens_within(tokens, text[:cut], self._text)
+            tokens, logprobs = tokens[:keep], logprobs[:keep]
+            text, reason = self._text(tokens), "stop_string"
+        return Sample(text=text, tokens=np.asarray(tokens, np.int32),
+                      logprobs=np.asarray(logprobs, np.float32),
+                      prompt_tokens=np.asarray(prompt, np.int32), finish_reason=reason)
+
+    def _text(self, tokens) -> str:
+        return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+    # -- scoring
+
+    def score(self, params, prompts: Sequence[Prompt], continuations: Sequence[Prompt],
+              batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+        """log p(continuation[j] | prompt, continuation[:j]) for each pair: a list
+        of float32 arrays in input order, one forward pass per batch."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        prompts = [self.encode(p) for p in prompts]
+        conts = [self.encode(c) for c in continuations]
+        for i, (p, c) in enumerate(zip(prompts, conts)):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; scoring needs a token before the continuation")
+            if len(p) + len(c) > self.config.max_seq_len:
+                raise ValueError(f"prompt {i} with its continuation has {len(p) + len(c)} tokens, "
+                                 f"more than the model's context of {self.config.max_seq_len}")
+        params = self.place_params(params)
+        seqs = [p + c for p, c in zip(prompts, conts)]
+        results: list[Optional[np.ndarray]] = [None] * len(seqs)
+        bar = _progress_bar(len(seqs), "scoring", progress)
+        for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
+            rows = bucket(len(idx), self.batch_multiple)
+            width = bucket(max(len(seqs[i]) for i in idx), MIN_PROMPT_BUCKET)
+            tokens, mask = right_pad([seqs[i] for i in idx], rows, width, self.pad_id)
+            logp = np.asarray(_score(self._program, params, self._put_batch(tokens), self._put_batch(mask)))
+            for r, i in enumerate(idx):
+                start = len(prompts[i]) - 1  # the logits at t predict token t + 1
+                results[i] = logp[r, start:start + len(conts[i])].astype(np.float32)
+            bar.update(len(idx))
+        bar.close()
+        return results
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="prompt")
