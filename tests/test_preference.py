@@ -13,7 +13,7 @@ from cai_jax import artifacts, sharding as shd
 from cai_jax.data.conversation import user
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import preference as pm
-from cai_jax.weights.loader import load_model
+from cai_jax.weights.loader import LoadedModel, load_model
 from cai_jax.weights.model_dir import save_model_dir
 
 
@@ -133,8 +133,8 @@ def test_pm_recovers_soft_label_ordering_and_probabilities(tiny_pm, tmp_path):
     assert metrics["accuracy"] == 1.0
     assert metrics["calibration_gap"] < 0.05, metrics
     # Scores of the four words follow the hidden utilities.
-    scorer = pm.PreferenceScorer(type(tiny_pm)(tiny_pm.config, jax.tree.map(np.asarray, params), tok, "x"),
-                                 style="hh", max_len=64)
+    trained = LoadedModel(tiny_pm.config, jax.tree.map(np.asarray, params), tok, "trained")
+    scorer = pm.PreferenceScorer(trained, style="hh", max_len=64)
     word_scores = scorer.score([(user("Say a word."),)] * 4, [f"the {w}" for w in WORDS])
     assert list(np.argsort(word_scores)) == [0, 1, 2, 3]
     p = scorer.prob_first([(user("Say a word."),)], ["the cloud"], ["the apple"])[0]

@@ -74,3 +74,26 @@ def test_pm_judge_matches_an_independent_forward(shared_data, tmp_path, capsys):
     assert result["judge"] == f"pm:{directory}" and result["n"] == 4
     for key in ("accuracy", "mean_p_chosen", "ece", "brier"):
         assert abs(result[key] - expected[key]) < 1e-4, key
+
+
+def test_saved_scores_resume_after_a_kill(tmp_path):
+    from cai_jax.data.hh_rlhf import PreferencePair
+    from cai_jax.data.conversation import user
+
+    pairs = [PreferencePair((user(f"q{i}"),), "c", "r", i + 1, "f.jsonl") for i in range(5)]
+    calls = []
+
+    def judge(part):
+        calls.append([p.line for p in part])
+        return np.asarray([p.line / 10 for p in part])
+
+    path = str(tmp_path / "scores.jsonl")
+    artifacts.write_jsonl_atomic(path + ".partial", [{"id": "f.jsonl:2", "line": 2, "p_chosen": 0.2,
+                                                      "setting": "s"}])
+    p = score_pairs.score_resumably(pairs, judge, path, "s", chunk=2)
+    np.testing.assert_allclose(p, [0.1, 0.2, 0.3, 0.4, 0.5])
+    assert calls == [[1, 3], [4, 5]]  # pair 2 was done before the "kill"
+    assert [r["id"] for r in artifacts.read_jsonl(path)] == [f"f.jsonl:{i}" for i in range(1, 6)]
+    artifacts.write_jsonl_atomic(path + ".partial", [{"id": "f.jsonl:2", "p_chosen": 0.2, "setting": "t"}])
+    with pytest.raises(ValueError, match="another setting"):
+        score_pairs.score_resumably(pairs, judge, path, "s")

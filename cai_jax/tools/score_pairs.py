@@ -28,6 +28,7 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from cai_jax import artifacts
 from cai_jax.data.hh_rlhf import ReadStats, read_pairs
@@ -81,22 +82,57 @@ def load_judge_config(path: Optional[str], overrides: Sequence[str] = ()):
     return config
 
 
-def score_with_feedback(pairs, config, progress: bool) -> np.ndarray:
+def feedback_judge(config, progress: bool):
+    """pairs -> p(chosen) under the AI feedback labeller (chosen shown as answer A
+    first; both orders are asked when feedback.both_orders)."""
     from cai_jax.rl_cai import feedback
 
     labeler = feedback.labeler_from_config(config)
-    comparisons = [feedback.Comparison(f"{p.source}:{p.line}", "harmless", p.context, p.chosen, p.rejected)
-                   for p in pairs]
-    records = labeler.label(comparisons, progress=progress)
-    return np.asarray([r["p_a"] for r in records])
+
+    def judge(pairs) -> np.ndarray:
+        comparisons = [feedback.Comparison(pair_id(p), "harmless", p.context, p.chosen, p.rejected)
+                       for p in pairs]
+        return np.asarray([r["p_a"] for r in labeler.label(comparisons, progress=progress)])
+    return judge
 
 
-def score_with_pm(pairs, directory: str, batch_size: int) -> np.ndarray:
+def pm_judge(directory: str, batch_size: int):
+    """pairs -> p(chosen) = sigmoid(score(chosen) - score(rejected))."""
     from cai_jax.rl_cai.preference import PreferenceScorer
 
     scorer = PreferenceScorer.from_dir(directory, batch_size=batch_size)
-    return scorer.prob_first([p.context for p in pairs], [p.chosen for p in pairs],
-                             [p.rejected for p in pairs])
+
+    def judge(pairs) -> np.ndarray:
+        return scorer.prob_first([p.context for p in pairs], [p.chosen for p in pairs],
+                                 [p.rejected for p in pairs])
+    return judge
+
+
+def pair_id(pair) -> str:
+    return f"{pair.source}:{pair.line}"
+
+
+def score_resumably(pairs, judge, path: str, setting: str, chunk: int = 32,
+                    progress: bool = False) -> np.ndarray:
+    """Scores in chunks, appending {id, line, p_chosen, setting} to `path`.partial
+    as each chunk finishes, so a killed run continues where it stopped; the
+    finished file is `path`. Records of another setting (judge, model,
+    overrides) are an error rather than silently mixed in."""
+    log = artifacts.PartialJsonl(path)
+    other = [r for r in log.records if r.get("setting") != setting]
+    if other:
+        raise ValueError(f"{log.partial} holds scores of another setting ({other[0].get('setting')}); "
+                         "delete it or pass another --save-scores file")
+    done = log.done_keys()
+    todo = [p for p in pairs if pair_id(p) not in done]
+    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="pairs", disable=not progress)
+    for part in artifacts.iter_batches(todo, chunk):
+        log.extend({"id": pair_id(p), "line": p.line, "p_chosen": float(x), "setting": setting}
+                   for p, x in zip(part, judge(part)))
+        bar.update(len(part))
+    bar.close()
+    records = log.finish(order=[pair_id(p) for p in pairs])
+    return np.asarray([r["p_chosen"] for r in records])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -111,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass for a pm judge")
     parser.add_argument("--plot", default=None, help="write a reliability diagram here")
     parser.add_argument("--save-scores", default=None, metavar="FILE",
-                        help="write one JSON line per pair: {id, line, p_chosen}")
+                        help="write one JSON line per pair ({id, line, p_chosen}) as chunks finish; "
+                             "a killed run given the same file resumes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -122,15 +159,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"read {len(pairs)} pairs from {args.pairs} ({stats.skipped} malformed lines skipped)", flush=True)
     if args.judge == "feedback":
         overrides = args.set + ([f"feedback.model_source={args.model}"] if args.model else [])
-        p = score_with_feedback(pairs, load_judge_config(args.config, overrides), not args.no_progress)
+        judge = feedback_judge(load_judge_config(args.config, overrides), not args.no_progress)
     elif args.judge.startswith("pm:"):
-        p = score_with_pm(pairs, args.judge[3:], args.batch_size)
+        judge = pm_judge(args.judge[3:], args.batch_size)
     else:
         parser.error(f"--judge {args.judge!r}: use 'feedback' or 'pm:CHECKPOINT_DIR'")
     if args.save_scores:
-        artifacts.write_jsonl_atomic(args.save_scores, [
-            {"id": f"{pair.source}:{pair.line}", "line": pair.line, "p_chosen": float(x)}
-            for pair, x in zip(pairs, p)])
+        setting = json.dumps({"judge": args.judge, "model": args.model, "config": args.config,
+                              "set": args.set}, sort_keys=True)
+        p = score_resumably(pairs, judge, args.save_scores, setting, progress=not args.no_progress)
+    else:
+        p = judge(pairs)
     result = {"judge": args.judge, **judge_metrics(p)}
     if args.model:
         result["model"] = args.model
