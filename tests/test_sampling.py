@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax import sampling_choice as choice
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.sampling import TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
 from cai_jax.sampling_buckets import bucket
@@ -186,6 +187,36 @@ def test_top_k_alone_and_with_top_p_tiny(tiny, tiny_sampler, top_k, top_p, sharp
     sharpened = type(tiny)(tiny.config, params, tiny.tokenizer, tiny.source)
     assert check_allowed(sharpened, samples, 0.9, top_k, top_p) == 4 * 12
     assert any(len(set(s.tokens.tolist())) > 1 for s in samples)  # it did sample
+
+
+def test_thresholds_and_draws_against_numpy():
+    rng = np.random.default_rng(0)
+    # Rounded values give ties; negative and -inf entries as filtered logits have.
+    x = np.round(rng.normal(size=(5, 600)) * 4) / 2
+    x[1, :300] = -np.inf
+    for k in (1, 7, 600):
+        got = np.asarray(choice.kth_largest(jnp.asarray(x, jnp.float32), jnp.int32(k)))
+        np.testing.assert_array_equal(got, np.sort(x, axis=-1)[:, -k])
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    probs32 = probs.astype(np.float32)
+    for top_p in (0.05, 0.5, 0.9, 0.99):
+        t = np.asarray(choice.top_p_threshold(jnp.asarray(probs32), np.float32(top_p)))
+        for row, p in enumerate(probs32):
+            above = np.array([p[p > v].sum(dtype=np.float64) for v in p])
+            clear = np.abs(above - top_p) > 1e-5  # away from float32 rounding at the edge
+            kept = above < top_p  # transformers' rule: less mass than top_p above
+            np.testing.assert_array_equal((p >= t[row])[clear], kept[clear])
+    np.testing.assert_array_equal(np.asarray(choice.fast_argmax(jnp.asarray(x))), np.argmax(x, -1))
+    # Draws follow the probabilities and never land on a zero (600 tokens: a
+    # partly padded last block).
+    p = np.where(rng.random(600) < 0.5, 0.0, rng.random(600)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(0), 20000)
+    drawn = np.asarray(choice.draw(keys, jnp.broadcast_to(jnp.asarray(p), (20000, 600))))
+    assert np.all(p[drawn] > 0)
+    freq = np.bincount(drawn, minlength=600) / len(drawn)
+    q = p / p.sum()
+    assert np.all(np.abs(freq - q) < 5 * np.sqrt(q / len(drawn)) + 1e-4)
 
 
 def test_scorer_against_log_softmax(tiny, tiny_sampler):
