@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from cai_jax import sharding as shd
 from cai_jax.models.config import TransformerConfig
-from cai_jax.models.transformer import Transformer, init_cache, positions_from_mask
+from cai_jax.models.transformer import Transformer, cache_shapes, init_cache, positions_from_mask
 from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
                                       length_sorted_batches, right_pad, tokens_within)
 from cai_jax.sampling_choice import Mode, choose_tokens
@@ -175,14 +175,13 @@ class _Program:
             x, NamedSharding(self.mesh, shd.spec_for(x.shape, names, self.mesh, self.rules))), tree)
 
     def new_cache(self, batch: int, length: int):
-        """An empty KV cache: [L, B, H_kv, S, D] arrays when scanned, else lists of
-        per-layer [B, H_kv, S, D] buffers (each updated in place by the decode loop)."""
+        """An empty KV cache: [L, ...] arrays when scanned, else lists of per-layer
+        buffers, each updated in place by the decode loop (shapes in `cache_shapes`)."""
         cfg = self.config
         if cfg.scan_layers:
             return self.constrain(init_cache(cfg, batch, length), (None, "batch", "kv_heads", None, None))
-        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-        cache = {kv: [jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)]
-                 for kv in ("k", "v")}
+        cache = {name: [jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)]
+                 for name, shape in cache_shapes(cfg, batch, length).items()}
         return self.constrain(cache, ("batch", "kv_heads", None, None))
 
 

@@ -9,6 +9,12 @@ SHARED_DATA = os.environ.get(
     os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")))
 
 
+# The tests run on CPU. With the `tpu` extra installed, JAX would otherwise try
+# libtpu first on every process (slow, noisy, and it takes /tmp/libtpu_lockfile,
+# which the two-process test's children would fight over). The AOT tool reaches
+# libtpu's topologies directly and does not need the TPU platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # Reuse XLA compilations across test runs on the same machine (cold in a new one).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.expanduser("~"), ".cache", "cai_jax", "jax_cache"))
