@@ -11,8 +11,9 @@ forward pass that fills the KV cache and picks the first token) and `decode` (a
 `lax.while_loop` of one-token steps over the donated cache, which exits as soon
 as every row has stopped). Results come back in input order.
 
-Shapes are bucketed so that varied calls reuse a few compilations: prompt width,
-generation width and batch size are each rounded up to a power of two. What
+Shapes are bucketed so that varied calls reuse a few compilations: generation
+width and batch size are each rounded up to a power of two, prompt width to a
+power of two or three quarters of one. What
 else varies per call (temperature, top-k, top-p, stop token ids, the token
 limit, the seed) is traced, except which filters are on at all (greedy or not,
 top-k on, top-p on), since that changes the program. How tokens are chosen
@@ -48,7 +49,8 @@ from cai_jax import sharding as shd
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import Transformer, cache_shapes, init_cache, positions_from_mask
 from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
-                                      length_sorted_batches, right_pad, tokens_within)
+                                      length_sorted_batches, right_pad, tokens_within,
+                                      width_bucket)
 from cai_jax.sampling_choice import Mode, choose_tokens
 from cai_jax.weights import layout
 from cai_jax.weights.tokenizer import stop_token_ids
@@ -401,7 +403,7 @@ class Sampler:
     def _generate_batch(self, params, prompts, row_ids, sampling: SamplingParams, mode: Mode,
                         knobs: dict, seed: int) -> list[Sample]:
         n, rows = len(prompts), bucket(len(prompts), self.batch_multiple)
-        prompt_bp, mask_bp = left_pad(prompts, rows, bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET),
+        prompt_bp, mask_bp = left_pad(prompts, rows, width_bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET),
                                       self.pad_id)
         ids_b = np.zeros((rows,), np.uint32)
         ids_b[:n] = row_ids
@@ -471,7 +473,7 @@ class Sampler:
         bar = _progress_bar(len(seqs), "scoring", progress)
         for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
             rows = bucket(len(idx), self.batch_multiple)
-            width = bucket(max(len(seqs[i]) for i in idx), MIN_PROMPT_BUCKET)
+            width = width_bucket(max(len(seqs[i]) for i in idx), MIN_PROMPT_BUCKET)
             tokens, mask = right_pad([seqs[i] for i in idx], rows, width, self.pad_id)
             logp = np.asarray(_score(self._program, params, self._put_batch(tokens), self._put_batch(mask)))
             for r, i in enumerate(idx):

@@ -20,6 +20,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def width_bucket(n: int, minimum: int = 1) -> int:
+    """The smallest 2^k or 3 * 2^(k-1) >= max(n, minimum): sequence widths round
+    up by less than half (not up to double, as with powers of two), which
+    matters when prefill is most of the cost (long few-shot prompts), for at
+    most twice the compiled shapes."""
+    n = max(int(n), int(minimum), 1)
+    power = bucket(n)
+    three_quarters = 3 * power // 4
+    return three_quarters if three_quarters >= n and power >= 4 else power
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Index batches of similar length, longest first (so a too-long batch
     fails, and the slowest shape compiles, before the others run)."""

@@ -18,12 +18,14 @@ def get_config():
     config.sampling.max_new_tokens = 96
 
     config.sl_generate.num_revisions = 2
+    config.sl_generate.num_fewshot = 1  # prefill of few-shot context is most of the cost
     config.sl_train.num_epochs = 2.0
 
     config.pairs.red_team_limit = 32
     config.pairs.helpful_limit = 32
 
     config.feedback.num_principles = 2
+    config.feedback.num_exemplars = 1
     config.pm_train.num_epochs = 2.0
 
     config.ppo.iterations = 8

@@ -23,7 +23,7 @@ import pytest
 from cai_jax import sampling_choice as choice
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.sampling import TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
-from cai_jax.sampling_buckets import bucket
+from cai_jax.sampling_buckets import bucket, width_bucket
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
 
@@ -129,6 +129,14 @@ def test_greedy_smollm2_matches_full_forward_and_scorer(smollm2, smol_sampler):
     scored = smol_sampler.score(smollm2.params, prompts, [s.tokens.tolist() for s in got])
     for sample, logp in zip(got, scored):
         np.testing.assert_allclose(logp, sample.logprobs, atol=1e-4)
+
+
+def test_width_buckets_round_up_by_less_than_half():
+    assert [width_bucket(n, 16) for n in (1, 16, 17, 25, 33, 49, 600, 769)] == \
+        [16, 16, 24, 32, 48, 64, 768, 1024]
+    for n in range(1, 3000):
+        w = width_bucket(n)
+        assert n <= w and (w <= 2 or 2 * w < 3 * n), (n, w)
 
 
 def test_mixed_lengths_equal_each_alone(tiny, tiny_sampler):
