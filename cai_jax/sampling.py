@@ -53,7 +53,7 @@ from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_st
                                       width_bucket)
 from cai_jax.sampling_choice import Mode, choose_tokens
 from cai_jax.weights import layout
-from cai_jax.weights.tokenizer import stop_token_ids
+from cai_jax.weights.tokenizer import encode_text, stop_token_ids
 
 Prompt = Union[str, Sequence[int]]
 
@@ -354,7 +354,7 @@ class Sampler:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a string prompt needs a tokenizer; pass token ids instead")
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            return encode_text(self.tokenizer, prompt)
         return [int(t) for t in prompt]
 
     def _knobs(self, sp: SamplingParams) -> dict:

@@ -216,6 +216,7 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
     from cai_jax.sampling import Sampler, SamplingParams
     from cai_jax.sl_cai.cleanup import clean_text
     from cai_jax.weights.loader import load_model
+    from cai_jax.weights.tokenizer import encode_text
 
     loaded = load_model(model.source, dict(model.overrides), seed=seed)
     if loaded.tokenizer is None:
@@ -236,7 +237,7 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
         ids = []
         for p in prompts:
             text = build_initial_prompt(p.conversation(), style=render, tokenizer=tokenizer)
-            row = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            row = encode_text(tokenizer, text)
             if len(row) > budget:
                 raise ValueError(f"eval prompt {p.id} has {len(row)} tokens; with "
                                  f"eval.sampling.max_new_tokens={sampling.max_new_tokens} it does not "

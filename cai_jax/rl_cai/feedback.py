@@ -49,6 +49,7 @@ from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.pipeline import discard_stale_work
 from cai_jax.rl_cai import feedback_prompts as fp
 from cai_jax.weights.loader import LoadedModel, load_model
+from cai_jax.weights.tokenizer import encode_text
 
 KINDS = ("harmless", "helpful")
 
@@ -86,9 +87,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------ option tokens
 
 def encode(tokenizer, text: str) -> list[int]:
-    # The prompt text carries its own special tokens (chat template); adding a
-    # BOS would change what the model sees relative to the other stages.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_text(tokenizer, text)
 
 
 def option_token_ids(tokenizer, options: Sequence[str] = fp.OPTIONS) -> tuple[list[int], int, int]:

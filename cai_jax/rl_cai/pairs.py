@@ -29,6 +29,7 @@ from cai_jax.data.hh_rlhf import read_red_team_prompts
 from cai_jax.data.prompt_sets import load_prompts
 from cai_jax.pipeline import discard_stale_work
 from cai_jax.weights.loader import load_model
+from cai_jax.weights.tokenizer import encode_text
 
 KIND_OF_SOURCE = {"red_team": "harmless", "helpful": "helpful"}
 
@@ -105,7 +106,7 @@ def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: 
     rows, kept, skipped = [], [], []
     for p in prompts:
         text = build_initial_prompt(p["conversation"], style=style, tokenizer=tokenizer)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = encode_text(tokenizer, text)
         if len(ids) > max_prompt_tokens:
             skipped.append(p["id"])
             continue

@@ -53,7 +53,7 @@ from cai_jax.training.loop import train_loop
 from cai_jax.training.metrics import MetricWriter
 from cai_jax.weights.loader import LoadedModel, load_model
 from cai_jax.weights.model_dir import save_model_dir
-from cai_jax.weights.tokenizer import stop_token_ids
+from cai_jax.weights.tokenizer import encode_text, stop_token_ids
 
 SCALAR_HEAD = {"heads": ("scalar",)}
 PM_INFO_FILE = "preference.json"
@@ -94,10 +94,6 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------ tokenization
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 @functools.lru_cache(maxsize=8)
 def end_of_answer_ids(tokenizer, style: str) -> tuple[int, ...]:
     """The token a finished answer ends with, as the sampler returns it.
@@ -112,7 +108,7 @@ def end_of_answer_ids(tokenizer, style: str) -> tuple[int, ...]:
     prompt = render_chat((Turn("user", "x"),), tokenizer, add_generation_prompt=True)
     full = render_chat((Turn("user", "x"), Turn("assistant", "y")), tokenizer, add_generation_prompt=False)
     stops = set(stop_token_ids(tokenizer))
-    ends = [t for t in _encode(tokenizer, full[len(prompt):]) if t in stops]
+    ends = [t for t in encode_text(tokenizer, full[len(prompt):]) if t in stops]
     return tuple(ends[:1])
 
 
@@ -125,11 +121,11 @@ def encode_answer(tokenizer, conversation: Sequence[Turn], answer: str, style: s
     at the end."""
     conversation = tuple(conversation)
     if style == "chat":
-        ids = _encode(tokenizer, render_chat(conversation, tokenizer, add_generation_prompt=True))
-        ids += _encode(tokenizer, answer)
+        ids = encode_text(tokenizer, render_chat(conversation, tokenizer, add_generation_prompt=True))
+        ids += encode_text(tokenizer, answer)
     elif style == "hh":
-        ids = _encode(tokenizer, render_hh(conversation, add_generation_prompt=True))
-        ids += _encode(tokenizer, " " + answer)
+        ids = encode_text(tokenizer, render_hh(conversation, add_generation_prompt=True))
+        ids += encode_text(tokenizer, " " + answer)
     else:
         raise ValueError(f"render style must be 'chat' or 'hh', got {style!r}")
     if complete:

@@ -30,6 +30,7 @@ from cai_jax.data import hh_rlhf, prompt_sets
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import ppo_math
 from cai_jax.rl_cai.ppo_update import answer_outputs
+from cai_jax.weights.tokenizer import encode_text
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def encode_prompts(prompts: Sequence[PolicyPrompt], style: str, tokenizer,
     kept, dropped = [], 0
     for p in prompts:
         text = render_prompt(p.conversation, style, tokenizer)
-        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = tuple(encode_text(tokenizer, text))
         if len(ids) > max_prompt_tokens:
             dropped += 1
             continue

@@ -56,6 +56,7 @@ from cai_jax.data.conversation import (
 from cai_jax.data.hh_rlhf import ReadStats, read_red_team_prompts
 from cai_jax.data.prompt_sets import load_prompts
 from cai_jax.sl_cai.cleanup import Cleaned, clean_answer, clean_critique, clean_revision
+from cai_jax.weights.tokenizer import encode_text
 
 # Where a sampled section ends in the HH rendering (chat models end with their
 # end-of-turn token; the strings are harmless there). Clean-up cuts again.
@@ -222,7 +223,7 @@ class PromptBuilder:
         self.tokenizer, self.style, self.max_seq_len = tokenizer, style, max_seq_len
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_text(self.tokenizer, text)
 
     @property
     def style_kw(self) -> dict:

@@ -37,7 +37,7 @@ from cai_jax.training.loop import train_loop
 from cai_jax.training.metrics import MetricWriter
 from cai_jax.weights.loader import load_model
 from cai_jax.weights.model_dir import save_model_dir
-from cai_jax.weights.tokenizer import stop_token_ids
+from cai_jax.weights.tokenizer import encode_text, stop_token_ids
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -76,12 +76,6 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------ tokenization
 
-def _encode(tokenizer, text: str) -> list[int]:
-    # Rendered text already holds the template's special tokens; adding more
-    # (a second BOS) would make the training text differ from what sampling sees.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def tokenize_example(conversation: Sequence[Turn], answer: str, tokenizer,
                      style: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `conversation` answered by `answer`, and the loss mask.
@@ -99,7 +93,7 @@ def tokenize_example(conversation: Sequence[Turn], answer: str, tokenizer,
         if not full.startswith(prompt):
             raise ValueError("the tokenizer's chat template does not render the generation prompt "
                              "as a prefix of the answered conversation; set data.render='hh'")
-        answer_ids = _encode(tokenizer, full[len(prompt):])
+        answer_ids = encode_text(tokenizer, full[len(prompt):])
         # Keep up to and including the end-of-turn token; what the template puts
         # after it (a newline) belongs to no one.
         stops = set(stop_token_ids(tokenizer))
@@ -110,10 +104,10 @@ def tokenize_example(conversation: Sequence[Turn], answer: str, tokenizer,
         prompt = render_hh(conversation, add_generation_prompt=True)
         if tokenizer.eos_token_id is None:
             raise ValueError("data.render='hh' needs a tokenizer with an EOS token to end answers")
-        answer_ids = _encode(tokenizer, " " + answer) + [int(tokenizer.eos_token_id)]
+        answer_ids = encode_text(tokenizer, " " + answer) + [int(tokenizer.eos_token_id)]
     else:
         raise ValueError(f"render style must be 'chat' or 'hh', got {style!r}")
-    prompt_ids = _encode(tokenizer, prompt)
+    prompt_ids = encode_text(tokenizer, prompt)
     tokens = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.concatenate([np.zeros(len(prompt_ids), np.int32), np.ones(len(answer_ids), np.int32)])
     return tokens, mask

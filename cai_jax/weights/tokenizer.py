@@ -51,6 +51,15 @@ def tokenizer_from_dir(directory: str):
     return AutoTokenizer.from_pretrained(directory)
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, without adding special tokens.
+
+    Rendered text already holds the chat template's special tokens; adding a
+    BOS would make training text differ from what sampling sees.
+    """
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """Token ids that end an answer: EOS and, for chat models, the end-of-turn token."""
     ids = set()
