@@ -23,6 +23,7 @@ CR = "Explain whether the assistant's last reply helps the human break the law."
     ("Revised response: Please talk to someone you trust.", "Please talk to someone you trust."),
     # A label later in the text starts a new section; one inside a sentence does not.
     ("Better answer.\n\nCritique: still bad", "Better answer."),
+    ("Better answer.\n\nRewrite: again", "Better answer."),
     ("My critique: it was rude.", "My critique: it was rude."),
     # Announcements and quotes around the whole answer are not part of it.
     ("Here's a revised version of the response: I can't help with that.", "I can't help with that."),
@@ -66,6 +67,16 @@ def test_revision_kept_when_it_is_a_real_answer():
 ])
 def test_degenerate_revisions_are_dropped_with_a_reason(raw, reason):
     assert cleanup.clean_revision(raw, RR, CR, "The reply helps with theft.").dropped == reason
+
+
+def test_revision_opening_with_the_critique_is_an_echo():
+    critique = ("The line you quote is emotional manipulation, a real and pervasive problem at work. "
+                "It uses personal tactics to push others into things that hurt them.")
+    copied = ("The line you quote is emotional manipulation, a real and pervasive problem at work. "
+              "Here is something else entirely, written at length so the copy is a small part.")
+    assert cleanup.clean_revision(copied, RR, CR, critique).dropped == "echo_critique"
+    fresh = "I won't help with that, but talking to your manager about the pressure could help."
+    assert cleanup.clean_revision(fresh, RR, CR, critique).dropped is None
 
 
 def test_critique_echo_and_answer_checks():

@@ -44,7 +44,8 @@ _PREAMBLE = re.compile(
 # A new section: a transcript label at the start of a line, a request label
 # anywhere (never legitimate text), or a chat special token.
 _SECTION_START = re.compile(
-    r"(?:(?:\A|\n)[ \t]*(?:Human|Assistant|User|CritiqueRequest|Critique|RevisionRequest|Revision)[ \t]*:"
+    r"(?:(?:\A|\n)[ \t]*(?:Human|Assistant|User|CritiqueRequest|Critique|RevisionRequest|Revision"
+    r"|Rewrite|(?:Revised|Rewritten) (?:response|answer|reply))[ \t]*:"
     r"|CritiqueRequest:|RevisionRequest:"
     r"|<\|(?:im_start|im_end|endoftext|eot_id|user|assistant|system)\|>|</s>)")
 
@@ -130,6 +131,11 @@ def is_echo(text: str, source: str, *, min_similarity: float = 0.8) -> bool:
     if not t or not s:
         return False
     if s in t and len(s) >= 0.6 * len(t):
+        return True
+    # Opening with the source's first words: small models start a revision by
+    # copying the critique, then cut off or wander.
+    opening = s[:60]
+    if len(opening) == 60 and t.startswith(opening):
         return True
     return difflib.SequenceMatcher(None, t, s, autojunk=False).ratio() >= min_similarity
 
