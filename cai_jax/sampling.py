@@ -293,7 +293,7 @@ class Sampler:
 
     `unroll_layers` (default) runs the layers unrolled with one cache buffer per
     layer: on XLA:CPU a scanned decode step copies every layer's weights out of
-    the stacked array, which made it about twice as slow (benchmarks/README.md),
+    the stacked array, which made it about twice as slow (`bench_sampler.py --scanned`),
     but the unrolled program takes longer to compile. Parameters in the other
     layout are converted once per call.
     """
