@@ -40,6 +40,17 @@ def test_helpful_covers_ordinary_topics():
     assert categories("helpful")[0] == "cooking"
 
 
+@pytest.mark.parametrize("kind", ["red_team", "helpful"])
+def test_first_prompts_span_every_category(kind):
+    cats = categories(kind)
+    for split in ("all", "train"):
+        first = load_prompts(kind, split)[:len(cats)]
+        assert [p.category for p in first] == cats
+    # Interleaving reorders, never adds or drops.
+    from cai_jax.data.prompt_sets import _read_kind
+    assert sorted(p.id for p in load_prompts(kind)) == sorted(p.id for p in _read_kind(kind))
+
+
 def test_sets_do_not_overlap():
     red = {p.text for p in load_prompts("red_team")}
     helpful = {p.text for p in load_prompts("helpful")}

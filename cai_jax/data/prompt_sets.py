@@ -18,6 +18,7 @@ import functools
 import hashlib
 import importlib.resources
 import json
+from typing import Sequence
 
 from cai_jax.data.conversation import Conversation, Turn
 
@@ -60,16 +61,28 @@ def _read_kind(kind: str) -> tuple[Prompt, ...]:
     return tuple(prompts)
 
 
+def _interleave_categories(prompts: Sequence[Prompt]) -> tuple[Prompt, ...]:
+    """Round-robin over the categories (each in file order), so that the first N
+    prompts, which is what a run with a prompt limit takes, span every category."""
+    by_category: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_category.setdefault(p.category, []).append(p)
+    columns = list(by_category.values())
+    return tuple(p for rank in range(max(map(len, columns), default=0))
+                 for column in columns if rank < len(column) for p in (column[rank],))
+
+
 def load_prompts(kind: str = "red_team", split: str = "all") -> list[Prompt]:
-    """Embedded prompts of one kind ("red_team" or "helpful"), in file order."""
+    """Embedded prompts of one kind ("red_team" or "helpful"), categories
+    interleaved (see _interleave_categories)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     prompts = _read_kind(kind)
-    if split == "all":
-        return list(prompts)
-    return [p for p in prompts if split_of(p.id) == split]
+    if split != "all":
+        prompts = [p for p in prompts if split_of(p.id) == split]
+    return list(_interleave_categories(prompts))
 
 
 def categories(kind: str = "red_team") -> list[str]:
