@@ -68,8 +68,8 @@ def _interleave_categories(prompts: Sequence[Prompt]) -> tuple[Prompt, ...]:
     for p in prompts:
         by_category.setdefault(p.category, []).append(p)
     columns = list(by_category.values())
-    return tuple(p for rank in range(max(map(len, columns), default=0))
-                 for column in columns if rank < len(column) for p in (column[rank],))
+    return tuple(column[rank] for rank in range(max(map(len, columns), default=0))
+                 for column in columns if rank < len(column))
 
 
 def load_prompts(kind: str = "red_team", split: str = "all") -> list[Prompt]:
