@@ -45,7 +45,7 @@ def test_sharded_train_steps_match_single_device():
         assert r["loss_diff"] <= 1e-5, (shape, r)
         assert r["param_diff"] <= 1e-5, (shape, r)
     # The meshes really shard the weights: fsdp on embed, tensor on mlp.
-    assert report["1x4x2"]["mlp_up_spec"] == "P(None, 'fsdp', 'tensor')"
+    assert report["1x4x2"]["mlp_gate_up_spec"] == "P(None, 'fsdp', None, 'tensor')"
 
 
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):

@@ -22,6 +22,23 @@ def _stack(tensors, name, n_layers, fn=lambda x: x):
     return np.stack([fn(tensors[name.format(i)]) for i in range(n_layers)])
 
 
+def fuse_qkv(q, k, v):
+    """q [..., H, D], k and v [..., K, D] -> our fused [..., K, H/K + 2, D]: each key
+    head's query heads, then its key, then its value (see models/transformer.py)."""
+    q, k, v = (np.asarray(a) for a in (q, k, v))
+    kv_heads = k.shape[-2]
+    q = q.reshape(q.shape[:-2] + (kv_heads, q.shape[-2] // kv_heads, q.shape[-1]))
+    return np.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+
+def split_qkv(qkv):
+    """The inverse of fuse_qkv: [..., K, G + 2, D] -> q [..., K*G, D], k, v [..., K, D]."""
+    qkv = np.asarray(qkv)
+    g = qkv.shape[-2] - 2
+    q = qkv[..., :g, :]
+    return q.reshape(q.shape[:-3] + (-1, q.shape[-1])), qkv[..., g, :], qkv[..., g + 1, :]
+
+
 def _require(tensors: Mapping[str, np.ndarray], names, source: str):
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -38,16 +55,17 @@ def llama_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, sou
          "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
          "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")]
     _require(tensors, needed, source)
+    heads = {"q": H, "k": K, "v": K}
+    proj = {n: _stack(tensors, p + f"self_attn.{n}_proj.weight", L,
+                      lambda w, n=n: _t(w).reshape(d, heads[n], D)) for n in heads}
     attn = {
-        "q": {"kernel": _stack(tensors, p + "self_attn.q_proj.weight", L, lambda w: _t(w).reshape(d, H, D))},
-        "k": {"kernel": _stack(tensors, p + "self_attn.k_proj.weight", L, lambda w: _t(w).reshape(d, K, D))},
-        "v": {"kernel": _stack(tensors, p + "self_attn.v_proj.weight", L, lambda w: _t(w).reshape(d, K, D))},
+        "qkv": {"kernel": fuse_qkv(proj["q"], proj["k"], proj["v"])},
         "o": {"kernel": _stack(tensors, p + "self_attn.o_proj.weight", L, lambda w: _t(w).reshape(H, D, d))},
     }
     if cfg.qkv_bias:
-        for n, heads in (("q", H), ("k", K), ("v", K)):
-            attn[n]["bias"] = _stack(tensors, p + f"self_attn.{n}_proj.bias", L,
-                                     lambda b, heads=heads: np.asarray(b).reshape(heads, D))
+        bias = {n: _stack(tensors, p + f"self_attn.{n}_proj.bias", L,
+                          lambda b, n=n: np.asarray(b).reshape(heads[n], D)) for n in heads}
+        attn["qkv"]["bias"] = fuse_qkv(bias["q"], bias["k"], bias["v"])
     if cfg.out_bias:
         attn["o"]["bias"] = _stack(tensors, p + "self_attn.o_proj.bias", L)
     params = {
@@ -56,8 +74,9 @@ def llama_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, sou
             "attn": attn,
             "attn_norm": {"scale": _stack(tensors, p + "input_layernorm.weight", L)},
             "mlp_norm": {"scale": _stack(tensors, p + "post_attention_layernorm.weight", L)},
-            "mlp": {n: {"kernel": _stack(tensors, p + f"mlp.{n}_proj.weight", L, _t)}
-                    for n in ("gate", "up", "down")},
+            "mlp": {"gate_up": {"kernel": np.stack([_stack(tensors, p + f"mlp.{n}_proj.weight", L, _t)
+                                                    for n in ("gate", "up")], axis=2)},
+                    "down": {"kernel": _stack(tensors, p + "mlp.down_proj.weight", L, _t)}},
         },
         "final_norm": {"scale": np.asarray(tensors["model.norm.weight"])},
     }
@@ -74,17 +93,18 @@ def llama_to_hf(params: Mapping, cfg: TransformerConfig) -> dict[str, np.ndarray
            "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
     for i in range(L):
         p = f"model.layers.{i}."
-        out[p + "self_attn.q_proj.weight"] = _t(np.asarray(lay["attn"]["q"]["kernel"][i]).reshape(d, H * D))
-        out[p + "self_attn.k_proj.weight"] = _t(np.asarray(lay["attn"]["k"]["kernel"][i]).reshape(d, K * D))
-        out[p + "self_attn.v_proj.weight"] = _t(np.asarray(lay["attn"]["v"]["kernel"][i]).reshape(d, K * D))
+        for n, w in zip("qkv", split_qkv(lay["attn"]["qkv"]["kernel"][i])):
+            out[p + f"self_attn.{n}_proj.weight"] = _t(w.reshape(d, -1))
         out[p + "self_attn.o_proj.weight"] = _t(np.asarray(lay["attn"]["o"]["kernel"][i]).reshape(H * D, d))
         if cfg.qkv_bias:
-            for n in ("q", "k", "v"):
-                out[p + f"self_attn.{n}_proj.bias"] = np.asarray(lay["attn"][n]["bias"][i]).reshape(-1)
+            for n, b in zip("qkv", split_qkv(lay["attn"]["qkv"]["bias"][i])):
+                out[p + f"self_attn.{n}_proj.bias"] = b.reshape(-1)
         if cfg.out_bias:
             out[p + "self_attn.o_proj.bias"] = np.asarray(lay["attn"]["o"]["bias"][i])
-        for n in ("gate", "up", "down"):
-            out[p + f"mlp.{n}_proj.weight"] = _t(lay["mlp"][n]["kernel"][i])
+        gate_up = np.asarray(lay["mlp"]["gate_up"]["kernel"][i])
+        out[p + "mlp.gate_proj.weight"] = _t(gate_up[:, 0])
+        out[p + "mlp.up_proj.weight"] = _t(gate_up[:, 1])
+        out[p + "mlp.down_proj.weight"] = _t(lay["mlp"]["down"]["kernel"][i])
         out[p + "input_layernorm.weight"] = np.asarray(lay["attn_norm"]["scale"][i])
         out[p + "post_attention_layernorm.weight"] = np.asarray(lay["mlp_norm"]["scale"][i])
     if not cfg.tie_embeddings:
@@ -101,13 +121,11 @@ def gpt2_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, sour
     _require(tensors, ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"]
              + [(p + "attn.c_attn.weight").format(i) for i in range(L)], source)
 
-    def split_qkv(i, what):
-        w = np.asarray(tensors[(p + f"attn.c_attn.{what}").format(i)])  # Conv1D: [in, 3*out]
-        return np.split(w, 3, axis=-1)
+    def c_attn(what, shape):  # Conv1D: [in, 3*out] with q, k, v side by side
+        w = _stack(tensors, p + f"attn.c_attn.{what}", L)
+        return fuse_qkv(*(part.reshape(part.shape[:-1] + shape) for part in np.split(w, 3, axis=-1)))
 
-    attn = {n: {"kernel": np.stack([split_qkv(i, "weight")[j].reshape(d, H, D) for i in range(L)]),
-                "bias": np.stack([split_qkv(i, "bias")[j].reshape(H, D) for i in range(L)])}
-            for j, n in enumerate(("q", "k", "v"))}
+    attn = {"qkv": {"kernel": c_attn("weight", (H, D)), "bias": c_attn("bias", (H, D))}}
     attn["o"] = {"kernel": _stack(tensors, p + "attn.c_proj.weight", L, lambda w: np.asarray(w).reshape(H, D, d)),
                  "bias": _stack(tensors, p + "attn.c_proj.bias", L)}
     return {
@@ -136,9 +154,9 @@ def gpt2_to_hf(params: Mapping, cfg: TransformerConfig) -> dict[str, np.ndarray]
         p = f"transformer.h.{i}."
         a = lay["attn"]
         out[p + "attn.c_attn.weight"] = np.concatenate(
-            [np.asarray(a[n]["kernel"][i]).reshape(d, -1) for n in ("q", "k", "v")], -1)
+            [w.reshape(d, -1) for w in split_qkv(a["qkv"]["kernel"][i])], -1)
         out[p + "attn.c_attn.bias"] = np.concatenate(
-            [np.asarray(a[n]["bias"][i]).reshape(-1) for n in ("q", "k", "v")])
+            [b.reshape(-1) for b in split_qkv(a["qkv"]["bias"][i])])
         out[p + "attn.c_proj.weight"] = np.asarray(a["o"]["kernel"][i]).reshape(-1, d)
         out[p + "attn.c_proj.bias"] = np.asarray(a["o"]["bias"][i])
         for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):

@@ -37,8 +37,8 @@ def main(directory):
         restored, rng, extra = ckpt.restore(abstract_with_shardings(state, target_sh))
         same = all(np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
-        on_target = restored.params["layers"]["mlp"]["up"]["kernel"].sharding == \
-            target_sh.params["layers"]["mlp"]["up"]["kernel"]
+        on_target = restored.params["layers"]["mlp"]["gate_up"]["kernel"].sharding == \
+            target_sh.params["layers"]["mlp"]["gate_up"]["kernel"]
         report["x".join(map(str, shape))] = {
             "equal": same, "on_target_sharding": bool(on_target),
             "rng_equal": bool(np.array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(11)))),

@@ -38,7 +38,7 @@ def main(mesh_shapes):
                                    shd.data_sharding(mesh, 2), grad_accum_steps=2)
         for i in range(3):
             state, metrics = step(state, batch, jax.random.key(i))
-        spec = str(state.params["layers"]["mlp"]["up"]["kernel"].sharding.spec)
+        spec = str(state.params["layers"]["mlp"]["gate_up"]["kernel"].sharding.spec)
         results[shape] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params), spec)
     base_loss, base_params, _ = results[(1, 1, 1)]
     report = {}
@@ -46,7 +46,7 @@ def main(mesh_shapes):
         diff = max(float(np.abs(a - b).max()) for a, b in
                    zip(jax.tree.leaves(base_params), jax.tree.leaves(params)))
         report["x".join(map(str, shape))] = {"loss_diff": abs(loss - base_loss),
-                                             "param_diff": diff, "mlp_up_spec": spec}
+                                             "param_diff": diff, "mlp_gate_up_spec": spec}
     print(json.dumps(report))
 
 
