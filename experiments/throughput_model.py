@@ -85,17 +85,23 @@ def measure_cpu(save=lambda partial: None) -> dict:
     out = {"rows": rows, "prompt_len": prompt_len, "answer_len": answer_len, "minibatch": minibatch,
            "epochs": epochs, "model": "smollm2-135m", "load_average": os.getloadavg()[0]}
 
-    # Decoding: the real sampler, a forced length of `decode_tokens` new tokens.
-    decode_tokens = 16
+    # Decoding: the real sampler at two forced lengths in the same shape buckets;
+    # the difference is the per-step decode time, the rest of the short run is
+    # prefill of the 32 prompts (most of a short run: it must not be spread
+    # over the decode steps).
     sampler = Sampler(cfg, tokenizer, progress=False)
     prompts = [list(map(int, tokens[i, :prompt_len])) for i in range(rows)]
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=decode_tokens, ignore_eos=True)
-    wall, cpu = _timed(lambda: sampler.generate(params, prompts, sampling,
-                                                batch_size=ppo_cfg.sample_batch_size))
-    # Per decoded token (all rows together); prefill is in it, small at this prompt length.
-    out["decode"] = {"wall": wall / decode_tokens * answer_len, "cpu": cpu / decode_tokens * answer_len}
-    print(f"decode: {wall / decode_tokens * 1e3:.0f} ms wall, {cpu / decode_tokens * 1e3:.0f} ms CPU "
-          f"per step of {rows} rows", flush=True)
+    timed = {}
+    for n in (8, 24):
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=n, ignore_eos=True)
+        timed[n] = _timed(lambda: sampler.generate(params, prompts, sampling,
+                                                   batch_size=ppo_cfg.sample_batch_size))
+    step = [(timed[24][i] - timed[8][i]) / 16 for i in (0, 1)]
+    prefill = [timed[8][i] - 8 * step[i] for i in (0, 1)]
+    out["decode"] = {"wall": prefill[0] + answer_len * step[0], "cpu": prefill[1] + answer_len * step[1],
+                     "step_wall": step[0], "prefill_wall": prefill[0]}
+    print(f"decode: {step[0] * 1e3:.0f} ms wall, {step[1] * 1e3:.0f} ms CPU per step of {rows} rows; "
+          f"prefill {prefill[0]:.1f} s wall", flush=True)
     save(out)
 
     # Forward passes cost the same per row: time a quarter of the rows, scale up.
@@ -144,7 +150,7 @@ def measure_cpu(save=lambda partial: None) -> dict:
           f"value {out['value_update']}", flush=True)
 
     flops = {
-        "decode": aot_steps.forward_flops(cfg, rows, 1) * answer_len,
+        "decode": aot_steps.forward_flops(cfg, rows, 1) * answer_len + aot_steps.forward_flops(cfg, rows, prompt_len),
         "rollout_scores": 2 * aot_steps.forward_flops(cfg, rows, seq) + aot_steps.forward_flops(value_cfg, rows, seq),
         "pm_score": aot_steps.forward_flops(value_cfg, rows, seq),
         "policy_update": aot_steps.train_flops(cfg, rows, seq)[0] * epochs,
@@ -204,6 +210,7 @@ def idle_cpu_model(cpu: dict) -> dict:
     step_bytes = 4 * cfg.num_params()  # float32 weights read once per decode step
     step_flops = aot_steps.forward_flops(cfg, rows, 1)
     decode = answer * max(step_bytes / CPU_READ_BANDWIDTH, step_flops / CPU_MATMUL_FLOPS)
+    decode += aot_steps.forward_flops(cfg, rows, cpu["prompt_len"]) / rate  # prefill
     return {"decode": decode, **{k: flops[k] / rate for k in
                                  ("rollout_scores", "pm_score", "policy_update", "value_update")}}
 
@@ -249,7 +256,8 @@ def main():
     workload = aot_steps.get_default_config().to_dict()
     shape = f"{cpu['rows']} x {cpu['prompt_len']}+{cpu['answer_len']}, {cpu['epochs']} epochs"
     rows = [(f"SmolLM2-135M, this CPU, CPU-seconds ({shape})", cpu_time),
-            (f"SmolLM2-135M, this CPU, wall seconds under load ({shape})", cpu_wall),
+            (f"SmolLM2-135M, this CPU, wall seconds, load average {cpu['load_average']:.1f} ({shape})",
+             cpu_wall),
             (f"SmolLM2-135M, this CPU idle (modelled from design.md rates)", idle_cpu_model(cpu))]
     tpu = {}
     for size in PAPER_SIZES:
