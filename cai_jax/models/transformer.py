@@ -110,8 +110,8 @@ class Attention(nn.Module):
         g = h // kv
         # One fused projection: for each key head, its g query heads, then its key
         # and its value ([D, kv, g + 2, hd], see weights/layout.py). A single wide
-        # matmul beats three narrow ones at decode batch sizes on XLA:CPU (1 row:
-        # 26 -> 21 ms for a 30-layer SmolLM2 step; benchmarks/README.md).
+        # matmul beats three narrow ones at decode batch sizes on XLA:CPU (SmolLM2
+        # batch-1 decode step 26.1 -> 18.7 ms; benchmarks/README.md).
         qkv = _dense((kv, g + 2, hd), ("embed", "kv_heads", None, "head_dim"), cfg, cfg.qkv_bias,
                      name="qkv")(x_btd)
         q = qkv[:, :, :, :g].reshape(b, t, h, hd)  # query head j uses key head j // g
