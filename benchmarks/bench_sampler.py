@@ -79,10 +79,12 @@ def time_ours(sampler, params, prompts, mode, new_tokens, repeats):
 
 
 def decode_step_seconds(sampler, params, prompts, new_tokens, repeats):
-    """Per-step decode time: the difference of two greedy runs in the same
-    shape buckets (so the same programs), which cancels prefill and overhead."""
+    """Per-step decode time: the difference of a greedy run of `new_tokens` and
+    one of a single token (prefill, parameter placement and one sampled token),
+    over the steps between them. A long difference: with a half-length run
+    instead, run-to-run noise moved the batch-1 step by 5 ms."""
     from cai_jax.sampling import SamplingParams
-    short = new_tokens // 2 + 1
+    short = 1
     times = {}
     for n in (new_tokens, short):
         sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
@@ -96,19 +98,20 @@ def decode_step_seconds(sampler, params, prompts, new_tokens, repeats):
     return (times[new_tokens] - times[short]) / (new_tokens - short)
 
 
-def bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Read bandwidth of summing a large float32 array (cold in cache)."""
+def bandwidth_gbs(size_mb: int = 1024, repeats: int = 9) -> float:
+    """Read bandwidth of summing a large float32 array (cold in cache): the median
+    run, since the best of a few once read 50 GB/s where repeated runs give 31-34."""
     import jax
     import jax.numpy as jnp
     x = jnp.ones((size_mb * (1 << 20) // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    best = float("inf")
+    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         total(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return x.nbytes / best / 1e9
+        seconds.append(time.perf_counter() - start)
+    return x.nbytes / float(np.median(seconds)) / 1e9
 
 
 def bytes_per_step(cfg, batch: int, cache_len: int) -> tuple[int, int]:
