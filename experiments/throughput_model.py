@@ -85,10 +85,11 @@ def measure_cpu(save=lambda partial: None) -> dict:
     out = {"rows": rows, "prompt_len": prompt_len, "answer_len": answer_len, "minibatch": minibatch,
            "epochs": epochs, "model": "smollm2-135m", "load_average": os.getloadavg()[0]}
 
-    # Decoding: the real sampler at two forced lengths in the same shape buckets;
-    # the difference is the per-step decode time, the rest of the short run is
-    # prefill of the 32 prompts (most of a short run: it must not be spread
-    # over the decode steps).
+    # Decoding: the real sampler at two forced lengths; the difference is the
+    # per-step decode time, the rest of the short run is prefill of the 32
+    # prompts (most of a short run: it must not be spread over the decode
+    # steps). The two runs compile to generation buckets of 16 and 32 slots;
+    # after a 256-token prompt that changes a step's cache by 6%.
     sampler = Sampler(cfg, tokenizer, progress=False)
     prompts = [list(map(int, tokens[i, :prompt_len])) for i in range(rows)]
     timed = {}

@@ -121,11 +121,11 @@ def gpt2_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, sour
     _require(tensors, ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"]
              + [(p + "attn.c_attn.weight").format(i) for i in range(L)], source)
 
-    def c_attn(what, shape):  # Conv1D: [in, 3*out] with q, k, v side by side
+    def c_attn(what):  # Conv1D: [in, 3*out] with q, k, v side by side
         w = _stack(tensors, p + f"attn.c_attn.{what}", L)
-        return fuse_qkv(*(part.reshape(part.shape[:-1] + shape) for part in np.split(w, 3, axis=-1)))
+        return fuse_qkv(*(part.reshape(part.shape[:-1] + (H, D)) for part in np.split(w, 3, axis=-1)))
 
-    attn = {"qkv": {"kernel": c_attn("weight", (H, D)), "bias": c_attn("bias", (H, D))}}
+    attn = {"qkv": {"kernel": c_attn("weight"), "bias": c_attn("bias")}}
     attn["o"] = {"kernel": _stack(tensors, p + "attn.c_proj.weight", L, lambda w: np.asarray(w).reshape(H, D, d)),
                  "bias": _stack(tensors, p + "attn.c_proj.bias", L)}
     return {
