@@ -9,11 +9,13 @@ most calls use 2 or 4 rows, a width-16 prompt bucket and 16 new tokens.
 """
 import dataclasses
 import functools
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ import pytest
 
 from cai_jax import sampling_choice as choice
 from cai_jax.models.transformer import Transformer, positions_from_mask
-from cai_jax.sampling import TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
+from cai_jax.sampling import LM_HEAD_DV, TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
 from cai_jax.sampling_buckets import bucket, width_bucket
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
@@ -312,6 +314,24 @@ def test_reused_buckets_do_not_recompile(tiny):
     # A longer prompt needs the next width bucket: one new prefill and decode.
     sampler.generate(tiny.params, [list(range(10, 30))], SamplingParams(temperature=0.7, max_new_tokens=10))
     assert new_traces() == {"prefill": 2, "decode": 2, "score": 1}
+
+
+def test_transposed_lm_head_is_kept_only_while_its_embedding_lives(tiny, tiny_sampler):
+    embed = jnp.array(tiny.params["embed"])  # an array of this test's own
+    params = dict(tiny.params, embed=embed)
+    head = tiny_sampler.place_params(params)[LM_HEAD_DV]
+    np.testing.assert_array_equal(np.asarray(head), np.asarray(embed).T)
+    assert tiny_sampler.place_params(dict(params))[LM_HEAD_DV] is head  # same embedding: reused
+    doubled = tiny_sampler.place_params(dict(params, embed=embed * 2))[LM_HEAD_DV]
+    np.testing.assert_array_equal(np.asarray(doubled), 2 * np.asarray(embed).T)
+    # Once the caller drops the embedding, the sampler holds no copy of it.
+    embed3 = embed * 3
+    head3 = weakref.ref(tiny_sampler.place_params(dict(params, embed=embed3))[LM_HEAD_DV])
+    gc.collect()
+    assert head3() is not None
+    del embed3
+    gc.collect()
+    assert head3() is None
 
 
 # ---------------------------------------------------------------- sharding
