@@ -144,7 +144,8 @@ class Attention(nn.Module):
         if t == 1:
             # One query per row (a decode step): a multiply-and-sum over head_dim,
             # which XLA:CPU fuses into one pass over the cached keys, beat the
-            # batched [g, hd] x [hd, S] matmuls by about 5% of a batch-32 step.
+            # batched [g, hd] x [hd, S] matmuls by about 5% of a batch-32 step
+            # (benchmarks/README.md; not measured on TPU).
             scores = jnp.sum(q_bkrd.astype(jnp.float32)[..., None] * k_bkds.astype(jnp.float32)[:, :, None],
                              axis=-2)
         else:
