@@ -316,7 +316,7 @@ class Sampler:
         self.default_stop_ids = tuple(stop_token_ids(tokenizer)) if tokenizer is not None else ()
         self.decode_steps = 0  # while-loop iterations run, summed over calls
         self._program = _Program(self.config, mesh, self.rules, self.pad_id)
-        # Transposing SmolLM2's embedding takes ~0.1 s, 4% of a batch-1 call.
+        # The LM head's [D, V] copy of the tied embedding, made once per embedding array.
         self._lm_head_dv = _DerivedWhileAlive()
         self._param_shardings = shd.param_shardings(self.config, mesh, self.rules) if mesh else None
 

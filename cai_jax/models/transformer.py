@@ -129,16 +129,17 @@ class Attention(nn.Module):
             # Written from slot 0 (the sampler's prefill), a query at slot i may
             # see only slots <= i, all of them new: attending to the new keys
             # alone skips the cache's empty generation slots.
-            if not (isinstance(cache_index, int) and cache_index == 0):
-                k_bkds, v_bksd = new_cache
-            else:
+            if isinstance(cache_index, int) and cache_index == 0:
                 key_mask_bs = key_mask_bs[:, :t]
+            else:
+                k_bkds, v_bksd = new_cache
         else:
             new_cache = None
 
         # The g = h / kv query heads sharing a key head are folded into the
         # query rows (row r is position r // g), so both products are batched
-        # matmuls over (batch, kv head) whatever t is.
+        # over (batch, kv head) whatever t is: matmuls, except the decode-step
+        # scores below.
         s = v_bksd.shape[2]
         q_bkrd = q.reshape(b, t, kv, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, hd)
         if t == 1:
