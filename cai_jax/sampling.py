@@ -48,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from cai_jax import sharding as shd
 from cai_jax.models.config import TransformerConfig
+from cai_jax.models import feature_major
 from cai_jax.models.transformer import Transformer, cache_shapes, init_cache, positions_from_mask
 from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
                                       length_sorted_batches, right_pad, tokens_within,
@@ -61,7 +62,9 @@ Prompt = Union[str, Sequence[int]]
 FINISH_REASONS = ("eos", "stop_string", "length")
 MIN_PROMPT_BUCKET = 16
 MIN_GEN_BUCKET = 16
-LM_HEAD_DV = "lm_head_dv"  # the sampler's extra parameter: the tied embedding as [D, V]
+# The LM head in both orientations, in the parameters `place_params` makes for
+# the feature-major trunk (see feature_major.logits_vb).
+HEAD_VD, HEAD_DV = "head_vd", "head_dv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,28 +149,38 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 @dataclasses.dataclass(frozen=True)
 class _Program:
     """What the compiled functions close over. Hashable and passed as a static
-    argument, so samplers for the same model and mesh share their compilations."""
+    argument, so samplers for the same model and mesh share their compilations.
+
+    `feature_major`: run the trunk as `models/feature_major.py` (one device,
+    parameters from `Sampler.place_params`), else as the Flax model (with a
+    mesh, or scanned layers)."""
 
     config: TransformerConfig
     mesh: Optional[Mesh]
     rules: tuple
     pad_id: int
+    feature_major: bool
 
-    def apply(self, params, *args, **kwargs):
-        params = {k: v for k, v in params.items() if k != LM_HEAD_DV}
+    def trunk(self, params, tokens_bt, positions_bt, key_mask_bs, cache=None, cache_index=0,
+              last_only=False):
+        """(final hidden states feature-major, [D, B*T] or [D, B] with
+        `last_only`; the new cache or None)."""
+        if self.feature_major:
+            return feature_major.forward(self.config, params, tokens_bt, positions_bt, key_mask_bs,
+                                         cache, cache_index, last_only)
         with nn.logical_axis_rules(self.rules):
-            return Transformer(self.config).apply({"params": params}, *args, **kwargs)
+            out, cache = Transformer(self.config).apply({"params": params}, tokens_bt, positions_bt,
+                                                        key_mask_bs, cache=cache,
+                                                        cache_index=cache_index, last_only=last_only)
+        return out["hidden"].reshape(-1, self.config.d_model).T, cache
 
-    def logits(self, params, hidden_btd):
-        """The LM head on the model's final hidden states, as [B,T,D] @ [D,V].
-
-        The model's own head contracts the tied embedding [V, D] on its second
-        axis; on XLA:CPU the same product with a [D, V] copy was faster (about
-        2.5 ms a step at batch 1, 7% of the step), and XLA drops the model's
-        unused logits."""
+    def logits_vb(self, params, hidden_dn):
+        """Float32 logits [V, N] (vocabulary-major, as `choose_tokens` takes them)."""
         cfg = self.config
-        w_dv = params[LM_HEAD_DV] if cfg.tie_embeddings else params["lm_head"]["kernel"]
-        return jnp.einsum("btd,dv->btv", hidden_btd, w_dv.astype(cfg.compute_dtype),
+        if self.feature_major:
+            return feature_major.logits_vb(cfg, params[HEAD_VD], params[HEAD_DV], hidden_dn)
+        w_vd = params["embed"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
+        return jnp.einsum("vd,dn->vn", w_vd.astype(cfg.compute_dtype), hidden_dn,
                           preferred_element_type=jnp.float32)
 
     def constrain(self, tree, names):
@@ -189,9 +202,16 @@ class _Program:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _transposed_embedding(program: _Program, embed_vd):
+def _transposed(program: _Program, w):
+    """A [D, V] LM head from a [V, D] one or the reverse (one copy)."""
     TRACE_COUNTS["lm_head"] += 1
-    return program.constrain(embed_vd.T, ("embed", "vocab"))
+    return w.T
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _feature_major_layers(program: _Program, layer_params):
+    TRACE_COUNTS["relayout"] += 1
+    return feature_major.transposed_layers(program.config, layer_params)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -216,11 +236,11 @@ def _prefill(program: _Program, params, prompt_bp, prompt_mask_bp, row_ids_b, ac
     TRACE_COUNTS["prefill"] += 1
     b, p = prompt_bp.shape
     key_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.ones((b, gen_width), bool)], axis=1)
-    out, cache = program.apply(params, prompt_bp, positions_from_mask(prompt_mask_bp), key_mask_bs,
-                               cache=program.new_cache(b, p + gen_width), cache_index=0,
-                               last_only=True)
+    hidden_db, cache = program.trunk(params, prompt_bp, positions_from_mask(prompt_mask_bp), key_mask_bs,
+                                     cache=program.new_cache(b, p + gen_width), cache_index=0,
+                                     last_only=True)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_b)
-    logits = program.logits(params, out["hidden"])[:, -1]
+    logits = program.logits_vb(params, hidden_db)
     first, first_logp = choose_tokens(logits, _step_keys(row_keys, 0),
                                       knobs["temperature"], knobs["top_k"], knobs["top_p"], mode)
     first = jnp.where(active_b, first, program.pad_id)
@@ -253,10 +273,10 @@ def _decode(program: _Program, params, state, limit, force_done_b, knobs, *, mod
         step = s["step"]
         last_b1 = jax.lax.dynamic_slice_in_dim(s["tokens"], step - 1, 1, axis=1)
         # The last token goes to cache slot prompt_width + step - 1.
-        out, cache = program.apply(params, last_b1, (s["prompt_lens"] + step - 1)[:, None],
-                                   s["key_mask"], cache=s["cache"],
-                                   cache_index=prompt_width + step - 1, last_only=True)
-        logits = program.logits(params, out["hidden"])[:, -1]
+        hidden_db, cache = program.trunk(params, last_b1, (s["prompt_lens"] + step - 1)[:, None],
+                                         s["key_mask"], cache=s["cache"],
+                                         cache_index=prompt_width + step - 1, last_only=True)
+        logits = program.logits_vb(params, hidden_db)
         new, new_logp = choose_tokens(logits, _step_keys(s["row_keys"], step),
                                       knobs["temperature"], knobs["top_k"], knobs["top_p"], mode)
         live = ~s["done"]
@@ -277,10 +297,12 @@ def _decode(program: _Program, params, state, limit, force_done_b, knobs, *, mod
 def _score(program: _Program, params, tokens_bt, mask_bt):
     """log p(token t | tokens before t) for t >= 1: [B, T-1], right-padded rows."""
     TRACE_COUNTS["score"] += 1
-    out, _ = program.apply(params, tokens_bt, positions_from_mask(mask_bt), mask_bt)
-    logits = program.logits(params, out["hidden"][:, :-1])
-    target = jnp.take_along_axis(logits, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-    return target - jax.nn.logsumexp(logits, axis=-1)
+    b, t = tokens_bt.shape
+    hidden_dn, _ = program.trunk(params, tokens_bt, positions_from_mask(mask_bt), mask_bt)
+    predicting = hidden_dn.reshape(-1, b, t)[:, :, :-1].reshape(hidden_dn.shape[0], -1)
+    logits = program.logits_vb(params, predicting).reshape(-1, b, t - 1)  # [V, B, T-1]
+    target = jnp.take_along_axis(logits, tokens_bt[None, :, 1:], axis=0)[0]
+    return target - jax.nn.logsumexp(logits, axis=0)
 
 
 # ----------------------------------------------------------- the sampler
@@ -295,8 +317,14 @@ class Sampler:
     `unroll_layers` (default) runs the layers unrolled with one cache buffer per
     layer: on XLA:CPU a scanned decode step copies every layer's weights out of
     the stacked array, which made it about twice as slow (`bench_sampler.py --scanned`),
-    but the unrolled program takes longer to compile. Parameters in the other
-    layout are converted once per call.
+    but the unrolled program takes longer to compile.
+
+    On one device (no mesh, or a one-device mesh) with unrolled layers the
+    trunk is `models/feature_major.py`,
+    which wants every kernel transposed: `place_params` makes that copy once
+    and keeps it while the caller's parameter arrays live (the same arrays
+    passed again reuse it), so it costs one more copy of the weights in memory.
+    Otherwise parameters in the other layer layout are converted once per call.
     """
 
     def __init__(self, model_config: TransformerConfig, tokenizer, mesh: Optional[Mesh] = None,
@@ -315,9 +343,10 @@ class Sampler:
         self.pad_id = int(pad) if pad is not None else 0
         self.default_stop_ids = tuple(stop_token_ids(tokenizer)) if tokenizer is not None else ()
         self.decode_steps = 0  # while-loop iterations run, summed over calls
-        self._program = _Program(self.config, mesh, self.rules, self.pad_id)
-        # The LM head's [D, V] copy of the tied embedding, made once per embedding array.
-        self._lm_head_dv = _DerivedWhileAlive()
+        self._program = _Program(self.config, mesh, self.rules, self.pad_id,
+                                 feature_major=unroll_layers and (mesh is None or mesh.size == 1))
+        # The feature-major parameters, made once per set of caller's arrays.
+        self._feature_major_params = _DerivedWhileAlive()
         self._param_shardings = shd.param_shardings(self.config, mesh, self.rules) if mesh else None
 
     @property
@@ -330,20 +359,32 @@ class Sampler:
         return int(np.prod([self.mesh.shape[a] for a in axes]))
 
     def place_params(self, params):
-        """The parameters as the compiled functions take them: in the sampler's
-        layer layout, on the mesh if there is one, without heads the sampler
-        does not use, plus the tied embedding transposed for the LM head."""
-        params = {k: v for k, v in params.items() if k not in ("scalar_head", LM_HEAD_DV)}
-        callers_embed = params["embed"]  # the relayout below returns new arrays
+        """The parameters as the compiled functions take them, without heads the
+        sampler does not use: feature-major (see the class docstring), or in the
+        sampler's layer layout and on the mesh if there is one."""
+        params = {k: v for k, v in params.items() if k != "scalar_head"}
+        if self._program.feature_major:
+            return self._feature_major_params.get(params, self._make_feature_major)
         if ("layers" in params) != self.config.scan_layers:
-            params = _relayout(self._program, params)
-        elif self.mesh is not None:
+            return _relayout(self._program, params)
+        if self.mesh is not None:
             params = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
                                   else jax.device_put(x, s), params, self._param_shardings)
-        if self.config.tie_embeddings:
-            params[LM_HEAD_DV] = self._lm_head_dv.get(
-                callers_embed, lambda embed: _transposed_embedding(self._program, embed))
         return params
+
+    def _make_feature_major(self, params):
+        cfg = self.config
+        layers = {k: v for k, v in params.items() if k.startswith("layers")}
+        out = {"embed": params["embed"], "final_norm": params["final_norm"],
+               "layers": _feature_major_layers(self._program, layers)}
+        if "pos_embed" in params:
+            out["pos_embed"] = params["pos_embed"]
+        if cfg.tie_embeddings:
+            out[HEAD_VD], out[HEAD_DV] = params["embed"], _transposed(self._program, params["embed"])
+        else:
+            kernel = params["lm_head"]["kernel"]
+            out[HEAD_VD], out[HEAD_DV] = _transposed(self._program, kernel), kernel
+        return out
 
     def _put_batch(self, x):
         x = np.asarray(x)
@@ -389,8 +430,9 @@ class Sampler:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens="
                                  f"{sampling.max_new_tokens} it exceeds the model's context of "
                                  f"{self.config.max_seq_len}")
-        if sampling.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        if self.tokenizer is None:
+            raise ValueError("generate needs a tokenizer: samples carry their text "
+                             "(score takes token ids without one)")
         params = self.place_params(params)
         mode, knobs = _mode_of(sampling), self._knobs(sampling)
         results: list[Optional[Sample]] = [None] * len(prompts)
@@ -490,25 +532,30 @@ class Sampler:
 
 
 class _DerivedWhileAlive:
-    """A value derived from one jax array, kept only as long as that array
-    lives, so that repeated calls with the same parameters derive it once
-    without holding on to parameters the caller has dropped."""
+    """A value derived from a pytree of jax arrays, kept only as long as all of
+    those arrays live, so that repeated calls with the same arrays derive it
+    once without holding on to arrays the caller has dropped. A hit needs every
+    leaf to be the very same array object (jax arrays are immutable)."""
 
     def __init__(self):
-        self._source_ref, self._value = None, None
+        self._refs, self._value = (), None
 
     def get(self, source, derive):
-        if not isinstance(source, jax.Array):  # numpy arrays can change in place
+        leaves = jax.tree.leaves(source)
+        if not all(isinstance(x, jax.Array) for x in leaves):  # numpy arrays can change in place
             return derive(source)
-        if self._source_ref is not None and self._source_ref() is source:
+        if self._refs and len(self._refs) == len(leaves) and all(
+                ref() is leaf for ref, leaf in zip(self._refs, leaves)):
             return self._value
-        self._value = derive(source)
-        self._source_ref = weakref.ref(source, self._forget)
-        return self._value
+        self._refs, self._value = (), None  # drop the old value before deriving the new one
+        value = derive(source)
+        self._refs = tuple(weakref.ref(leaf, self._forget) for leaf in leaves)
+        self._value = value
+        return value
 
     def _forget(self, ref):
-        if ref is self._source_ref:
-            self._source_ref, self._value = None, None
+        if any(ref is mine for mine in self._refs):  # `in` would compare live arrays by value
+            self._refs, self._value = (), None
 
 
 class _NoBar:

@@ -15,6 +15,11 @@ draw (`jax.random.categorical`, one random number per vocabulary entry) ~40 ms,
     with ties kept together as in transformers.
 
 Log-probs are always those of the unfiltered distribution at temperature 1.
+
+Logits come vocabulary-major, [V, B] (one column per row of the batch): the
+sampler's LM head is a weights-first product (see models/feature_major.py),
+and transposing its output would make XLA fold the transpose back into a
+slower batch-first product.
 """
 from __future__ import annotations
 
@@ -59,86 +64,86 @@ def _smallest_false(lo, hi, answer_above):
     return hi
 
 
-def kth_largest(x_bv, k_b):
-    """The k-th largest value of each row (k >= 1): [B]."""
-    keys = _order_key(x_bv)
-    lo, hi = jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)
+def kth_largest(x_vb, k_b):
+    """The k-th largest value of each column (k >= 1): [B]."""
+    keys = _order_key(x_vb)
+    lo, hi = jnp.min(keys, axis=0), jnp.max(keys, axis=0)
     k_b = jnp.broadcast_to(k_b, lo.shape)
 
     def answer_above(t):  # k or more values above t: the k-th largest is too
-        return jnp.sum(keys > t[:, None], axis=-1, dtype=jnp.int32) >= k_b
+        return jnp.sum(keys > t[None, :], axis=0, dtype=jnp.int32) >= k_b
     return _key_to_float(_smallest_false(lo, hi, answer_above))
 
 
-def top_p_threshold(probs_bv, top_p):
-    """The smallest probability top-p keeps in each row: [B].
+def top_p_threshold(probs_vb, top_p):
+    """The smallest probability top-p keeps in each column: [B].
 
     A token is kept when the mass of the tokens strictly more likely than it is
     below top_p (transformers' rule, ties kept together). That mass only grows
     as the token's probability falls, so the kept set is {p >= t}, t being the
     smallest value whose mass above is below top_p.
     """
-    keys = _order_key(probs_bv)
-    lo = jnp.zeros(probs_bv.shape[:1], jnp.int32)
-    hi = jnp.max(keys, axis=-1)  # nothing lies above the maximum: mass 0 < top_p
+    keys = _order_key(probs_vb)
+    lo = jnp.zeros(probs_vb.shape[1:], jnp.int32)
+    hi = jnp.max(keys, axis=0)  # nothing lies above the maximum: mass 0 < top_p
 
     def answer_above(t):  # too much mass above t: the threshold is higher
-        return jnp.sum(jnp.where(keys > t[:, None], probs_bv, 0.0), axis=-1) >= top_p
+        return jnp.sum(jnp.where(keys > t[None, :], probs_vb, 0.0), axis=0) >= top_p
     return _key_to_float(_smallest_false(lo, hi, answer_above))
 
 
-def fast_argmax(x_bv):
-    """First index of each row's maximum (two plain reductions)."""
-    best = jnp.max(x_bv, axis=-1, keepdims=True)
-    index = jnp.arange(x_bv.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(x_bv == best, index, x_bv.shape[-1]), axis=-1)
+def fast_argmax(x_vb):
+    """First index of each column's maximum (two plain reductions)."""
+    best = jnp.max(x_vb, axis=0, keepdims=True)
+    index = jnp.arange(x_vb.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.min(jnp.where(x_vb == best, index, x_vb.shape[0]), axis=0)
 
 
-def draw(keys_b, probs_bv):
-    """One token per row from unnormalised probabilities by inverse CDF.
+def draw(keys_b, probs_vb):
+    """One token per column from unnormalised probabilities by inverse CDF.
 
     Never returns a zero-probability token: at each level the index returned is
     the first whose running sum exceeds u, and a zero entry does not raise it;
     rounding at the top end falls back to the last entry with mass.
     """
-    b, v = probs_bv.shape
+    v, b = probs_vb.shape
     pad = (-v) % BLOCK
-    blocks = jnp.pad(probs_bv, ((0, 0), (0, pad))).reshape(b, -1, BLOCK)  # [B, nb, BLOCK]
-    block_mass = jnp.sum(blocks, axis=-1)  # [B, nb]
-    block_cdf = jnp.cumsum(block_mass, axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys_b) * block_cdf[:, -1]  # [B]
+    blocks = jnp.pad(probs_vb, ((0, pad), (0, 0))).reshape(-1, BLOCK, b)  # [nb, BLOCK, B]
+    block_mass = jnp.sum(blocks, axis=1)  # [nb, B]
+    block_cdf = jnp.cumsum(block_mass, axis=0)
+    u = jax.vmap(jax.random.uniform)(keys_b) * block_cdf[-1]  # [B]
 
     def first_above(cdf, mass, u):
         """Index of the first entry with cdf > u, or the last entry with mass."""
-        index = jnp.arange(cdf.shape[-1], dtype=jnp.int32)
-        count = jnp.sum(cdf <= u[:, None], axis=-1, dtype=jnp.int32)
-        last = jnp.max(jnp.where(mass > 0, index, 0), axis=-1)
+        index = jnp.arange(cdf.shape[0], dtype=jnp.int32)[:, None]
+        count = jnp.sum(cdf <= u[None, :], axis=0, dtype=jnp.int32)
+        last = jnp.max(jnp.where(mass > 0, index, 0), axis=0)
         return jnp.minimum(count, last)
 
     block = first_above(block_cdf, block_mass, u)
-    in_block = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
-    before = jnp.take_along_axis(block_cdf - block_mass, block[:, None], axis=-1)[:, 0]
-    inner = first_above(before[:, None] + jnp.cumsum(in_block, axis=-1), in_block, u)
+    in_block = jnp.take_along_axis(blocks, block[None, None, :], axis=0)[0]  # [BLOCK, B]
+    before = jnp.take_along_axis(block_cdf - block_mass, block[None, :], axis=0)[0]
+    inner = first_above(before[None, :] + jnp.cumsum(in_block, axis=0), in_block, u)
     return block * BLOCK + inner
 
 
-def choose_tokens(logits_bv, keys_b, temperature, top_k, top_p, mode: Mode):
-    """(tokens [B] int32, log p(token) [B]) with p the model's distribution
-    before temperature/top-k/top-p. Filters apply in transformers' order:
-    temperature, then top-k, then top-p."""
-    logits_bv = logits_bv.astype(jnp.float32)
-    peak = jnp.max(logits_bv, axis=-1, keepdims=True)
-    log_norm = jnp.log(jnp.sum(jnp.exp(logits_bv - peak), axis=-1)) + peak[:, 0]
+def choose_tokens(logits_vb, keys_b, temperature, top_k, top_p, mode: Mode):
+    """(tokens [B] int32, log p(token) [B]) from vocabulary-major logits [V, B],
+    with p the model's distribution before temperature/top-k/top-p. Filters
+    apply in transformers' order: temperature, then top-k, then top-p."""
+    logits_vb = logits_vb.astype(jnp.float32)
+    peak = jnp.max(logits_vb, axis=0, keepdims=True)
+    log_norm = jnp.log(jnp.sum(jnp.exp(logits_vb - peak), axis=0)) + peak[0]
     if mode.greedy:
-        tokens = fast_argmax(logits_bv)
+        tokens = fast_argmax(logits_vb)
     else:
-        x = logits_bv / temperature
+        x = logits_vb / temperature
         if mode.top_k:
-            x = jnp.where(x >= kth_largest(x, top_k)[:, None], x, -jnp.inf)
-        probs = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+            x = jnp.where(x >= kth_largest(x, top_k)[None, :], x, -jnp.inf)
+        probs = jnp.exp(x - jnp.max(x, axis=0, keepdims=True))
         if mode.top_p:
-            probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-            probs = jnp.where(probs >= top_p_threshold(probs, top_p)[:, None], probs, 0.0)
+            probs = probs / jnp.sum(probs, axis=0, keepdims=True)
+            probs = jnp.where(probs >= top_p_threshold(probs, top_p)[None, :], probs, 0.0)
         tokens = draw(keys_b, probs)
-    chosen = jnp.take_along_axis(logits_bv, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logits_vb, tokens[None, :], axis=0)[0]
     return tokens, chosen - log_norm

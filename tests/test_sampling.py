@@ -24,7 +24,7 @@ import pytest
 
 from cai_jax import sampling_choice as choice
 from cai_jax.models.transformer import Transformer, positions_from_mask
-from cai_jax.sampling import LM_HEAD_DV, TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
+from cai_jax.sampling import TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
 from cai_jax.sampling_buckets import bucket, width_bucket
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
@@ -205,24 +205,24 @@ def test_thresholds_and_draws_against_numpy():
     x = np.round(rng.normal(size=(5, 600)) * 4) / 2
     x[1, :300] = -np.inf
     for k in (1, 7, 600):
-        got = np.asarray(choice.kth_largest(jnp.asarray(x, jnp.float32), jnp.int32(k)))
+        got = np.asarray(choice.kth_largest(jnp.asarray(x.T, jnp.float32), jnp.int32(k)))
         np.testing.assert_array_equal(got, np.sort(x, axis=-1)[:, -k])
     probs = np.exp(x - x.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     probs32 = probs.astype(np.float32)
     for top_p in (0.05, 0.5, 0.9, 0.99):
-        t = np.asarray(choice.top_p_threshold(jnp.asarray(probs32), np.float32(top_p)))
+        t = np.asarray(choice.top_p_threshold(jnp.asarray(probs32.T), np.float32(top_p)))
         for row, p in enumerate(probs32):
             above = np.array([p[p > v].sum(dtype=np.float64) for v in p])
             clear = np.abs(above - top_p) > 1e-5  # away from float32 rounding at the edge
             kept = above < top_p  # transformers' rule: less mass than top_p above
             np.testing.assert_array_equal((p >= t[row])[clear], kept[clear])
-    np.testing.assert_array_equal(np.asarray(choice.fast_argmax(jnp.asarray(x))), np.argmax(x, -1))
+    np.testing.assert_array_equal(np.asarray(choice.fast_argmax(jnp.asarray(x.T))), np.argmax(x, -1))
     # Draws follow the probabilities and never land on a zero (600 tokens: a
     # partly padded last block).
     p = np.where(rng.random(600) < 0.5, 0.0, rng.random(600)).astype(np.float32)
     keys = jax.random.split(jax.random.key(0), 20000)
-    drawn = np.asarray(choice.draw(keys, jnp.broadcast_to(jnp.asarray(p), (20000, 600))))
+    drawn = np.asarray(choice.draw(keys, jnp.broadcast_to(jnp.asarray(p)[:, None], (600, 20000))))
     assert np.all(p[drawn] > 0)
     freq = np.bincount(drawn, minlength=600) / len(drawn)
     q = p / p.sum()
@@ -316,22 +316,34 @@ def test_reused_buckets_do_not_recompile(tiny):
     assert new_traces() == {"prefill": 2, "decode": 2, "score": 1}
 
 
-def test_transposed_lm_head_is_kept_only_while_its_embedding_lives(tiny, tiny_sampler):
-    embed = jnp.array(tiny.params["embed"])  # an array of this test's own
-    params = dict(tiny.params, embed=embed)
-    head = tiny_sampler.place_params(params)[LM_HEAD_DV]
-    np.testing.assert_array_equal(np.asarray(head), np.asarray(embed).T)
-    assert tiny_sampler.place_params(dict(params))[LM_HEAD_DV] is head  # same embedding: reused
-    doubled = tiny_sampler.place_params(dict(params, embed=embed * 2))[LM_HEAD_DV]
-    np.testing.assert_array_equal(np.asarray(doubled), 2 * np.asarray(embed).T)
-    # Once the caller drops the embedding, the sampler holds no copy of it.
-    embed3 = embed * 3
-    head3 = weakref.ref(tiny_sampler.place_params(dict(params, embed=embed3))[LM_HEAD_DV])
+def test_feature_major_params_are_kept_only_while_the_callers_arrays_live(tiny, tiny_sampler):
+    params = jax.tree.map(jnp.array, tiny.params)  # arrays of this test's own
+    placed = tiny_sampler.place_params(params)
+    cfg = tiny.config
+    layer0 = jax.tree.map(lambda x: np.asarray(x)[0], params["layers"]) if "layers" in params \
+        else jax.tree.map(np.asarray, params["layers_0"])
+    np.testing.assert_array_equal(np.asarray(placed["layers"][0]["qkv"]["kernel_t"]),
+                                  layer0["attn"]["qkv"]["kernel"].reshape(cfg.d_model, -1).T)
+    np.testing.assert_array_equal(np.asarray(placed["head_dv"]), np.asarray(params["embed"]).T)
+    assert tiny_sampler.place_params(dict(params)) is placed  # the same arrays: reused
+    # Any changed array (here one layer's MLP, the embedding kept) makes a new copy.
+    changed = jax.tree.map(lambda x: x, params)
+    if "layers" in changed:
+        changed["layers"]["mlp"]["down"]["kernel"] = params["layers"]["mlp"]["down"]["kernel"] * 2
+    else:
+        changed["layers_0"]["mlp"]["down"]["kernel"] = params["layers_0"]["mlp"]["down"]["kernel"] * 2
+    placed2 = tiny_sampler.place_params(changed)
+    np.testing.assert_array_equal(np.asarray(placed2["layers"][0]["down"]["kernel_t"]),
+                                  2 * np.asarray(placed["layers"][0]["down"]["kernel_t"]))
+    # Once the caller drops an array, the sampler holds no copy made from it.
+    kept = weakref.ref(placed2["layers"][0]["down"]["kernel_t"])
+    del placed, placed2
     gc.collect()
-    assert head3() is not None
-    del embed3
+    assert kept() is not None
+    del changed
     gc.collect()
-    assert head3() is None
+    assert kept() is None
+
 
 
 # ---------------------------------------------------------------- sharding
@@ -366,3 +378,42 @@ def test_sharded_equals_unsharded():
     assert out["sharded"] == out["single"]
     for a, b in zip(out["sharded/logp"], out["single/logp"]):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+SMALL = dict(vocab_size=97, d_model=64, num_layers=2, num_heads=4, head_dim=16, mlp_dim=96,
+             max_seq_len=64, scan_layers=True)
+FAMILIES = {  # every parameter kind the feature-major trunk handles
+    "llama_gqa_untied": dict(arch="llama", num_kv_heads=2, tie_embeddings=False),
+    "qwen2_bias": dict(arch="llama", num_kv_heads=2, qkv_bias=True, mlp_bias=True, out_bias=True),
+    "gpt2": dict(arch="gpt2", num_kv_heads=4, qkv_bias=True, out_bias=True, mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_feature_major_trunk_equals_the_flax_model(family, tiny):
+    """The default sampler (feature-major trunk) against the scanned one, which
+    runs the Flax model itself: same tokens, same log-probs, same scores, with
+    one row (the [D, V] head) and with several (the [V, D] head)."""
+    from cai_jax.models.config import TransformerConfig
+    from cai_jax.models.transformer import init_params
+    cfg = TransformerConfig(**SMALL, **FAMILIES[family])
+    leaves, tree = jax.tree.flatten(init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(1)  # init leaves norms at 1 and biases at 0: randomize every term
+    params = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, 0.2, x.shape), jnp.float32)
+                                       for x in leaves])
+    fm = Sampler(cfg, tiny.tokenizer, progress=False)
+    flax_model = Sampler(cfg, tiny.tokenizer, progress=False, unroll_layers=False)
+    assert fm._program.feature_major and not flax_model._program.feature_major
+    prompts = [[5, 6, 7], [9], [10, 20, 30, 40, 50, 60, 70]]
+    # Sampling with both filters: equal draws need equal filtered distributions
+    # (greedy against the uncached forward pass is tested above).
+    sp = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=10, ignore_eos=True)
+    for batch in (prompts, prompts[:1]):
+        got = fm.generate(params, batch, sp, seed=4, batch_size=4)
+        want = flax_model.generate(params, batch, sp, seed=4, batch_size=4)
+        for g, w in zip(got, want):
+            assert g.tokens.tolist() == w.tokens.tolist()
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
+    conts = [[8, 9], [10, 11, 12], [1]]
+    for g, w in zip(fm.score(params, prompts, conts), flax_model.score(params, prompts, conts)):
+        np.testing.assert_allclose(g, w, atol=1e-4)

@@ -63,18 +63,29 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x32 = x.astype(jnp.float32)
         scale = self.param("scale", _param_init(("embed",), nn.initializers.ones),
                            (cfg.d_model,), cfg.weight_dtype)
-        if cfg.arch == "llama":
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
-            return (y * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
-        bias = self.param("bias", _param_init(("embed",), nn.initializers.zeros),
-                          (cfg.d_model,), cfg.weight_dtype)
-        mean = jnp.mean(x32, -1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.compute_dtype)
+        bias = None
+        if cfg.arch == "gpt2":
+            bias = self.param("bias", _param_init(("embed",), nn.initializers.zeros),
+                              (cfg.d_model,), cfg.weight_dtype)
+        return normalize(x, scale, bias, cfg)
+
+
+def normalize(x, scale, bias, cfg: TransformerConfig, axis: int = -1):
+    """The Norm module's math over the feature `axis`; `scale` and `bias` [D]
+    broadcast along it."""
+    x32 = x.astype(jnp.float32)
+    shape = [1] * x.ndim
+    shape[axis] = cfg.d_model
+    scale = scale.astype(jnp.float32).reshape(shape)
+    if cfg.arch == "llama":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis, keepdims=True) + cfg.norm_eps)
+        return (y * scale).astype(cfg.compute_dtype)
+    mean = jnp.mean(x32, axis, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    return (y * scale + bias.astype(jnp.float32).reshape(shape)).astype(cfg.compute_dtype)
 
 
 def rope(x_bthd, positions_bt, theta: float):
@@ -122,47 +133,62 @@ class Attention(nn.Module):
             k = rope(k, positions_bt, cfg.rope_theta)
         k_bkds = k.transpose(0, 2, 3, 1)  # the cache layout, see cache_shapes
         v_bksd = v.transpose(0, 2, 1, 3)
-        if layer_cache is not None:
-            ck, cv = layer_cache
-            new_cache = (jax.lax.dynamic_update_slice(ck, k_bkds.astype(ck.dtype), (0, 0, 0, cache_index)),
-                         jax.lax.dynamic_update_slice(cv, v_bksd.astype(cv.dtype), (0, 0, cache_index, 0)))
-            # Written from slot 0 (the sampler's prefill), a query at slot i may
-            # see only slots <= i, all of them new: attending to the new keys
-            # alone skips the cache's empty generation slots.
-            if isinstance(cache_index, int) and cache_index == 0:
-                key_mask_bs = key_mask_bs[:, :t]
-            else:
-                k_bkds, v_bksd = new_cache
-        else:
-            new_cache = None
-
-        # The g = h / kv query heads sharing a key head are folded into the
-        # query rows (row r is position r // g), so both products are batched
-        # over (batch, kv head) whatever t is: matmuls, except the decode-step
-        # scores below.
-        s = v_bksd.shape[2]
-        q_bkrd = q.reshape(b, t, kv, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, hd)
-        if t == 1:
-            # One query per row (a decode step): a multiply-and-sum over head_dim,
-            # which XLA:CPU fuses into one pass over the cached keys, beat the
-            # batched [g, hd] x [hd, S] matmuls by about 5% of a batch-32 step
-            # (benchmarks/README.md; not measured on TPU).
-            scores = jnp.sum(q_bkrd.astype(jnp.float32)[..., None] * k_bkds.astype(jnp.float32)[:, :, None],
-                             axis=-2)
-        else:
-            scores = jnp.einsum("bkrd,bkds->bkrs", q_bkrd, k_bkds.astype(q.dtype),
-                                preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(hd).astype(jnp.float32)
-        query_slot = cache_index + jnp.repeat(jnp.arange(t), g)
-        causal_rs = jnp.arange(s)[None, :] <= query_slot[:, None]
-        allowed = causal_rs[None, None] & key_mask_bs[:, None, None, :].astype(bool)
-        scores = jnp.where(allowed, scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-        out = jnp.einsum("bkrs,bksd->bkrd", probs, v_bksd.astype(cfg.compute_dtype))
-        out = out.reshape(b, kv, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
+        new_cache, k_bkds, v_bksd, key_mask_bs = write_cache(layer_cache, k_bkds, v_bksd, key_mask_bs,
+                                                             cache_index)
+        out = attend(q, k_bkds, v_bksd, key_mask_bs, cache_index, cfg.compute_dtype)
         out = _dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, cfg.out_bias,
                      axis=(-2, -1), name="o")(out)
         return out, new_cache
+
+
+def write_cache(layer_cache, k_bkds, v_bksd, key_mask_bs, cache_index):
+    """Writes the new keys/values at `cache_index` of the layer's cache (if any).
+
+    Returns (new cache or None, keys, values, key mask) for `attend` to read:
+    the whole cache, or only the new entries when the cache is written from
+    slot 0 (the sampler's prefill), since a query at slot i may see only slots
+    <= i, all of them new, and the cache's empty generation slots are skipped.
+    """
+    if layer_cache is None:
+        return None, k_bkds, v_bksd, key_mask_bs
+    ck, cv = layer_cache
+    new_cache = (jax.lax.dynamic_update_slice(ck, k_bkds.astype(ck.dtype), (0, 0, 0, cache_index)),
+                 jax.lax.dynamic_update_slice(cv, v_bksd.astype(cv.dtype), (0, 0, cache_index, 0)))
+    if isinstance(cache_index, int) and cache_index == 0:
+        return new_cache, k_bkds, v_bksd, key_mask_bs[:, :k_bkds.shape[-1]]
+    return new_cache, new_cache[0], new_cache[1], key_mask_bs
+
+
+def attend(q_bthd, k_bkds, v_bksd, key_mask_bs, cache_index, compute_dtype):
+    """Causal attention of T new queries (at slots cache_index + [0, T)) over S
+    keys: q [B, T, H, hd], keys [B, H_kv, hd, S], values [B, H_kv, S, hd] -> [B, T, H, hd].
+
+    The g = H / H_kv query heads sharing a key head are folded into the query
+    rows (row r is position r // g), so both products are batched over (batch,
+    key head) whatever T is: matmuls, except the decode-step scores below.
+    """
+    b, t, h, hd = q_bthd.shape
+    kv, s = k_bkds.shape[1], k_bkds.shape[-1]
+    g = h // kv
+    q_bkrd = q_bthd.reshape(b, t, kv, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, hd)
+    if t == 1:
+        # One query per row (a decode step): a multiply-and-sum over head_dim,
+        # which XLA:CPU fuses into one pass over the cached keys, beat the
+        # batched [g, hd] x [hd, S] matmuls by about 5% of a batch-32 step
+        # (benchmarks/README.md; not measured on TPU).
+        scores = jnp.sum(q_bkrd.astype(jnp.float32)[..., None] * k_bkds.astype(jnp.float32)[:, :, None],
+                         axis=-2)
+    else:
+        scores = jnp.einsum("bkrd,bkds->bkrs", q_bkrd, k_bkds.astype(q_bthd.dtype),
+                            preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(hd).astype(jnp.float32)
+    query_slot = cache_index + jnp.repeat(jnp.arange(t), g)
+    causal_rs = jnp.arange(s)[None, :] <= query_slot[:, None]
+    allowed = causal_rs[None, None] & key_mask_bs[:, None, None, :].astype(bool)
+    scores = jnp.where(allowed, scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, v_bksd.astype(compute_dtype))
+    return out.reshape(b, kv, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
 
 
 class Mlp(nn.Module):
