@@ -11,6 +11,10 @@ forward pass that fills the KV cache and picks the first token) and `decode` (a
 `lax.while_loop` of one-token steps over the donated cache, which exits as soon
 as every row has stopped). Results come back in input order.
 
+On one device the forward pass is `models/feature_major.py` (the model's math
+with weights-first products, faster on XLA:CPU); with a mesh it is the Flax
+model. Either way the logits come out vocabulary-major, [V, B].
+
 Shapes are bucketed so that varied calls reuse a few compilations: generation
 width and batch size are each rounded up to a power of two, prompt width to a
 power of two or three quarters of one. What

@@ -2,18 +2,14 @@
 activations feature-major ([D, tokens]) and every kernel stored [out, in].
 
 Why: XLA:CPU runs a product of a weight matrix and a few activation rows much
-faster with the weights as the left operand. Measured on the 2-core dev
-machine with SmolLM2's shapes (30-layer SwiGLU MLP chain, distinct weights):
-
-    rows   activations @ [in, out]   [out, in] @ activations^T
-       8          20.7 ms                  16.3 ms
-      32          40-44 ms                 33-35 ms
-     128         126 ms                   109 ms
-
-and the LM head at 32 rows takes 10.6 ms against 14.7. Only the dot's output
-orientation matters: XLA folds a transpose of the output back into the dot,
-which is why the activations stay [D, tokens] from the embedding to the head
-and the logits come out [V, B] (`sampling_choice` takes them so).
+faster with the weights as the left operand. On the 2-core dev machine with
+SmolLM2's shapes (`benchmarks/bench_orientation.py`), a 30-layer MLP chain
+took 0.80-0.82 of the time at 8 and 32 rows and the LM head 0.72-0.75 (0.99
+and 1.13 at one row, hence the batch-1 head in `logits_vb`). Only the
+orientation of the product's output matters: XLA folds a transpose of the
+output back into the product, which is why the activations stay [D, tokens]
+from the embedding to the head and the logits come out [V, B]
+(`sampling_choice` takes them so).
 
 The math is `transformer.py`'s, sharing its attention (`write_cache`,
 `attend`) and norm (`normalize`); the tests check the sampler against the Flax
