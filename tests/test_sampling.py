@@ -121,14 +121,18 @@ def test_greedy_matches_full_forward_tiny(tiny, tiny_sampler):
     check_allowed(tiny, got, 1.0, 0, 1.0)
 
 
-def test_greedy_smollm2_matches_full_forward_and_scorer(smollm2, smol_sampler):
+@pytest.mark.parametrize("trunk", ["flax, scanned", "feature-major (default)"])
+def test_greedy_smollm2_matches_full_forward_and_scorer(smollm2, smol_sampler, trunk):
+    sampler = smol_sampler if trunk == "flax, scanned" else \
+        Sampler(smollm2.config, smollm2.tokenizer, progress=False)
+    assert sampler._program.feature_major == (trunk != "flax, scanned")
     prompts = [ids(smollm2.tokenizer, "The capital of France is"),
                ids(smollm2.tokenizer, "The three primary colours are")]
-    got = smol_sampler.generate(smollm2.params, prompts, GREEDY)
+    got = sampler.generate(smollm2.params, prompts, GREEDY)
     assert got[0].text.startswith(" Paris")
     assert [s.tokens.tolist() for s in got] == reference_greedy(smollm2, prompts, 12)
     assert check_allowed(smollm2, got, 1.0, 0, 1.0) == 2 * 12  # log-probs
-    scored = smol_sampler.score(smollm2.params, prompts, [s.tokens.tolist() for s in got])
+    scored = sampler.score(smollm2.params, prompts, [s.tokens.tolist() for s in got])
     for sample, logp in zip(got, scored):
         np.testing.assert_allclose(logp, sample.logprobs, atol=1e-4)
 

@@ -127,8 +127,8 @@ def logits_vb(cfg: TransformerConfig, head_vd, head_dv, hidden_dn):
     or the untied kernel transposed and as it is).
 
     A single column takes the activation-first product with the [D, V] head:
-    with one row that one measured faster (about 2.5 ms a step at batch 1 with
-    SmolLM2)."""
+    with one row that one measured faster (SmolLM2's head: 3.4 against 3.9 ms,
+    `benchmarks/bench_orientation.py`)."""
     if hidden_dn.shape[1] == 1:
         row = jnp.dot(hidden_dn.reshape(1, -1), head_dv.astype(cfg.compute_dtype),
                       preferred_element_type=jnp.float32)
