@@ -43,13 +43,16 @@ def parse_args():
     p.add_argument("--skip_compile", action="store_true", help="no compile-time subprocesses")
     p.add_argument("--scanned", action="store_true",
                    help="also time the sampler with scanned layers (unroll_layers=False)")
+    p.add_argument("--flax_trunk", action="store_true",
+                   help="also time the sampler running the Flax model (feature_major=False): "
+                        "activations-first products, except the LM head, weights-first either way")
     p.add_argument("--formulations", action="store_true",
                    help="also time decode attention under alternative cache layouts and updates")
     p.add_argument("--compile_child", help=argparse.SUPPRESS)  # internal: one compile measurement
     args = p.parse_args()
     if args.quick:
         args.batches, args.modes, args.repeats, args.skip_compile = "1,8", "greedy", 1, True
-        args.formulations = args.scanned = False
+        args.formulations = args.scanned = args.flax_trunk = False
     return args
 
 
@@ -289,6 +292,8 @@ def main():
     samplers = {"ours": Sampler(cfg, loaded.tokenizer, progress=False)}
     if args.scanned:
         samplers["ours (scanned)"] = Sampler(cfg, loaded.tokenizer, progress=False, unroll_layers=False)
+    if args.flax_trunk:
+        samplers["ours (Flax trunk)"] = Sampler(cfg, loaded.tokenizer, progress=False, feature_major=False)
     hf = None
     if not args.skip_hf:
         import torch

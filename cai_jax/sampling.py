@@ -324,7 +324,8 @@ class Sampler:
     but the unrolled program takes longer to compile.
 
     On one device (no mesh, or a one-device mesh) with unrolled layers the
-    trunk is `models/feature_major.py`,
+    trunk is `models/feature_major.py` (`feature_major=False` runs the Flax
+    model instead, for comparisons),
     which wants every kernel transposed: `place_params` makes that copy once
     and keeps it while the caller's parameter arrays live (the same arrays
     passed again reuse it), so it costs one more copy of the weights in memory.
@@ -333,7 +334,7 @@ class Sampler:
 
     def __init__(self, model_config: TransformerConfig, tokenizer, mesh: Optional[Mesh] = None,
                  rules=shd.DEFAULT_RULES, stop_check_interval: int = 16, progress: bool = True,
-                 unroll_layers: bool = True):
+                 unroll_layers: bool = True, feature_major: Optional[bool] = None):
         if "lm" not in model_config.heads:
             raise ValueError(f"the sampler needs a model with an 'lm' head; heads are "
                              f"{model_config.heads}")
@@ -347,8 +348,13 @@ class Sampler:
         self.pad_id = int(pad) if pad is not None else 0
         self.default_stop_ids = tuple(stop_token_ids(tokenizer)) if tokenizer is not None else ()
         self.decode_steps = 0  # while-loop iterations run, summed over calls
-        self._program = _Program(self.config, mesh, self.rules, self.pad_id,
-                                 feature_major=unroll_layers and (mesh is None or mesh.size == 1))
+        one_device = mesh is None or mesh.size == 1
+        if feature_major and not (one_device and unroll_layers):
+            raise ValueError("feature_major=True needs one device (no mesh or a one-device mesh) "
+                             "and unroll_layers=True")
+        if feature_major is None:
+            feature_major = one_device and unroll_layers
+        self._program = _Program(self.config, mesh, self.rules, self.pad_id, feature_major=feature_major)
         # The feature-major parameters, made once per set of caller's arrays.
         self._feature_major_params = _DerivedWhileAlive()
         self._param_shardings = shd.param_shardings(self.config, mesh, self.rules) if mesh else None

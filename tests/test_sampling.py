@@ -408,6 +408,8 @@ def test_feature_major_trunk_equals_the_flax_model(family, tiny):
     fm = Sampler(cfg, tiny.tokenizer, progress=False)
     flax_model = Sampler(cfg, tiny.tokenizer, progress=False, unroll_layers=False)
     assert fm._program.feature_major and not flax_model._program.feature_major
+    with pytest.raises(ValueError, match="feature_major=True needs one device"):
+        Sampler(cfg, tiny.tokenizer, unroll_layers=False, feature_major=True)
     prompts = [[5, 6, 7], [9], [10, 20, 30, 40, 50, 60, 70]]
     # Sampling with both filters: equal draws need equal filtered distributions
     # (greedy against the uncached forward pass is tested above).
