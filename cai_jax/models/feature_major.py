@@ -17,19 +17,19 @@ model token for token. Sharded sampling keeps the Flax model (`sampling.py`).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import attend, normalize, rope, write_cache
+from cai_jax.weights import layout
 
 
 def _kernel_t(kernel, n_in_axes: int = 1):
     """A Flax kernel [in..., out...] as a matrix [out, in]."""
-    n_in = 1
-    for d in kernel.shape[:n_in_axes]:
-        n_in *= d
-    return kernel.reshape(n_in, -1).T
+    return kernel.reshape(math.prod(kernel.shape[:n_in_axes]), -1).T
 
 
 def _dense_t(dense: dict, n_in_axes: int = 1) -> dict:
@@ -56,10 +56,8 @@ def transposed_layers(cfg: TransformerConfig, params: dict) -> list:
     (scanned `layers` or unrolled `layers_i`): kernels transposed to [out, in],
     biases flat. Meant to run under `jax.jit`, so each kernel is copied once."""
     if "layers" in params:
-        per_layer = [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(cfg.num_layers)]
-    else:
-        per_layer = [params[f"layers_{i}"] for i in range(cfg.num_layers)]
-    return [_layer(cfg, p) for p in per_layer]
+        params = layout.unstack_layers(params, cfg.num_layers)
+    return [_layer(cfg, params[f"layers_{i}"]) for i in range(cfg.num_layers)]
 
 
 def _project(cfg: TransformerConfig, dense: dict, x_in_n):
