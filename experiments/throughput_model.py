@@ -67,7 +67,8 @@ def measure_cpu(save=lambda partial: None) -> dict:
     from cai_jax.rl_cai import ppo, ppo_update, preference, rollout
     from cai_jax.sampling import Sampler, SamplingParams
     from cai_jax.training import optimizers
-    from cai_jax.weights import gguf_import, tokenizer as tok_lib
+    from cai_jax.weights import tokenizer as tok_lib
+    from cai_jax.weights.packaged import packaged_gguf_path
 
     ppo_cfg = ppo.get_default_config()
     rows, prompt_len, answer_len = ppo_cfg.rollout_batch_size, ppo_cfg.max_prompt_tokens, ppo_cfg.max_new_tokens
@@ -76,7 +77,7 @@ def measure_cpu(save=lambda partial: None) -> dict:
     value_cfg = cfg.replace(heads=("scalar",))
     params = init_params(cfg, jax.random.key(0))
     value_params = init_params(value_cfg, jax.random.key(1))
-    tokenizer = tok_lib.tokenizer_from_gguf(gguf_import.smollm2_gguf_path())
+    tokenizer = tok_lib.tokenizer_from_gguf(packaged_gguf_path("smollm2"))
     rng = np.random.default_rng(0)
     seq = prompt_len + answer_len
     tokens = rng.integers(100, 40000, (rows, seq)).astype(np.int32)

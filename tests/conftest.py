@@ -47,8 +47,9 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from cai_jax.weights import gguf_import, tokenizer
-    return tokenizer.tokenizer_from_gguf(gguf_import.smollm2_gguf_path())
+    from cai_jax.weights import tokenizer
+    from cai_jax.weights.packaged import packaged_gguf_path
+    return tokenizer.tokenizer_from_gguf(packaged_gguf_path("smollm2"))
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,11 @@
 """The bundled SmolLM2-135M-Instruct: weights, tokenizer, chat template, sanity of the LM."""
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from cai_jax.models.transformer import Transformer
 from cai_jax.training.lm_loss import token_logprobs
-from cai_jax.weights import gguf_import
 
 PARAGRAPH = ("The river rises in the hills to the north and flows slowly through farmland "
              "before it reaches the sea. In spring the water is high and the fields along its "
@@ -72,20 +69,3 @@ def test_chat_template_matches_its_definition(smollm2):
     with_system = [{"role": "system", "content": "Be brief."}] + conv[:1]
     assert tok.apply_chat_template(with_system, tokenize=False) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n")
-
-
-def test_gguf_import_matches_transformers_gguf_loader(smollm2):
-    """transformers has its own GGUF reader (dequantization and Q/K un-permutation):
-    an independent path to the same weights."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    path = gguf_import.smollm2_gguf_path()
-    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                               dtype=torch.float32).eval()
-    ids = smollm2.tokenizer("Rivers flow to the sea because")["input_ids"]
-    with torch.no_grad():
-        theirs = ref(input_ids=torch.tensor([ids])).logits.numpy()
-    ours, _ = Transformer(smollm2.config).apply({"params": smollm2.params}, jnp.asarray([ids]),
-                                                jnp.arange(len(ids))[None], jnp.ones((1, len(ids)), bool))
-    assert np.abs(np.asarray(ours["logits"]) - theirs).max() <= 1e-3

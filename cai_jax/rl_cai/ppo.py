@@ -436,8 +436,10 @@ def summarize(metrics_path: str) -> dict:
 
 def _source(spec: str, workdir: str) -> str:
     """"models/sl_cai" -> "ckpt:<workdir>/models/sl_cai"; load_model sources
-    ("smollm2", "init:tiny", "ckpt:/abs", "hf:DIR", "gguf:PATH") pass through."""
-    if spec == "smollm2" or spec.split(":", 1)[0] in ("init", "ckpt", "hf", "gguf"):
+    ("smollm2", "init:tiny", "ckpt:/abs", "hf:DIR", "gguf:PATH", ...) pass through."""
+    from cai_jax.weights.loader import is_model_source
+
+    if is_model_source(spec):
         return spec
     return "ckpt:" + (spec if os.path.isabs(spec) else os.path.join(workdir, spec))
 

