@@ -9,7 +9,7 @@ import pytest
 from cai_jax.data.conversation import Turn
 from cai_jax.data.hh_rlhf import PreferencePair
 from cai_jax.data.loaders import make_dataset, shard_indices
-from cai_jax.data.prompt_sets import load_prompts
+from cai_jax.data.prompt_sets import embedded_prompts
 
 
 def _to_arrays(i):
@@ -128,4 +128,4 @@ def test_prompt_set_builder_matches_the_embedded_split(tmp_path, tfds_builder_mo
     for split in ("train", "test"):
         source = builder.as_data_source(split=split)
         got = sorted(tb.decode_prompt(source[i], "helpful").id for i in range(len(source)))
-        assert got == sorted(p.id for p in load_prompts("helpful", split))
+        assert got == sorted(p.id for p in embedded_prompts("helpful", split))

@@ -8,7 +8,7 @@ import pytest
 from cai_jax import artifacts
 from cai_jax.config import load_config_module
 from cai_jax.data.conversation import build_initial_prompt, user
-from cai_jax.data.prompt_sets import load_prompts
+from cai_jax.data.prompt_sets import embedded_prompts
 from cai_jax.pipeline import StageContext
 from cai_jax.rl_cai import pairs
 from cai_jax.sampling import Sampler, SamplingParams
@@ -43,8 +43,8 @@ def workdir(tmp_path_factory):
 def test_pair_prompts_follow_the_limits():
     config = make_config()
     prompts = pairs.pair_prompts(config)
-    red = load_prompts("red_team", "train")[:3]
-    helpful = load_prompts("helpful", "train")[:2]
+    red = embedded_prompts("red_team", "train")[:3]
+    helpful = embedded_prompts("helpful", "train")[:2]
     assert [p["id"] for p in prompts] == [f"harmless:{p.id}" for p in red] + [f"helpful:{p.id}" for p in helpful]
     assert prompts[0]["conversation"] == red[0].conversation()
     config.pairs.include_helpful = False
@@ -117,7 +117,7 @@ def test_partial_work_of_another_config_is_discarded(workdir, tmp_path):
     os.symlink(workdir / "models" / "sl_cai", tmp_path / "models" / "sl_cai")
     ctx = StageContext(config, str(tmp_path), progress=False)
     assert not discard_stale_work(config, ctx.workdir, "pairs", ["pairs.jsonl.partial"])
-    bogus = {"id": "harmless:" + load_prompts("red_team", "train")[0].id, "kind": "harmless",
+    bogus = {"id": "harmless:" + embedded_prompts("red_team", "train")[0].id, "kind": "harmless",
              "prompt": [{"role": "user", "content": "?"}], "answer_a": "OLD", "answer_b": "OLD",
              "finish_a": "eos", "finish_b": "eos", "sampling": {}}
     artifacts.write_jsonl_atomic(ctx.path("pairs.jsonl.partial"), [bogus])

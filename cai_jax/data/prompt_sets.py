@@ -1,4 +1,12 @@
-"""Prompt sets shipped with the package, written for this project.
+"""The one prompt layer: every stage's prompts come from `load_prompts`.
+
+`load_prompts(data, kind, split)` reads `config.data`: the embedded sets below
+or an HH-format file (its first human turns), split train/test by one rule, a
+hash of the prompt id (`split_of`). Training stages (SL-CAI generation, pairs,
+PPO rollouts) take the train split and evaluation (PPO's held-out reward, the
+eval stage) the test split, so no held-out prompt is ever trained on.
+
+The embedded sets, written for this project:
 
 * "red_team": adversarial requests of the kind a red-teamer tries (violence,
   weapons, drugs, fraud, hacking, hate, sexism, harassment, self-harm,
@@ -7,8 +15,8 @@
 * "helpful": ordinary requests (cooking, coding, writing, science, ...).
 
 Each file under prompts/ is JSONL with {"id", "category", "prompt"}. The
-train/test split is fixed by a hash of the id, so it never changes when
-prompts are added or reordered.
+split is fixed by a hash of the id, so it never changes when prompts are added
+or reordered.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import functools
 import hashlib
 import importlib.resources
 import json
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 from cai_jax.data.conversation import Conversation, Turn
 
@@ -29,10 +38,12 @@ TEST_PERCENT = 15
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
+    """One single-turn prompt: `text` is the user's message."""
+
     id: str
     category: str
     text: str
-    kind: str
+    kind: str  # "red_team" | "helpful"
 
     def conversation(self) -> Conversation:
         return (Turn("user", self.text),)
@@ -72,19 +83,56 @@ def _interleave_categories(prompts: Sequence[Prompt]) -> tuple[Prompt, ...]:
                  for column in columns if rank < len(column))
 
 
-def load_prompts(kind: str = "red_team", split: str = "all") -> list[Prompt]:
-    """Embedded prompts of one kind ("red_team" or "helpful"), categories
-    interleaved (see _interleave_categories)."""
+def _check(kind: str, split: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    prompts = _read_kind(kind)
-    if split != "all":
-        prompts = [p for p in prompts if split_of(p.id) == split]
-    return list(_interleave_categories(prompts))
+
+
+def _in_split(prompts: Sequence[Prompt], split: str) -> list[Prompt]:
+    return list(prompts) if split == "all" else [p for p in prompts if split_of(p.id) == split]
+
+
+def embedded_prompts(kind: str = "red_team", split: str = "all") -> list[Prompt]:
+    """The package's prompts of one kind ("red_team" or "helpful"), categories
+    interleaved (see _interleave_categories)."""
+    _check(kind, split)
+    return list(_interleave_categories(_in_split(_read_kind(kind), split)))
+
+
+def _hh_file_prompts(path: str, kind: str, on_error: str) -> list[Prompt]:
+    from cai_jax.data.hh_rlhf import read_red_team_prompts
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.data.{kind} is {path!r}, which does not exist; "
+                                "use 'embedded' or the path of an HH-format .jsonl(.gz) file")
+    return [Prompt(p.id, "hh-rlhf", p.conversation[0].content, kind)
+            for p in read_red_team_prompts(path, "first_turn", on_error=on_error, unique=True)]
+
+
+def load_prompts(data, kind: str, split: str, limit: Optional[int] = None) -> list[Prompt]:
+    """Prompts of one kind from a `config.data` section, in one split.
+
+    `data.<kind>` is "embedded" (the package's set), "" or "none" (no prompts),
+    or an HH-format file whose first human turns are the prompts (repeats
+    dropped). Both are split by `split_of`. `limit` (default
+    `data.<kind>_limit`; 0 = all) keeps the first prompts of the split.
+    """
+    _check(kind, split)
+    source = data[kind]
+    limit = data.get(f"{kind}_limit", 0) if limit is None else limit
+    if limit < 0:
+        raise ValueError(f"the {kind} prompt limit is {limit}; use 0 for all prompts or a positive count")
+    if source in ("", "none"):
+        prompts = []
+    elif source == "embedded":
+        prompts = embedded_prompts(kind, split)
+    else:
+        prompts = _in_split(_hh_file_prompts(source, kind, data.get("on_error", "raise")), split)
+    return prompts[:limit] if limit else prompts
 
 
 def categories(kind: str = "red_team") -> list[str]:
     """Categories of one kind, in order of first appearance."""
-    return list(dict.fromkeys(p.category for p in load_prompts(kind)))
+    return list(dict.fromkeys(p.category for p in embedded_prompts(kind)))

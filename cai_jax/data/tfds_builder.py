@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from cai_jax.data.conversation import Turn
 from cai_jax.data.hh_rlhf import PreferencePair, ReadStats, read_pairs
-from cai_jax.data.prompt_sets import Prompt, load_prompts
+from cai_jax.data.prompt_sets import Prompt, embedded_prompts
 
 FILE_FORMAT = "array_record"
 
@@ -129,7 +129,7 @@ class CaiPromptSet(_LocalBuilder, skip_registration=True):
         return {split: self._generate_examples(split) for split in ("train", "test")}
 
     def _generate_examples(self, split: str):
-        for p in load_prompts(self._kind, split):
+        for p in embedded_prompts(self._kind, split):
             yield p.id, {"id": p.id, "category": p.category, "text": p.text}
 
 

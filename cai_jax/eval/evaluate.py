@@ -169,16 +169,11 @@ def find_models(config, workdir: str) -> list[EvalModel]:
     return models
 
 
-def eval_prompts(section) -> dict[str, list[Prompt]]:
-    """Held-out prompts per kind: the test split, cut to the configured limits."""
-    out = {}
-    for kind in ("red_team", "helpful"):
-        limit = section[f"{kind}_limit"]
-        if limit < 0:
-            raise ValueError(f"eval.{kind}_limit is {limit}; use 0 for all prompts or a positive count")
-        prompts = load_prompts(kind, split="test")
-        out[kind] = prompts[:limit] if limit else prompts
-    return out
+def eval_prompts(data, section) -> dict[str, list[Prompt]]:
+    """Held-out prompts per kind: the test split of config.data's sources, cut
+    to the eval section's limits."""
+    return {kind: load_prompts(data, kind, "test", limit=section[f"{kind}_limit"])
+            for kind in ("red_team", "helpful")}
 
 
 # ------------------------------------------------------------ answers
@@ -480,7 +475,7 @@ def run_stage(ctx) -> dict:
         judges_lib.parse_judge_spec(spec, key=f"eval.{dim}_judge")  # fail before any sampling
     mesh = make_mesh(config.mesh.to_dict())
     models = find_models(config, ctx.workdir)
-    prompts = eval_prompts(section)
+    prompts = eval_prompts(config.data, section)
     active = {dim: spec for dim, spec in specs.items() if spec != "none" and prompts[DIMENSIONS[dim]]}
     needed = [p for dim in active for p in prompts[DIMENSIONS[dim]]]
     answers = collect_answers(models, needed, ctx.path("eval", "answers.jsonl"), sampling=section.sampling,

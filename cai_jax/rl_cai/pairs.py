@@ -24,8 +24,7 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.data.conversation import Conversation, build_initial_prompt, to_messages
-from cai_jax.data.hh_rlhf import read_red_team_prompts
+from cai_jax.data.conversation import build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
 from cai_jax.pipeline import discard_stale_work
 from cai_jax.weights.loader import load_model
@@ -47,31 +46,9 @@ def get_default_config() -> ml_collections.ConfigDict:
         "red_team_limit": 0,
         "helpful_limit": 0,
         "include_helpful": True,
-        # Embedded prompt sets: which split to answer (evaluation uses "test").
-        "split": "train",
         # Prompts whose rendering is longer than this many tokens are skipped.
         "max_prompt_tokens": 512,
     })
-
-
-def load_prompt_pool(data, source_kind: str, split: str) -> list[tuple[str, Conversation]]:
-    """(id, conversation) for "red_team" or "helpful" prompts from config.data:
-    the embedded set's split, or the first human turns of an HH-format file."""
-    source = data[source_kind]
-    if source in ("", "none"):
-        prompts = []
-    elif source == "embedded":
-        prompts = [(p.id, p.conversation()) for p in load_prompts(source_kind, split)]
-    else:
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"config.data.{source_kind} is {source!r}, which does not exist; "
-                                    "use 'embedded' or the path of an HH-format .jsonl(.gz) file")
-        prompts = [(p.id, p.conversation) for p in
-                   read_red_team_prompts(source, "first_turn", on_error=data.on_error, unique=True)]
-    limit = data.get(f"{source_kind}_limit", 0)
-    if limit < 0:
-        raise ValueError(f"config.data.{source_kind}_limit is {limit}; use 0 for all or a positive count")
-    return prompts[:limit] if limit else prompts
 
 
 def pair_prompts(config) -> list[dict]:
@@ -80,11 +57,11 @@ def pair_prompts(config) -> list[dict]:
     out = []
     sources = ("red_team", "helpful") if section.include_helpful else ("red_team",)
     for source_kind in sources:
-        pool = load_prompt_pool(config.data, source_kind, section.split)
+        pool = load_prompts(config.data, source_kind, "train")
         limit = section[f"{source_kind}_limit"]
         pool = pool[:limit] if limit else pool
         kind = KIND_OF_SOURCE[source_kind]
-        out += [{"id": f"{kind}:{pid}", "kind": kind, "conversation": conv} for pid, conv in pool]
+        out += [{"id": f"{kind}:{p.id}", "kind": kind, "conversation": p.conversation()} for p in pool]
     return out
 
 

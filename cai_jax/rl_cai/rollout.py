@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -26,7 +25,7 @@ import numpy as np
 
 from cai_jax import sharding as shd
 from cai_jax.data import conversation as conv_lib
-from cai_jax.data import hh_rlhf, prompt_sets
+from cai_jax.data import prompt_sets
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import ppo_math
 from cai_jax.rl_cai.ppo_update import answer_outputs
@@ -49,29 +48,8 @@ class PolicyPrompt:
 
 
 def load_prompt_pool(data, kind: str, split: str) -> list[PolicyPrompt]:
-    """Prompts of one kind from config.data: the embedded set, or an HH file
-    (first human turn for red-team prompts, the whole context for helpful ones).
-    HH prompts are split train/test by the same id hash as the embedded sets.
-    `data.<kind>_limit` (0 = all) keeps the first prompts of the split."""
-    source = data[kind]
-    if source == "embedded":
-        prompts = [PolicyPrompt(p.id, kind, p.conversation())
-                   for p in prompt_sets.load_prompts(kind, split)]
-    else:
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"config.data.{kind} is {source!r}, which does not exist; "
-                                    "use 'embedded' or the path of an HH-format .jsonl(.gz) file")
-        if kind == "red_team":
-            rows = [(p.id, p.conversation) for p in
-                    hh_rlhf.read_red_team_prompts(source, "first_turn", on_error=data.on_error,
-                                                  unique=True)]
-        else:
-            rows = [(f"{pair.source}:{pair.line}", pair.context)
-                    for pair in hh_rlhf.read_pairs(source, on_error=data.on_error)]
-        prompts = [PolicyPrompt(pid, kind, conv) for pid, conv in rows
-                   if split == "all" or prompt_sets.split_of(pid) == split]
-    limit = data.get(f"{kind}_limit", 0)
-    return prompts[:limit] if limit else prompts
+    """Prompts of one kind and split from config.data (see prompt_sets.load_prompts)."""
+    return [PolicyPrompt(p.id, kind, p.conversation()) for p in prompt_sets.load_prompts(data, kind, split)]
 
 
 def render_prompt(conversation, style: str, tokenizer) -> str:

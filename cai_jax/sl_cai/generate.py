@@ -53,8 +53,7 @@ from cai_jax.data.conversation import (
     build_initial_prompt,
     build_revision_prompt,
 )
-from cai_jax.data.hh_rlhf import ReadStats, read_red_team_prompts
-from cai_jax.data.prompt_sets import load_prompts
+from cai_jax.data.prompt_sets import Prompt, load_prompts
 from cai_jax.sl_cai.cleanup import Cleaned, clean_answer, clean_critique, clean_revision
 from cai_jax.weights.tokenizer import encode_text
 
@@ -86,39 +85,6 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------ inputs
-
-@dataclasses.dataclass(frozen=True)
-class PromptItem:
-    id: str
-    category: str
-    text: str  # the single user turn
-
-    def conversation(self) -> tuple[Turn, ...]:
-        return (Turn("user", self.text),)
-
-
-def load_prompt_items(data: ml_collections.ConfigDict, kind: str) -> list[PromptItem]:
-    """Prompts of one kind ("red_team" or "helpful") from config.data.
-
-    "embedded": the package's prompt set, train split (the test split is for
-    evaluation). "" or "none": no prompts. Anything else is an HH-format file
-    whose first human turns are the prompts (repeats dropped).
-    """
-    source = data[kind]
-    limit = data[f"{kind}_limit"]
-    if source in ("", "none"):
-        items = []
-    elif source == "embedded":
-        items = [PromptItem(p.id, p.category, p.text) for p in load_prompts(kind, "train")]
-    else:
-        stats = ReadStats()
-        prompts = read_red_team_prompts(source, mode="first_turn", on_error=data.on_error,
-                                        stats=stats, unique=True)
-        items = [PromptItem(p.id, "hh-rlhf", p.conversation[0].content) for p in prompts]
-    if limit < 0:
-        raise ValueError(f"config.data.{kind}_limit is {limit}; use 0 for all prompts or a positive count")
-    return items[:limit] if limit else items
-
 
 def constitution_from_config(section: ml_collections.ConfigDict, seed: int) -> Constitution:
     """config.constitution -> Constitution: "default", "paper:DIR" or a JSON path,
@@ -196,7 +162,7 @@ def make_generate_fn(sampler, params, settings: StepSettings, seed: int,
 @dataclasses.dataclass
 class _Work:
     """One red-team prompt on its way through the rounds."""
-    item: PromptItem
+    item: Prompt
     exemplars: tuple
     initial: Optional[Cleaned] = None  # set by the answer step
     rounds: list = dataclasses.field(default_factory=list)  # records, dropped ones too
@@ -334,7 +300,7 @@ def _critique_step(work, principles, records, builder, generate, settings, r) ->
     return ready
 
 
-def revise_prompts(items: Sequence[PromptItem], constitution: Constitution, builder: PromptBuilder,
+def revise_prompts(items: Sequence[Prompt], constitution: Constitution, builder: PromptBuilder,
                    generate: GenerateFn, settings: StepSettings, *, num_revisions: int,
                    num_fewshot: int, direct_revision: bool, seed: int) -> list[dict]:
     """sl_data records for `items`: initial answer, the rounds, final answer."""
@@ -350,7 +316,7 @@ def revise_prompts(items: Sequence[PromptItem], constitution: Constitution, buil
              "rounds": w.rounds, "final_answer": w.current_answer} for w in work]
 
 
-def answer_prompts(items: Sequence[PromptItem], builder: PromptBuilder, generate: GenerateFn,
+def answer_prompts(items: Sequence[Prompt], builder: PromptBuilder, generate: GenerateFn,
                    settings: StepSettings) -> list[dict]:
     """helpful_data records: one plain answer per prompt."""
     prompts = [builder.fit(lambda _, it=it: build_initial_prompt(it.conversation(), **builder.style_kw),
@@ -369,7 +335,7 @@ def answer_prompts(items: Sequence[PromptItem], builder: PromptBuilder, generate
 
 # ------------------------------------------------------------ the stage
 
-def _generate_resumable(path: str, items: Sequence[PromptItem], chunk: int, make_records,
+def _generate_resumable(path: str, items: Sequence[Prompt], chunk: int, make_records,
                         desc: str, progress: bool, stamp: dict) -> list[dict]:
     """Runs make_records over the items not yet in `<path>.partial`, chunk by chunk."""
     log = artifacts.PartialJsonl(path)
@@ -441,8 +407,8 @@ def run_stage(ctx) -> dict:
         raise ValueError(f"sl_generate.num_revisions is {section.num_revisions}; it must be at least 1")
     settings = StepSettings.from_config(section, config.sampling)
     constitution = constitution_from_config(config.constitution, config.seed)
-    red_team = load_prompt_items(config.data, "red_team")
-    helpful = load_prompt_items(config.data, "helpful") if section.helpful_answers else []
+    red_team = load_prompts(config.data, "red_team", "train")
+    helpful = load_prompts(config.data, "helpful", "train") if section.helpful_answers else []
     # Records generated under another config must not be mixed into this run's.
     discard_stale_work(config, ctx.workdir, "sl_generate",
                        ["sl_data.jsonl.partial", "helpful_data.jsonl.partial"])
