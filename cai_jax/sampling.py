@@ -51,12 +51,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from cai_jax import sharding as shd
+from cai_jax.batched_forward import batch_row_multiple, batched_forward, place_batch
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models import feature_major
 from cai_jax.models.transformer import Transformer, cache_shapes, init_cache, positions_from_mask
 from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
-                                      length_sorted_batches, right_pad, tokens_within,
-                                      width_bucket)
+                                      length_sorted_batches, tokens_within, width_bucket)
 from cai_jax.sampling_choice import Mode, choose_tokens
 from cai_jax.weights import layout
 from cai_jax.weights.tokenizer import encode_text, stop_token_ids
@@ -370,11 +370,7 @@ class Sampler:
     @property
     def batch_multiple(self) -> int:
         """Batch rows must split evenly over the mesh's batch axes."""
-        if self.mesh is None:
-            return 1
-        target = dict(self.rules).get("batch") or ()
-        axes = target if isinstance(target, tuple) else (target,)
-        return int(np.prod([self.mesh.shape[a] for a in axes]))
+        return batch_row_multiple(self.mesh, self.rules)
 
     def place_params(self, params):
         """The parameters as the compiled functions take them, without heads the
@@ -412,10 +408,7 @@ class Sampler:
         return out
 
     def _put_batch(self, x):
-        x = np.asarray(x)
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, shd.data_sharding(self.mesh, x.ndim, self.rules))
+        return place_batch(x, self.mesh, self.rules)
 
     # -- generation
 
@@ -539,21 +532,16 @@ class Sampler:
             if len(p) + len(c) > self.config.max_seq_len:
                 raise ValueError(f"prompt {i} with its continuation has {len(p) + len(c)} tokens, "
                                  f"more than the model's context of {self.config.max_seq_len}")
-        params = self.place_params(params)
-        seqs = [p + c for p, c in zip(prompts, conts)]
-        results: list[Optional[np.ndarray]] = [None] * len(seqs)
-        bar = _progress_bar(len(seqs), "scoring", progress)
-        for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
-            rows = bucket(len(idx), self.batch_multiple)
-            width = width_bucket(max(len(seqs[i]) for i in idx), MIN_PROMPT_BUCKET)
-            tokens, mask = right_pad([seqs[i] for i in idx], rows, width, self.pad_id)
-            logp = np.asarray(_score(self._program, params, self._put_batch(tokens), self._put_batch(mask)))
-            for r, i in enumerate(idx):
-                start = len(prompts[i]) - 1  # the logits at t predict token t + 1
-                results[i] = logp[r, start:start + len(conts[i])].astype(np.float32)
-            bar.update(len(idx))
+        bar = _progress_bar(len(prompts), "scoring", progress)
+        logp_rows = batched_forward(
+            functools.partial(_score, self._program, self.place_params(params)),
+            [p + c for p, c in zip(prompts, conts)], batch_size=batch_size,
+            min_width=MIN_PROMPT_BUCKET, max_width=self.config.max_seq_len, pad_id=self.pad_id,
+            mesh=self.mesh, rules=self.rules, on_batch=bar.update)
         bar.close()
-        return results
+        # The log-prob at t is of token t + 1: a continuation starts at len(prompt) - 1.
+        return [logp[len(p) - 1:len(p) - 1 + len(c)].astype(np.float32)
+                for logp, p, c in zip(logp_rows, prompts, conts)]
 
 
 class _DerivedWhileAlive:

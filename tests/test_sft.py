@@ -10,6 +10,7 @@ from cai_jax.data.conversation import Turn
 from cai_jax.models.transformer import Transformer
 from cai_jax.pipeline import StageContext
 from cai_jax.sharding import make_mesh
+from cai_jax.batched_forward import training_width
 from cai_jax.sl_cai import generate, sft
 from cai_jax.training.metrics import read_metrics
 from cai_jax.config import load_config_module
@@ -52,20 +53,24 @@ def test_hh_loss_mask_covers_the_answer_and_eos(smollm2_tokenizer):
     assert mask.tolist() == [0] * len(_ids(tok, prompt)) + [1] * len(answer_ids)
 
 
-def test_buckets_and_padding():
-    assert sft.bucket_lengths(64, 512) == [64, 128, 256, 512]
-    assert sft.bucket_lengths(64, 300) == [64, 128, 256, 300]
-    assert sft.bucket_lengths(64, 32) == [32]
+def test_training_widths_double_from_the_minimum_up_to_the_limit():
+    widths = {n: training_width(n, 64, 384) for n in (1, 64, 65, 128, 200, 257, 384)}
+    assert widths == {1: 64, 64: 64, 65: 128, 128: 128, 200: 256, 257: 384, 384: 384}
+    with pytest.raises(ValueError, match="longer than the limit of 384"):
+        training_width(385, 64, 384)
+
+
+def test_padding():
     examples = [{"tokens": np.arange(1, 6), "loss_mask": np.array([0, 0, 1, 1, 1])},
                 {"tokens": np.arange(1, 3), "loss_mask": np.array([0, 1])}]
-    batch = sft.pad_batch(examples, [4, 8, 16], pad_id=-1, rows=3)
+    batch = sft.pad_batch(examples, 4, 16, pad_id=-1, rows=3)  # 5 tokens: width 8 (4, 8, 16)
     np.testing.assert_array_equal(batch["tokens"], [[1, 2, 3, 4, 5, -1, -1, -1],
                                                     [1, 2, -1, -1, -1, -1, -1, -1],
                                                     [-1] * 8])
     np.testing.assert_array_equal(batch["attention_mask"], [[1] * 5 + [0] * 3, [1, 1] + [0] * 6, [0] * 8])
     np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1, 1, 0, 0, 0], [0, 1] + [0] * 6, [0] * 8])
-    with pytest.raises(ValueError, match="largest bucket"):
-        sft.pad_batch(examples, [2, 4], pad_id=0)
+    with pytest.raises(ValueError, match="longer than the limit of 4"):
+        sft.pad_batch(examples, 2, 4, pad_id=0)
 
 
 def test_heldout_split_is_by_id_and_never_empty_or_total():
@@ -146,8 +151,9 @@ def test_sft_stage_learns_its_examples(tmp_path):
     train_records = [r for r in _read_jsonl(tmp_path / "sl_data.jsonl") if r["id"] != heldout_id]
     pairs = sft.revision_pairs(train_records, True)[0] + [((Turn("user", "Name a fruit."),), "An apple.")]
     examples, _ = sft.tokenize_all(pairs, base.tokenizer, "hh", 128)
-    evaluate = sft.make_eval_fn(Transformer(base.config), examples, [32, 64, 128],
-                                base.tokenizer.pad_token_id, 4, make_mesh({"data": 1}, jax.devices()[:1]))
+    evaluate = sft.make_eval_fn(Transformer(base.config), examples, min_width=32, max_width=128,
+                                pad_id=base.tokenizer.pad_token_id, batch_size=4,
+                                mesh=make_mesh({"data": 1}, jax.devices()[:1]))
     before, after = evaluate(base.params)["loss"], evaluate(trained.params)["loss"]
     assert before > 10.0  # about log(49152) for a random model
     assert after < 0.5 * before

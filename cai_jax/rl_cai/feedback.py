@@ -25,6 +25,7 @@ principles. Output: `labels.jsonl`, one record per pair.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
+from cai_jax.batched_forward import batched_forward
 from cai_jax.config import resolve_model
 from cai_jax.constitution import (
     Constitution,
@@ -74,8 +76,8 @@ def get_default_config() -> ml_collections.ConfigDict:
         "cot_max_new_tokens": 128,
         "cot_temperature": 1.0,
         "cot_top_p": 0.95,
-        # Rows per forward pass; prompts are padded to multiples of min_bucket
-        # tokens up to max_seq_len (few compiled shapes).
+        # Rows per forward pass; prompts are padded to at least min_bucket
+        # tokens and at most max_seq_len (batched_forward.padded_width).
         "batch_size": 8,
         "max_seq_len": 1024,
         "min_bucket": 128,
@@ -111,18 +113,6 @@ def option_token_ids(tokenizer, options: Sequence[str] = fp.OPTIONS) -> tuple[li
 
 # ------------------------------------------------------------ the scorer
 
-def bucket_length(n: int, min_bucket: int, max_len: int) -> int:
-    """The smallest multiple of min_bucket (capped at max_len) that holds n tokens.
-
-    Multiples rather than powers of two: feedback prompts are long (few-shot
-    exemplars plus two answers), and padding 600 tokens to 1024 would waste
-    40% of every forward pass; max_len / min_bucket shapes compile at most.
-    """
-    if n > max_len:
-        raise ValueError(f"a prompt of {n} tokens exceeds feedback.max_seq_len={max_len}")
-    return min(-(-max(n, 1) // min_bucket) * min_bucket, max_len)
-
-
 class OptionScorer:
     """p(option A) at the end of each prompt, from one forward pass per batch.
 
@@ -140,8 +130,7 @@ class OptionScorer:
         self.params = shd.place(params, shd.param_shardings(model_config, self.mesh))
         self.token_ids = jnp.asarray([token_a, token_b], jnp.int32)
         self.pad_id, self.max_len, self.min_bucket = pad_id, max_len, min_bucket
-        data_size = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.batch_size = max(data_size, -(-batch_size // data_size) * data_size)
+        self.batch_size = batch_size
         self._forward = jax.jit(self._option_logprobs)
 
     def _option_logprobs(self, params, tokens_bt, mask_bt):
@@ -153,23 +142,13 @@ class OptionScorer:
 
     def option_logprobs(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
         """[N, 2] log-probs of the two option tokens after each prompt."""
-        out = np.zeros((len(prompts), 2), np.float64)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
-        sharding = shd.data_sharding(self.mesh, 2)
-        batches = list(artifacts.iter_batches(order, self.batch_size))
-        for rows in tqdm(batches, desc="feedback", disable=not progress, leave=False):
-            length = bucket_length(max(len(prompts[i]) for i in rows), self.min_bucket, self.max_len)
-            tokens = np.full((self.batch_size, length), self.pad_id, np.int32)
-            mask = np.zeros((self.batch_size, length), np.int32)
-            mask[len(rows):, -1] = 1  # filler rows: one visible pad token
-            for r, i in enumerate(rows):
-                ids = prompts[i]
-                tokens[r, length - len(ids):] = ids
-                mask[r, length - len(ids):] = 1
-            logp = self._forward(self.params, jax.device_put(tokens, sharding),
-                                 jax.device_put(mask, sharding))
-            out[rows] = np.asarray(logp, np.float64)[:len(rows)]
-        return out
+        bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress, leave=False)
+        logp_rows = batched_forward(functools.partial(self._forward, self.params), prompts,
+                                    batch_size=self.batch_size, min_width=self.min_bucket,
+                                    max_width=self.max_len, pad_id=self.pad_id, left=True,
+                                    mesh=self.mesh, on_batch=bar.update)
+        bar.close()
+        return np.asarray(logp_rows, np.float64).reshape(len(prompts), 2)
 
     def p_first(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
         """Softmax over the two option log-probs: p(option A) per prompt."""

@@ -16,12 +16,12 @@ comparisons, AI-labelled by default or human-labelled HH-format pairs when
 (PMP) first trains on any HH-format file with hard labels.
 
 Rows are right-padded; the score is gathered at each row's last real token.
-Batches are padded to buckets of min_bucket * 2^k tokens, so only a few shapes
+Training batches are padded to `batched_forward.training_width` (at least
+min_bucket tokens, doubled), scored rows to its `padded_width`, so few shapes
 compile. A held-out slice (by hash of the pair id) is scored every
-`eval_every` steps (loss, accuracy, calibration gap). The result is a ckpt:
-directory `<workdir>/models/pm` (heads=("scalar",)) with a `preference.json`
-beside the weights recording how answers were rendered, so `PreferenceScorer`
-reads them back the same way.
+`eval_every` steps (loss, accuracy, calibration gap). The result is a ckpt: directory `<workdir>/models/pm`
+(heads=("scalar",)) with a `preference.json` beside the weights recording how
+answers were rendered, so `PreferenceScorer` reads them back the same way.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from cai_jax import artifacts, sharding as shd
+from cai_jax.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section, resolve_model
 from cai_jax.data.conversation import Conversation, Turn, as_conversation, render_chat, render_hh
 from cai_jax.data.hh_rlhf import read_pairs
@@ -135,24 +136,6 @@ def encode_answer(tokenizer, conversation: Sequence[Turn], answer: str, style: s
     return ids, False
 
 
-def bucket_for(n: int, min_bucket: int, max_len: int) -> int:
-    length = min(min_bucket, max_len)
-    while length < n:
-        length = min(2 * length, max_len)
-    return length
-
-
-def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, num_rows: Optional[int] = None):
-    """Right-padded [num_rows, length] tokens and mask; extra rows are empty."""
-    num_rows = num_rows or len(rows)
-    tokens = np.full((num_rows, length), pad_id, np.int32)
-    mask = np.zeros((num_rows, length), np.int32)
-    for i, ids in enumerate(rows):
-        tokens[i, :len(ids)] = ids
-        mask[i, :len(ids)] = 1
-    return tokens, mask
-
-
 # ------------------------------------------------------------ model functions
 
 def make_score_fn(model: Transformer):
@@ -188,7 +171,7 @@ def pair_batch(examples: Sequence[dict], min_bucket: int, max_len: int, pad_id: 
                rows: Optional[int] = None) -> dict:
     """Examples {"a": ids, "b": ids, "p_a": float} -> a padded batch for make_pm_loss."""
     rows = rows or len(examples)
-    length = bucket_for(max(max(len(e["a"]), len(e["b"])) for e in examples), min_bucket, max_len)
+    length = training_width(max(max(len(e["a"]), len(e["b"])) for e in examples), min_bucket, max_len)
     tokens = np.full((rows, 2, length), pad_id, np.int32)
     mask = np.zeros((rows, 2, length), np.int32)
     p_a = np.full((rows,), 0.5, np.float32)
@@ -213,26 +196,16 @@ def make_eval_fn(model: Transformer, examples: Sequence[dict], *, batch_size: in
     calibration_gap is the mean |sigmoid(r_a - r_b) - p_a|: how far the PM's
     probabilities are from the soft labels, not just their ordering.
     """
-    order = sorted(range(len(examples)), key=lambda i: max(len(examples[i]["a"]), len(examples[i]["b"])))
-    chunks = [[examples[i] for i in rows] for rows in artifacts.iter_batches(order, batch_size)]
-    batches = [pair_batch(c, min_bucket, max_len, pad_id, rows=batch_size) for c in chunks]
-    score = make_score_fn(model)
-    shardings = batch_shardings(mesh)
-
-    @jax.jit
-    def pair_scores(params, tokens, mask):
-        b, _, t = tokens.shape
-        return score(params, tokens.reshape(2 * b, t), mask.reshape(2 * b, t)).reshape(b, 2)
+    rows = [e["a"] for e in examples] + [e["b"] for e in examples]
+    p_a = np.asarray([e["p_a"] for e in examples], np.float64)
+    score = jax.jit(make_score_fn(model))
 
     def evaluate(params) -> dict:
-        diffs, labels = [], []
-        for chunk, batch in zip(chunks, batches):
-            s = pair_scores(params, jax.device_put(batch["tokens"], shardings["tokens"]),
-                            jax.device_put(batch["mask"], shardings["mask"]))
-            s = np.asarray(s, np.float64)[:len(chunk)]
-            diffs.append(s[:, 0] - s[:, 1])
-            labels.append(batch["p_a"][:len(chunk)])
-        return pair_metrics(np.concatenate(diffs), np.concatenate(labels))
+        # Both answers of batch_size pairs per forward pass, as in training.
+        scores = np.asarray(batched_forward(functools.partial(score, params), rows,
+                                            batch_size=2 * batch_size, min_width=min_bucket,
+                                            max_width=max_len, pad_id=pad_id, mesh=mesh), np.float64)
+        return pair_metrics(scores[:len(examples)] - scores[len(examples):], p_a)
 
     return evaluate
 
@@ -482,8 +455,7 @@ class PreferenceScorer:
         self.max_len = min(max_len, model.config.max_seq_len)
         self.min_bucket = min_bucket
         self.mesh = mesh or shd.make_mesh({"data": -1})
-        data_size = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.batch_size = max(data_size, -(-batch_size // data_size) * data_size)
+        self.batch_size = batch_size
         self.params = shd.place(model.params, shd.param_shardings(model.config, self.mesh))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._score = jax.jit(make_score_fn(Transformer(model.config)))
@@ -503,16 +475,10 @@ class PreferenceScorer:
 
     def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """[N] scores of token-id rows (prompt + answer), read at each row's end."""
-        out = np.zeros(len(rows), np.float64)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        sharding = shd.data_sharding(self.mesh, 2)
-        for chunk in artifacts.iter_batches(order, self.batch_size):
-            length = bucket_for(max(len(rows[i]) for i in chunk), self.min_bucket, self.max_len)
-            tokens, mask = pad_rows([rows[i] for i in chunk], length, self.pad_id, self.batch_size)
-            mask[len(chunk):, 0] = 1  # filler rows: one visible token, result discarded
-            s = self._score(self.params, jax.device_put(tokens, sharding), jax.device_put(mask, sharding))
-            out[chunk] = np.asarray(s, np.float64)[:len(chunk)]
-        return out
+        scores = batched_forward(functools.partial(self._score, self.params), rows,
+                                 batch_size=self.batch_size, min_width=self.min_bucket,
+                                 max_width=self.max_len, pad_id=self.pad_id, mesh=self.mesh)
+        return np.asarray(scores, np.float64).reshape(len(rows))
 
     def score(self, conversations: Sequence[Conversation], answers: Sequence[str],
               complete: bool = True) -> np.ndarray:

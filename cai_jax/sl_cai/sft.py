@@ -15,6 +15,7 @@ model got. The trained model is written to `<workdir>/models/sl_cai`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -22,11 +23,13 @@ from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
 from cai_jax import artifacts, sharding as shd
+from cai_jax.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section, resolve_model
 from cai_jax.data.conversation import Turn, render_chat, render_hh
 from cai_jax.data.loaders import make_dataset
@@ -61,8 +64,8 @@ def get_default_config() -> ml_collections.ConfigDict:
         "eval_every": 20,
         "eval_batch_size": 4,
         # Examples longer than max_seq_len are skipped (and counted). Batches are
-        # right-padded to the smallest bucket (min_bucket, 2*min_bucket, ...,
-        # max_seq_len) that fits, so only a few shapes get compiled.
+        # right-padded to min_bucket tokens doubled until they fit
+        # (batched_forward.training_width), so only a few shapes get compiled.
         "max_seq_len": 512,
         "min_bucket": 64,
         # None: the rendering the other stages use (config.data.render).
@@ -113,25 +116,11 @@ def tokenize_example(conversation: Sequence[Turn], answer: str, tokenizer,
     return tokens, mask
 
 
-def bucket_lengths(min_bucket: int, max_len: int) -> list[int]:
-    """min_bucket, 2*min_bucket, ... capped by (and ending at) max_len."""
-    if min_bucket < 1 or max_len < 1:
-        raise ValueError(f"sl_train.min_bucket ({min_bucket}) and max_seq_len ({max_len}) must be positive")
-    out, n = [], min(min_bucket, max_len)
-    while n < max_len:
-        out.append(n)
-        n *= 2
-    return out + [max_len]
-
-
-def pad_batch(examples: Sequence[dict], buckets: Sequence[int], pad_id: int,
+def pad_batch(examples: Sequence[dict], min_width: int, max_width: int, pad_id: int,
               rows: Optional[int] = None) -> dict:
-    """Right-pads examples ({"tokens", "loss_mask"}) to the smallest bucket that
-    fits the longest; `rows` adds all-padding rows (masked out everywhere)."""
-    longest = max(len(e["tokens"]) for e in examples)
-    length = next((b for b in buckets if b >= longest), None)
-    if length is None:
-        raise ValueError(f"an example of {longest} tokens exceeds the largest bucket {buckets[-1]}")
+    """Right-pads examples ({"tokens", "loss_mask"}) to the `training_width` of the
+    longest; `rows` adds all-padding rows (masked out everywhere)."""
+    length = training_width(max(len(e["tokens"]) for e in examples), min_width, max_width)
     rows = rows or len(examples)
     tokens = np.full((rows, length), pad_id, np.int32)
     attention = np.zeros((rows, length), np.int32)
@@ -198,28 +187,26 @@ def tokenize_all(pairs, tokenizer, style: str, max_len: int) -> tuple[list[dict]
 
 # ------------------------------------------------------------ evaluation
 
-def make_eval_fn(model: Transformer, examples: Sequence[dict], buckets, pad_id: int,
-                 batch_size: int, mesh):
-    """params -> {"loss", "tokens"}: mean loss per answer token over `examples`.
-
-    Batches are padded to a fixed number of rows so each bucket compiles once.
-    """
-    batches = [pad_batch(chunk, buckets, pad_id, rows=batch_size)
-               for chunk in artifacts.iter_batches(list(examples), batch_size)]
-    loss_fn = lm_loss.make_lm_loss(model)
-    batch_sharding = shd.data_sharding(mesh, 2)
+def make_eval_fn(model: Transformer, examples: Sequence[dict], *, min_width: int, max_width: int,
+                 pad_id: int, batch_size: int, mesh):
+    """params -> {"loss", "tokens"}: mean loss per answer token over `examples`."""
+    rows = [e["tokens"] for e in examples]
+    loss_masks = [e["loss_mask"] for e in examples]
 
     @jax.jit
-    def sums(params, batch):
+    def row_loss_sums(params, tokens_bt, mask_bt, loss_mask_bt):
+        """(summed loss, answer tokens) per row: the training loss, kept per row."""
         with nn.logical_axis_rules(shd.DEFAULT_RULES):
-            total, count, _ = loss_fn(params, batch, None)
-        return total, count
+            logp = lm_loss.token_logprobs(model, params, tokens_bt, mask_bt)
+        weight = loss_mask_bt[:, 1:].astype(jnp.float32)
+        return -(logp * weight).sum(-1), weight.sum(-1)
 
     def evaluate(params) -> dict:
-        total, count = 0.0, 0.0
-        for batch in batches:
-            s, c = sums(params, jax.device_put(batch, batch_sharding))
-            total, count = total + float(s), count + float(c)
+        per_row = batched_forward(functools.partial(row_loss_sums, params), rows, batch_size=batch_size,
+                                  min_width=min_width, max_width=max_width, pad_id=pad_id,
+                                  token_extras=[loss_masks], mesh=mesh)
+        total = float(np.sum([loss for loss, _ in per_row], dtype=np.float64))
+        count = float(np.sum([tokens for _, tokens in per_row], dtype=np.float64))
         return {"loss": total / max(count, 1.0), "tokens": count}
 
     return evaluate
@@ -255,7 +242,6 @@ def run_stage(ctx) -> dict:
                          "the training conversations")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_len = min(section.max_seq_len, cfg.max_seq_len)
-    buckets = bucket_lengths(section.min_bucket, max_len)
 
     train_records, eval_records = split_heldout(sl_records, section.eval_fraction)
     revisions, skipped_train = revision_pairs(train_records, section.skip_unrevised)
@@ -284,15 +270,16 @@ def run_stage(ctx) -> dict:
     evaluate = None
     base_eval = {}
     if eval_examples:
-        evaluate = make_eval_fn(model, eval_examples, buckets, pad_id, section.eval_batch_size, mesh)
+        evaluate = make_eval_fn(model, eval_examples, min_width=section.min_bucket, max_width=max_len,
+                                pad_id=pad_id, batch_size=section.eval_batch_size, mesh=mesh)
         base_eval = evaluate(params)  # before any step: the improvement is measured from here
 
     state = jax.jit(lambda p: ts.init_train_state(p, optimizer), out_shardings=state_sharding)(params)
     del params  # the train step donates the state; keep no second copy of the weights
     step = ts.build_train_step(lm_loss.make_lm_loss(model), optimizer, mesh, state_sharding,
                                shd.data_sharding(mesh, 2), section.grad_accum_steps)
-    dataset = make_dataset(train_examples, lambda e: e, batch_size=section.batch_size,
-                           seed=config.seed, batch_fn=lambda rows: pad_batch(rows, buckets, pad_id))
+    dataset = make_dataset(train_examples, lambda e: e, batch_size=section.batch_size, seed=config.seed,
+                           batch_fn=lambda rows: pad_batch(rows, section.min_bucket, max_len, pad_id))
     out_dir = ctx.path("sl_train")
     writer = MetricWriter(out_dir, "metrics")
     checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep_last=section.keep_checkpoints)
