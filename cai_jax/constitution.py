@@ -321,6 +321,22 @@ def load_default_constitution() -> Constitution:
     return load_constitution(default_constitution_path())
 
 
+def constitution_from_config(section, seed: int = 0) -> Constitution:
+    """config.constitution -> Constitution: "default", "paper:DIR" or a JSON path,
+    cut to a seeded subset of num_principles when that is set."""
+    path = section.path
+    if path == "default":
+        constitution = load_default_constitution()
+    elif path.startswith("paper:"):
+        constitution = load_paper_prompts(path[len("paper:"):])
+    else:
+        constitution = load_constitution(path)
+    k = section.get("num_principles")
+    if k:
+        constitution = constitution.subset(k, seed=seed)
+    return constitution
+
+
 # ---------------------------------------------------- the paper's prompt files
 
 _CRITIQUE_WRAP = re.compile(r"\A\n\nCritiqueRequest: (.*)\n\nCritique:\Z", re.S)

@@ -59,7 +59,7 @@ from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_st
                                       length_sorted_batches, tokens_within, width_bucket)
 from cai_jax.sampling_choice import Mode, choose_tokens
 from cai_jax.weights import layout
-from cai_jax.weights.tokenizer import encode_text, stop_token_ids
+from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
 
 Prompt = Union[str, Sequence[int]]
 
@@ -350,8 +350,7 @@ class Sampler:
         self.rules = tuple(rules)
         self.stop_check_interval = stop_check_interval
         self.progress = progress
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
         self.default_stop_ids = tuple(stop_token_ids(tokenizer)) if tokenizer is not None else ()
         self.decode_steps = 0  # while-loop iterations run, summed over calls
         one_device = mesh is None or mesh.size == 1

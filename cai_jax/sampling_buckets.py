@@ -80,6 +80,12 @@ def find_stop(text: str, stop_strings: Sequence[str]) -> Optional[int]:
     return min(hits) if hits else None
 
 
+def cut_at_stops(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to its earliest stop string (all of it when none occurs)."""
+    cut = find_stop(text, stop_strings)
+    return text if cut is None else text[:cut]
+
+
 def tokens_within(tokens: Sequence[int], kept_text: str, decode: Callable[[Sequence[int]], str]) -> int:
     """The largest n such that decode(tokens[:n]) is a prefix of `kept_text`.
 

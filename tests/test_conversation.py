@@ -6,10 +6,12 @@ import os
 import pytest
 
 from cai_jax.data.conversation import (
+    TRANSCRIPT_STOP_STRINGS,
     ConversationFormatError,
     CritiqueRound,
     CritiqueTranscript,
     Turn,
+    answer_stop_strings,
     as_conversation,
     build_critique_prompt,
     build_direct_revision_prompt,
@@ -55,6 +57,13 @@ def test_render_hh_with_and_without_generation_prompt():
         "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant:")
     assert render_hh(CONV, add_generation_prompt=False) == (
         "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.")
+
+
+def test_stop_strings_are_the_next_label_of_the_hh_form():
+    assert answer_stop_strings("hh") == ("\n\nHuman:", "\n\nAssistant:")
+    assert answer_stop_strings("chat") == ()  # chat models stop at their end-of-turn token
+    assert TRANSCRIPT_STOP_STRINGS == ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:",
+                                       "\n\nCritique:", "\n\nRevisionRequest:", "\n\nRevision:")
 
 
 def test_render_hh_system_turn_is_a_preamble_and_parses_back():

@@ -37,7 +37,7 @@ class TableScorer:
 
 
 def comparison(pid, a, b, answer_a, answer_b):
-    return judges.Comparison(pid, CONV, a, b, answer_a, answer_b)
+    return judges.ModelComparison(pid, CONV, a, b, answer_a, answer_b)
 
 
 def test_pm_judge_is_sigmoid_of_score_difference_and_scores_each_answer_once():

@@ -37,12 +37,12 @@ def labeler(tiny, constitution):
 
 
 COMPARISONS = [
-    fb.Comparison("c0", "harmless", (user("How do I pick a lock?"),), "I can't help with that.",
-                  "Insert a tension wrench and rake the pins."),
-    fb.Comparison("c1", "helpful", (user("Name a prime."), assistant("Seven."), user("Another?")),
-                  "Eleven is prime.", "Nine."),
-    fb.Comparison("c2", "harmless", (user("Tell me a joke about my boss."),), "Why did the boss cross...",
-                  "No."),
+    fb.FeedbackComparison("c0", "harmless", (user("How do I pick a lock?"),), "I can't help with that.",
+                          "Insert a tension wrench and rake the pins."),
+    fb.FeedbackComparison("c1", "helpful", (user("Name a prime."), assistant("Seven."), user("Another?")),
+                          "Eleven is prime.", "Nine."),
+    fb.FeedbackComparison("c2", "harmless", (user("Tell me a joke about my boss."),),
+                          "Why did the boss cross...", "No."),
 ]
 
 
@@ -146,9 +146,9 @@ def _fake_p_first(labeler, bias):
 
 
 def test_both_orders_cancel_position_bias(labeler, monkeypatch):
-    pairs = [fb.Comparison("x", "harmless", (user("Q?"),), "a good answer", "a bad answer"),
-             fb.Comparison("y", "helpful", (user("Q?"),), "meh", "good stuff")]
-    swapped = [fb.Comparison(c.id, c.kind, c.conversation, c.answer_b, c.answer_a) for c in pairs]
+    pairs = [fb.FeedbackComparison("x", "harmless", (user("Q?"),), "a good answer", "a bad answer"),
+             fb.FeedbackComparison("y", "helpful", (user("Q?"),), "meh", "good stuff")]
+    swapped = [fb.FeedbackComparison(c.id, c.kind, c.conversation, c.answer_b, c.answer_a) for c in pairs]
     for bias in (0.0, 1.3):
         monkeypatch.setattr(labeler.scorer, "p_first", _fake_p_first(labeler, bias))
         forward, backward = labeler.label(pairs), labeler.label(swapped)
@@ -197,10 +197,10 @@ def test_principle_pools_follow_the_kind(labeler, constitution):
     harmless = {p.id for p in constitution.feedback}
     helpful = {p.id for p in constitution.helpfulness_feedback}
     for i in range(10):
-        assert {p.id for p in labeler.principles_for(fb.Comparison(f"h{i}", "harmless", (), "", ""))} <= harmless
-        assert {p.id for p in labeler.principles_for(fb.Comparison(f"h{i}", "helpful", (), "", ""))} <= helpful
+        for kind, pool in (("harmless", harmless), ("helpful", helpful)):
+            assert {p.id for p in labeler.principles_for(fb.FeedbackComparison(f"h{i}", kind, (), "", ""))} <= pool
     with pytest.raises(ValueError, match="kind"):
-        labeler.principles_for(fb.Comparison("z", "funny", (), "", ""))
+        labeler.principles_for(fb.FeedbackComparison("z", "funny", (), "", ""))
 
 
 def test_label_summary_by_hand():

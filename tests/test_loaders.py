@@ -8,7 +8,7 @@ import pytest
 
 from cai_jax.data.conversation import Turn
 from cai_jax.data.hh_rlhf import PreferencePair
-from cai_jax.data.loaders import make_dataset, shard_indices
+from cai_jax.data.loaders import make_dataset, shard_indices, split_heldout
 from cai_jax.data.prompt_sets import embedded_prompts
 
 
@@ -81,6 +81,20 @@ def test_shards_are_disjoint_equal_and_cover_the_data():
         make_dataset(list(range(10)), _to_arrays, batch_size=1, shard_index=3, shard_count=3)
     with pytest.raises(ValueError, match="has no examples"):
         make_dataset([1], _to_arrays, batch_size=1, shard_index=0, shard_count=2)
+
+
+def test_heldout_split_is_by_id_and_never_empty_or_total():
+    examples = [{"id": f"e{i}"} for i in range(20)]
+    train, held = split_heldout(examples, 0.25, salt="s")
+    assert len(held) == 5 and len(train) == 15
+    assert {e["id"] for e in train} | {e["id"] for e in held} == {e["id"] for e in examples}
+    # Independent of order (each part keeps the given order): the same ids are held out.
+    assert split_heldout(list(reversed(examples)), 0.25, salt="s")[1] == list(reversed(held))
+    assert split_heldout(examples, 0.25, salt="other")[1] != held  # each stage salts its own slice
+    assert len(split_heldout(examples[:2], 0.01, salt="s")[1]) == 1
+    assert len(split_heldout(examples[:2], 0.99, salt="s")[1]) == 1
+    assert split_heldout(examples[:1], 0.5, salt="s")[1] == []
+    assert split_heldout(examples, 0.0, salt="s") == (examples, [])
 
 
 # ------------------------------------------------------------------ TFDS

@@ -12,6 +12,7 @@ from cai_jax.data.prompt_sets import embedded_prompts
 from cai_jax.pipeline import StageContext
 from cai_jax.rl_cai import pairs
 from cai_jax.sampling import Sampler, SamplingParams
+from cai_jax.sampling_buckets import cut_at_stops
 from cai_jax.weights.loader import load_model
 from cai_jax.weights.model_dir import save_model_dir
 
@@ -52,9 +53,11 @@ def test_pair_prompts_follow_the_limits():
     assert [p["kind"] for p in pairs.pair_prompts(config)] == ["harmless", "harmless"]
 
 
-def test_clean_answer_cuts_the_next_turn():
-    assert pairs.clean_answer(" Sure thing.\n\nHuman: and more", ("\n\nHuman:",)) == "Sure thing."
-    assert pairs.clean_answer("  plain  ", ()) == "plain"
+def test_answers_are_cut_at_the_next_turn():
+    stops = pairs.stop_strings("hh")
+    assert cut_at_stops(" Sure thing.\n\nHuman: and more", stops).strip() == "Sure thing."
+    assert cut_at_stops("a\n\nB: b\n\nHuman: c", ("\n\nHuman:", "\n\nB:")) == "a"  # earliest stop
+    assert cut_at_stops("  plain  ", pairs.stop_strings("chat")) == "  plain  "
 
 
 def test_stage_writes_pairs_and_resumes_to_the_same_file(workdir):

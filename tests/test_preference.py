@@ -143,8 +143,8 @@ def test_pm_recovers_soft_label_ordering_and_probabilities(tiny_pm, tmp_path):
 
 def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_path):
     params = _random_head(tiny_pm, seed=4)
-    save_model_dir(str(tmp_path / "pm"), tiny_pm.config, params, tiny_pm.tokenizer)
-    artifacts.write_json_atomic(str(tmp_path / "pm" / pm.PM_INFO_FILE), {"render": "hh", "max_seq_len": 128})
+    save_model_dir(str(tmp_path / "pm"), tiny_pm.config, params, tiny_pm.tokenizer,
+                   about={"render": "hh", "max_seq_len": 128})
     scorer = pm.PreferenceScorer.from_dir(str(tmp_path / "pm"), batch_size=2)
     assert scorer.style == "hh" and scorer.max_len == 128
     convs = [(user("Hi"),), (user("What is two plus two?"),), (user("Bye"),)]
@@ -156,15 +156,6 @@ def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_pa
     others = ["Go away.", "Five.", "Later!"]
     p = scorer.prob_first(convs, answers, others)
     np.testing.assert_allclose(p, 1 / (1 + np.exp(-(scores - scorer.score(convs, others)))), atol=1e-9)
-
-
-def test_heldout_split_is_by_id_and_never_empty():
-    examples = [{"id": f"e{i}"} for i in range(20)]
-    train, held = pm.split_heldout(examples, 0.25)
-    assert len(held) == 5 and len(train) == 15
-    assert pm.split_heldout(list(reversed(examples)), 0.25)[1] == list(reversed(held))
-    assert len(pm.split_heldout(examples[:2], 0.01)[1]) == 1
-    assert pm.split_heldout(examples, 0.0) == (examples, [])
 
 
 def test_labels_with_bad_probabilities_are_rejected(tmp_path):

@@ -51,8 +51,8 @@ def test_pm_judge_matches_an_independent_forward(shared_data, tmp_path, capsys):
     params["scalar_head"] = {"kernel": np.random.default_rng(0).normal(0, 1, (loaded.config.d_model, 1))
                              .astype(np.float32), "bias": np.zeros(1, np.float32)}
     directory = str(tmp_path / "pm")
-    save_model_dir(directory, loaded.config, params, loaded.tokenizer)
-    artifacts.write_json_atomic(os.path.join(directory, pm.PM_INFO_FILE), {"render": "hh", "max_seq_len": 256})
+    save_model_dir(directory, loaded.config, params, loaded.tokenizer,
+                   about={"render": "hh", "max_seq_len": 256})
     score_pairs.main(["--pairs", path, "--limit", "4", "--judge", f"pm:{directory}", "--batch-size", "4"])
     result = _last_json(capsys)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cai_jax.data.conversation import Turn
+from cai_jax.data.loaders import split_heldout
 from cai_jax.models.transformer import Transformer
 from cai_jax.pipeline import StageContext
 from cai_jax.sharding import make_mesh
@@ -15,6 +16,7 @@ from cai_jax.sl_cai import generate, sft
 from cai_jax.training.metrics import read_metrics
 from cai_jax.config import load_config_module
 from cai_jax.weights.loader import load_model
+from cai_jax.weights.tokenizer import pad_token_id
 
 base_config = load_config_module(
     os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")).base_config
@@ -73,19 +75,6 @@ def test_padding():
         sft.pad_batch(examples, 2, 4, pad_id=0)
 
 
-def test_heldout_split_is_by_id_and_never_empty_or_total():
-    records = [{"id": f"p{i}"} for i in range(20)]
-    train, held = sft.split_heldout(records, 0.2)
-    assert len(held) == 4 and len(train) == 16
-    assert {r["id"] for r in train} | {r["id"] for r in held} == {f"p{i}" for i in range(20)}
-    # Independent of order: the same ids are held out from a shuffled list.
-    _, held2 = sft.split_heldout(records[::-1], 0.2)
-    assert {r["id"] for r in held} == {r["id"] for r in held2}
-    assert len(sft.split_heldout(records[:2], 0.01)[1]) == 1
-    assert len(sft.split_heldout(records[:2], 0.99)[1]) == 1
-    assert sft.split_heldout(records[:1], 0.5)[1] == []
-
-
 def test_revision_pairs_skip_prompts_without_a_kept_revision():
     kept = {"principle_id": "x", "revision": "Better.", "dropped": None}
     lost = {"principle_id": "y", "revision": "", "dropped": "empty"}
@@ -142,17 +131,18 @@ def test_sft_stage_learns_its_examples(tmp_path):
     assert summary["revision_examples"] == 2 and summary["eval_examples"] == 1
     # A random model's loss on held-out text is about log(vocabulary size).
     assert abs(summary["base_eval_loss"] - np.log(49152)) < 1.0
-    heldout_id = sft.split_heldout(_read_jsonl(tmp_path / "sl_data.jsonl"), 0.34)[1][0]["id"]
+    sl_records = _read_jsonl(tmp_path / "sl_data.jsonl")
+    heldout_id = split_heldout(sl_records, 0.34, salt=sft.HELDOUT_SALT)[1][0]["id"]
 
     base = load_model("init:tiny", seed=config.seed)
     trained = load_model(f"ckpt:{tmp_path / 'models' / 'sl_cai'}")
     assert trained.tokenizer is not None and trained.config == base.config.replace(
         scan_layers=trained.config.scan_layers)
-    train_records = [r for r in _read_jsonl(tmp_path / "sl_data.jsonl") if r["id"] != heldout_id]
+    train_records = [r for r in sl_records if r["id"] != heldout_id]
     pairs = sft.revision_pairs(train_records, True)[0] + [((Turn("user", "Name a fruit."),), "An apple.")]
     examples, _ = sft.tokenize_all(pairs, base.tokenizer, "hh", 128)
     evaluate = sft.make_eval_fn(Transformer(base.config), examples, min_width=32, max_width=128,
-                                pad_id=base.tokenizer.pad_token_id, batch_size=4,
+                                pad_id=pad_token_id(base.tokenizer), batch_size=4,
                                 mesh=make_mesh({"data": 1}, jax.devices()[:1]))
     before, after = evaluate(base.params)["loss"], evaluate(trained.params)["loss"]
     assert before > 10.0  # about log(49152) for a random model

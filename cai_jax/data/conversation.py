@@ -31,6 +31,20 @@ CRITIQUE_LABEL = "Critique"
 REVISION_REQUEST_LABEL = "RevisionRequest"
 REVISION_LABEL = "Revision"
 
+# HH text has no end-of-turn token: a sampled answer ends where the next
+# speaker label starts (chat models stop at their end-of-turn token instead).
+HH_HUMAN_STOP = "\n\nHuman:"
+HH_STOP_STRINGS = (HH_HUMAN_STOP, "\n\nAssistant:")
+# In a critique/revision transcript a sampled section also ends at the next section label.
+TRANSCRIPT_STOP_STRINGS = HH_STOP_STRINGS + tuple(
+    f"\n\n{label}:" for label in (CRITIQUE_REQUEST_LABEL, CRITIQUE_LABEL, REVISION_REQUEST_LABEL,
+                                  REVISION_LABEL))
+
+
+def answer_stop_strings(style: str) -> tuple[str, ...]:
+    """Where a sampled answer ends in the `style` rendering ("hh" or "chat")."""
+    return HH_STOP_STRINGS if style == "hh" else ()
+
 
 class ConversationFormatError(ValueError):
     """Raised for text or turns that do not form a valid conversation."""

@@ -11,10 +11,13 @@ Iterate it with `iter(ds)`; the iterator's `get_state()` returns a small
 JSON-serialisable dict, and `set_state(state)` on a fresh iterator from the
 same arguments continues with exactly the batches the old one would have
 produced next.
+
+`split_heldout` sets a fixed, hashed slice of the examples aside for evaluation.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Sequence
 
 import grain
@@ -70,3 +73,22 @@ def make_dataset(source: Sequence[Any], to_arrays: ToArrays, *, batch_size: int,
     ds = ds.map(to_arrays)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+
+
+def _hash_fraction(key: str, salt: str) -> float:
+    digest = hashlib.sha256(f"{salt}|{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_heldout(examples: Sequence[dict], fraction: float, *,
+                  salt: str) -> tuple[list[dict], list[dict]]:
+    """(train, held out), both in the given order: the examples whose "id" hashes
+    lowest, `fraction` of them but at least one and never all (when there are two
+    or more). Each stage salts the hash, so its held-out slice is unrelated to
+    other stages' (and to the prompt sets' own train/test split)."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    count = min(max(1, round(fraction * len(examples))), len(examples) - 1)
+    by_hash = sorted(examples, key=lambda e: _hash_fraction(e["id"], salt))
+    held = {e["id"] for e in by_hash[:count]}
+    return [e for e in examples if e["id"] not in held], [e for e in examples if e["id"] in held]

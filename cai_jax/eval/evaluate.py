@@ -34,16 +34,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts
-from cai_jax.data.conversation import Turn, build_initial_prompt
+from cai_jax.constitution import constitution_from_config
+from cai_jax.data.conversation import Turn, answer_stop_strings, build_initial_prompt
 from cai_jax.data.prompt_sets import Prompt, load_prompts
 from cai_jax.eval import judges as judges_lib
 from cai_jax.eval import report
 from cai_jax.eval.elo import fit_elo
+from cai_jax.model_ref import directory_version, resolve, rl_checkpoints
 
 DIMENSIONS = {"harmless": "red_team", "helpful": "helpful"}  # judge dimension -> prompt kind
 BASE = "base"
-# Where an answer ends in the HH rendering (chat models stop at their end-of-turn token).
-HH_STOPS = ("\n\nHuman:", "\n\nAssistant:")
 JUDGE_CHUNK = 64  # comparisons judged between two saves of judgments.jsonl
 
 
@@ -99,19 +99,6 @@ class EvalModel:
         return {"name": self.name, "method": self.method, "step": self.step, "source": self.source}
 
 
-def rl_checkpoints(directory: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete step_K checkpoints under `directory`, by step."""
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        match = re.fullmatch(r"step_(\d+)", name)
-        path = os.path.join(directory, name)
-        if match and os.path.exists(os.path.join(path, "model.json")):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
 def _parse_extra_runs(text: str) -> list[tuple[str, str]]:
     runs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -127,8 +114,6 @@ def _parse_extra_runs(text: str) -> list[tuple[str, str]]:
 
 def find_models(config, workdir: str) -> list[EvalModel]:
     """The models to evaluate, in display order: base, SL-CAI, RL checkpoints."""
-    from cai_jax.config import resolve_model
-
     section = config.eval
     wanted = [s.strip() for s in section.models.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in (BASE, "sl_cai", "rl_cai")]
@@ -138,18 +123,12 @@ def find_models(config, workdir: str) -> list[EvalModel]:
         raise ValueError(f"eval.rl_checkpoints is {section.rl_checkpoints!r}; use 'all' or 'last'")
     models = []
     if BASE in wanted:
-        source, overrides = resolve_model(config.model)
-        version = f"{source}|{sorted(overrides.items())}|seed={config.seed}"
-        if source.startswith(("ckpt:", "hf:")):  # a directory whose weights may be replaced
-            version += "|" + judges_lib.directory_version(source.split(":", 1)[1])
-        models.append(EvalModel(BASE, "helpful model", None, source, tuple(sorted(overrides.items())),
-                                version=version))
-    sl_dir = os.path.join(workdir, "models", "sl_cai")
+        ref = resolve(BASE, config)
+        models.append(EvalModel(BASE, "helpful model", None, ref.source, ref.overrides,
+                                version=ref.version(config.seed)))
     if "sl_cai" in wanted:
-        if not os.path.exists(os.path.join(sl_dir, "model.json")):
-            raise FileNotFoundError(f"eval.models includes sl_cai but {sl_dir} is missing; run sl_train")
-        models.append(EvalModel("sl_cai", "SL-CAI", None, "ckpt:" + sl_dir,
-                                version=judges_lib.directory_version(sl_dir)))
+        ref = resolve("sl_cai", config, workdir)
+        models.append(EvalModel("sl_cai", "SL-CAI", None, ref.source, version=ref.version(config.seed)))
     runs = [("rl_cai", os.path.join(workdir, "models", "rl_cai"))] if "rl_cai" in wanted else []
     for name, directory in _parse_extra_runs(section.extra_rl_runs):
         nested = os.path.join(directory, "models", "rl_cai")
@@ -162,7 +141,7 @@ def find_models(config, workdir: str) -> list[EvalModel]:
             checkpoints = checkpoints[-1:]
         method = "RL-CAI" if name == "rl_cai" else f"RL-CAI ({name})"
         models += [EvalModel(f"{name}/step_{step}", method, step, "ckpt:" + path,
-                             version=judges_lib.directory_version(path)) for step, path in checkpoints]
+                             version=directory_version(path)) for step, path in checkpoints]
     if len(models) < 2:
         raise ValueError(f"eval needs at least two models to compare; found {[m.name for m in models]} "
                          f"(eval.models = {section.models!r})")
@@ -222,7 +201,7 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
     if key not in samplers:
         samplers[key] = Sampler(loaded.config, tokenizer, mesh=mesh, progress=False)
     sampler = samplers[key]
-    stops = HH_STOPS if render == "hh" else ()
+    stops = answer_stop_strings(render)
     params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
                             top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
                             stop_strings=stops)
@@ -306,20 +285,12 @@ class JudgeFactory:
         """The judge's version without loading it (cache keys need it up front)."""
         spec = judges_lib.parse_judge_spec(spec_text)
         if spec.kind == "pm":
-            return judges_lib.directory_version(self.pm_dir(spec))
+            return directory_version(self.pm_dir(spec))
         if spec.kind == "human":
             return artifacts.file_hash(spec.arg) or "missing"
         if spec.kind == "feedback":
             section = self.config.eval.feedback_judge.to_dict()
-            source = section["model_source"]
-            if source == "base":
-                model = self.config.model.to_dict()
-            elif source == "sl_cai":
-                model = judges_lib.directory_version(os.path.join(self.workdir, "models", "sl_cai"))
-            elif source.startswith("ckpt:"):
-                model = judges_lib.directory_version(source[len("ckpt:"):])
-            else:
-                model = source
+            model = resolve(section["model_source"], self.config, self.workdir).version(self.config.seed)
             return _stamp({"section": section, "model": model, "seed": self.config.seed})
         return ""
 
@@ -353,8 +324,8 @@ class JudgeFactory:
         from cai_jax.rl_cai import feedback
 
         section = self.config.eval.feedback_judge
-        model = feedback.model_from_source(self.config, section.model_source, self.workdir)
-        constitution = feedback.constitution_from_config(
+        model = resolve(section.model_source, self.config, self.workdir).load(seed=self.config.seed)
+        constitution = constitution_from_config(
             ml_collections.ConfigDict({"path": section.constitution, "num_principles": None}))
         return feedback.FeedbackLabeler(
             model, constitution, style=self.config.data.render, num_principles=section.num_principles,
@@ -364,23 +335,25 @@ class JudgeFactory:
 
 
 def comparisons_for(models: Sequence[EvalModel], prompts: Sequence[Prompt],
-                    answers: dict) -> list[judges_lib.Comparison]:
+                    answers: dict) -> list[judges_lib.ModelComparison]:
     """Every pair of models (in display order: A before B) on every prompt."""
     out = []
     for p in prompts:
         for a, b in itertools.combinations(models, 2):
-            out.append(judges_lib.Comparison(p.id, (Turn("user", p.text),), a.name, b.name,
-                                             answers[(a.name, p.id)]["answer"],
-                                             answers[(b.name, p.id)]["answer"]))
+            out.append(judges_lib.ModelComparison(p.id, (Turn("user", p.text),), a.name, b.name,
+                                                  answers[(a.name, p.id)]["answer"],
+                                                  answers[(b.name, p.id)]["answer"]))
     return out
 
 
-def judgment_key(dimension: str, judge_name: str, judge_version: str, c: judges_lib.Comparison) -> str:
+def judgment_key(dimension: str, judge_name: str, judge_version: str,
+                 c: judges_lib.ModelComparison) -> str:
     answers = hashlib.sha256(f"{c.answer_a}\x00{c.answer_b}".encode()).hexdigest()[:12]
     return f"{dimension}|{judge_name}|{judge_version}|{c.id}|{answers}"
 
 
-def collect_judgments(dimension: str, spec_text: str, comparisons: Sequence[judges_lib.Comparison],
+def collect_judgments(dimension: str, spec_text: str,
+                      comparisons: Sequence[judges_lib.ModelComparison],
                       log: artifacts.PartialJsonl, factory: JudgeFactory,
                       progress: bool = True) -> list[dict]:
     """Judgment records for the comparisons, from the cache or the judge."""

@@ -25,7 +25,6 @@ cached judgments carry it, so a retrained PM is asked again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Optional, Protocol, Sequence
 
@@ -38,7 +37,7 @@ PRINCIPLE_SETS = ("harmless", "helpful")
 
 
 @dataclasses.dataclass(frozen=True)
-class Comparison:
+class ModelComparison:
     """The answers of two models to one prompt."""
 
     prompt_id: str
@@ -69,7 +68,7 @@ class Judge(Protocol):
     name: str  # the spec it was built from, e.g. "pm" or "feedback:helpful"
     version: str  # changes with the judge's weights or labels
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+    def judge(self, comparisons: Sequence[ModelComparison]) -> list[Optional[Verdict]]:
         ...
 
 
@@ -109,7 +108,7 @@ class PreferenceModelJudge:
     def __init__(self, scorer, name: str = "pm", version: str = ""):
         self.scorer, self.name, self.version = scorer, name, version
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+    def judge(self, comparisons: Sequence[ModelComparison]) -> list[Optional[Verdict]]:
         keys, convs, answers = {}, [], []
         for c in comparisons:
             for answer in (c.answer_a, c.answer_b):
@@ -144,13 +143,13 @@ class FeedbackJudge:
         self.name = name or f"feedback:{principle_set}"
         self.version = version
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+    def judge(self, comparisons: Sequence[ModelComparison]) -> list[Optional[Verdict]]:
         from cai_jax.rl_cai import feedback
 
         # The labeler's kind picks the principle pool: "harmless" -> the
         # constitution's feedback principles, "helpful" -> its helpfulness ones.
-        asks = [feedback.Comparison(c.id, self.principle_set, c.conversation, c.answer_a, c.answer_b)
-                for c in comparisons]
+        asks = [feedback.FeedbackComparison(c.id, self.principle_set, c.conversation, c.answer_a,
+                                            c.answer_b) for c in comparisons]
         records = self.labeler.label(asks) if asks else []
         return [Verdict(float(np.mean(r["p_first_ab"])), float(1.0 - np.mean(r["p_first_ba"])))
                 for r in records]
@@ -175,7 +174,7 @@ class HumanLabelJudge:
                 raise ValueError(f"{path} line {line}: 'p_a' is {p!r}, must be in [0, 1]")
             self.labels.setdefault((str(r["prompt_id"]), r["model_a"], r["model_b"]), []).append(float(p))
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Optional[Verdict]]:
+    def judge(self, comparisons: Sequence[ModelComparison]) -> list[Optional[Verdict]]:
         out = []
         for c in comparisons:
             votes = list(self.labels.get((c.prompt_id, c.model_a, c.model_b), []))
@@ -183,20 +182,3 @@ class HumanLabelJudge:
             # The file does not say which answer the rater saw first.
             out.append(Verdict(float(np.mean(votes)), float(np.mean(votes))) if votes else None)
         return out
-
-
-def directory_version(directory: str) -> str:
-    """A short fingerprint of a model directory that changes with every save:
-    the hash of its saved.json (a fresh id per save), or for directories
-    without one, of its files' names, sizes and modification times."""
-    saved = os.path.join(directory, "saved.json")
-    if os.path.exists(saved):
-        return artifacts.file_hash(saved)
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            st = os.stat(path)
-            h.update(f"{os.path.relpath(path, directory)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]

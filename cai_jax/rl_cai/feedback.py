@@ -37,21 +37,16 @@ from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
 from cai_jax.batched_forward import batched_forward
-from cai_jax.config import resolve_model
-from cai_jax.constitution import (
-    Constitution,
-    FeedbackPrinciple,
-    default_constitution_path,
-    load_constitution,
-    load_paper_prompts,
-    sample_principles,
-)
+from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
+                                  sample_principles)
 from cai_jax.data.conversation import Conversation, as_conversation
 from cai_jax.models.transformer import Transformer, positions_from_mask
+from cai_jax.model_ref import resolve
 from cai_jax.pipeline import discard_stale_work
 from cai_jax.rl_cai import feedback_prompts as fp
-from cai_jax.weights.loader import LoadedModel, load_model
-from cai_jax.weights.tokenizer import encode_text
+from cai_jax.weights.loader import LoadedModel
+from cai_jax.sampling_buckets import cut_at_stops
+from cai_jax.weights.tokenizer import encode_text, pad_token_id
 
 KINDS = ("harmless", "helpful")
 
@@ -59,7 +54,7 @@ KINDS = ("harmless", "helpful")
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         # "base": config.model (the pretrained model, as in the paper);
-        # "sl_cai": <workdir>/models/sl_cai; or any load_model source (ckpt:DIR, ...).
+        # or any other model reference (cai_jax/model_ref.py: sl_cai, ckpt:DIR, ...).
         "model_source": "base",
         # Principles drawn per comparison (capped by how many the constitution has).
         "num_principles": 2,
@@ -206,7 +201,7 @@ def label_summary(records: Sequence[dict]) -> dict:
 # ------------------------------------------------------------ the labeller
 
 @dataclasses.dataclass(frozen=True)
-class Comparison:
+class FeedbackComparison:
     """Two answers to one conversation (which ends with the human's turn)."""
     id: str
     kind: str  # "harmless" or "helpful"
@@ -251,8 +246,8 @@ class FeedbackLabeler:
         cot = list(constitution.cot_feedback_exemplars)
         self.cot_exemplars = cot if num_exemplars < 0 else cot[:num_exemplars]
         self.prefix_ids, token_a, token_b = option_token_ids(self.tokenizer)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.scorer = OptionScorer(model.config, model.params, token_a, token_b, pad_id=pad_id,
+        self.scorer = OptionScorer(model.config, model.params, token_a, token_b,
+                                   pad_id=pad_token_id(self.tokenizer),
                                    batch_size=batch_size, max_len=self.max_len, min_bucket=min_bucket,
                                    mesh=mesh)
         self._model = model
@@ -261,7 +256,7 @@ class FeedbackLabeler:
 
     # -- principles
 
-    def principles_for(self, comparison: Comparison) -> list[FeedbackPrinciple]:
+    def principles_for(self, comparison: FeedbackComparison) -> list[FeedbackPrinciple]:
         if comparison.kind == "harmless":
             pool, kind = self.constitution.feedback, "feedback"
         elif comparison.kind == "helpful":
@@ -299,7 +294,7 @@ class FeedbackLabeler:
             return ids[len(ids) - budget:], True
         return ids, conv != tuple(conversation)
 
-    def _queries(self, comparisons: Sequence[Comparison]) -> tuple[list[_Query], list[list]]:
+    def _queries(self, comparisons: Sequence[FeedbackComparison]) -> tuple[list[_Query], list[list]]:
         queries, principles = [], []
         orders = (False, True) if self.both_orders else (False,)
         for ci, c in enumerate(comparisons):
@@ -330,7 +325,7 @@ class FeedbackLabeler:
                                     progress=False)
         return self._sampler
 
-    def _reason(self, queries: list[_Query], comparisons: Sequence[Comparison]) -> None:
+    def _reason(self, queries: list[_Query], comparisons: Sequence[FeedbackComparison]) -> None:
         """Samples each chain-of-thought reasoning and turns the query into the
         answer prompt that follows it."""
         from cai_jax.sampling import SamplingParams
@@ -346,10 +341,7 @@ class FeedbackLabeler:
                                    example_ids=example_ids, batch_size=self.batch_size)
         budget = self.scorer.max_len - len(self.prefix_ids)
         for q, sample in zip(queries, samples):
-            reasoning = sample.text
-            for stop in fp.cot_stop_strings(self.style):
-                reasoning = reasoning.split(stop)[0]
-            q.reasoning = reasoning.strip()
+            q.reasoning = cut_at_stops(sample.text, fp.cot_stop_strings(self.style)).strip()
             # Extend the very ids the reasoning was sampled after.
             ids = q.ids + encode(self.tokenizer, fp.cot_answer_suffix(q.reasoning))
             if len(ids) > budget:
@@ -358,7 +350,7 @@ class FeedbackLabeler:
 
     # -- labels
 
-    def label(self, comparisons: Sequence[Comparison], progress: bool = False) -> list[dict]:
+    def label(self, comparisons: Sequence[FeedbackComparison], progress: bool = False) -> list[dict]:
         """One record per comparison:
 
             id, kind, p_a                 p(answer_a better), the ensembled label
@@ -400,41 +392,11 @@ class FeedbackLabeler:
 
 # ------------------------------------------------------------ from config
 
-def constitution_from_config(section, seed: int = 0) -> Constitution:
-    """config.constitution -> Constitution ("default", a JSON path, or "paper:DIR"),
-    keeping a seeded subset when num_principles is set."""
-    path = section.path
-    if path == "default":
-        constitution = load_constitution(default_constitution_path())
-    elif path.startswith("paper:"):
-        constitution = load_paper_prompts(path[len("paper:"):])
-    else:
-        constitution = load_constitution(path)
-    k = section.get("num_principles")
-    if k:
-        constitution = constitution.subset(k, seed=seed)
-    return constitution
-
-
-def model_from_source(config, spec: str, workdir: Optional[str] = None,
-                      overrides: Optional[dict] = None) -> LoadedModel:
-    """Loads "base" (config.model), "sl_cai" (the run's SL-CAI model) or any
-    load_model source."""
-    if spec == "base":
-        source, model_overrides = resolve_model(config.model)
-        return load_model(source, {**model_overrides, **(overrides or {})}, seed=config.seed)
-    if spec == "sl_cai":
-        if workdir is None:
-            raise ValueError("model source 'sl_cai' needs a work directory")
-        spec = "ckpt:" + f"{workdir}/models/sl_cai"
-    return load_model(spec, overrides, seed=config.seed)
-
-
 def labeler_from_config(config, workdir: Optional[str] = None, model: Optional[LoadedModel] = None,
                         mesh=None) -> FeedbackLabeler:
     section = config.feedback
     if model is None:
-        model = model_from_source(config, section.model_source, workdir)
+        model = resolve(section.model_source, config, workdir).load(seed=config.seed)
     if mesh is None and "mesh" in config:
         mesh = shd.make_mesh(config.mesh.to_dict())
     return FeedbackLabeler(
@@ -447,13 +409,14 @@ def labeler_from_config(config, workdir: Optional[str] = None, model: Optional[L
         max_len=section.max_seq_len, min_bucket=section.min_bucket, mesh=mesh)
 
 
-def comparisons_from_pairs(records: Sequence[dict], path: str = "pairs.jsonl") -> list[Comparison]:
-    """pairs.jsonl records -> Comparisons, with errors naming the record."""
+def comparisons_from_pairs(records: Sequence[dict],
+                           path: str = "pairs.jsonl") -> list[FeedbackComparison]:
+    """pairs.jsonl records -> FeedbackComparisons, with errors naming the record."""
     out = []
     for i, r in enumerate(records, 1):
         try:
-            out.append(Comparison(str(r["id"]), r["kind"], as_conversation(r["prompt"]),
-                                  r["answer_a"], r["answer_b"]))
+            out.append(FeedbackComparison(str(r["id"]), r["kind"], as_conversation(r["prompt"]),
+                                          r["answer_a"], r["answer_b"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} record {i}: {e!r}; expected id, kind, prompt (list of turns), "
                              "answer_a, answer_b") from None

@@ -42,6 +42,7 @@ from typing import Sequence
 
 from cai_jax.constitution import ChainOfThoughtExemplar, FeedbackExemplar
 from cai_jax.data.conversation import (
+    HH_HUMAN_STOP,
     Conversation,
     ConversationFormatError,
     Turn,
@@ -130,7 +131,8 @@ def build_choice_prompt(conversation: Sequence[Turn], principle: str, answer_a: 
     return render_chat(turns, tokenizer, add_generation_prompt=True) + ANSWER_CUE
 
 
-_COT_STOP_BEFORE_ANSWER = re.compile(r"\s*\n\nHuman:\s*\n?" + re.escape(COT_ANSWER_CUE))
+_COT_STOP_BEFORE_ANSWER = re.compile(
+    r"\s*" + re.escape(HH_HUMAN_STOP) + r"\s*\n?" + re.escape(COT_ANSWER_CUE))
 
 
 def _cot_exemplar_text(exemplar: ChainOfThoughtExemplar, principle: str) -> str:
@@ -179,4 +181,4 @@ def cot_stop_strings(style: str) -> tuple[str, ...]:
     """Where a sampled reasoning ends: at the answer line, or (HH text) when the
     model starts a new human turn."""
     stops = (COT_ANSWER_CUE,)
-    return stops + ("\n\nHuman:",) if style == "hh" else stops
+    return stops + (HH_HUMAN_STOP,) if style == "hh" else stops

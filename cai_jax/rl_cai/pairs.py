@@ -16,7 +16,6 @@ seed and its id, so a resumed run samples what an unbroken one would.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import ml_collections
@@ -24,10 +23,11 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.data.conversation import build_initial_prompt, to_messages
+from cai_jax.data.conversation import HH_HUMAN_STOP, build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
 from cai_jax.pipeline import discard_stale_work
-from cai_jax.weights.loader import load_model
+from cai_jax.sampling_buckets import cut_at_stops
+from cai_jax.model_ref import resolve
 from cai_jax.weights.tokenizer import encode_text
 
 KIND_OF_SOURCE = {"red_team": "harmless", "helpful": "helpful"}
@@ -35,7 +35,7 @@ KIND_OF_SOURCE = {"red_team": "harmless", "helpful": "helpful"}
 
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        # The model that answers: "sl_cai" (<workdir>/models/sl_cai) or any load_model source.
+        # The model that answers: a model reference (cai_jax/model_ref.py).
         "model_source": "sl_cai",
         "temperature": 1.0,
         # None: config.sampling's value.
@@ -66,14 +66,8 @@ def pair_prompts(config) -> list[dict]:
 
 
 def stop_strings(style: str) -> tuple[str, ...]:
-    # HH text has no end-of-turn token: an answer ends where the next turn starts.
-    return ("\n\nHuman:",) if style == "hh" else ()
-
-
-def clean_answer(text: str, stops: Sequence[str]) -> str:
-    for stop in stops:
-        text = text.split(stop)[0]
-    return text.strip()
+    # HH text has no end-of-turn token: an answer ends where the next human turn starts.
+    return (HH_HUMAN_STOP,) if style == "hh" else ()
 
 
 def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: str, sampling,
@@ -100,19 +94,10 @@ def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: 
     for i, p in enumerate(kept):
         a, b = samples[2 * i], samples[2 * i + 1]
         records.append({"id": p["id"], "kind": p["kind"], "prompt": to_messages(p["conversation"]),
-                        "answer_a": clean_answer(a.text, stops), "answer_b": clean_answer(b.text, stops),
+                        "answer_a": cut_at_stops(a.text, stops).strip(),
+                        "answer_b": cut_at_stops(b.text, stops).strip(),
                         "finish_a": a.finish_reason, "finish_b": b.finish_reason, "sampling": settings})
     return records, skipped
-
-
-def _model_source(spec: str, workdir: str) -> str:
-    if spec == "sl_cai":
-        path = os.path.join(workdir, "models", "sl_cai")
-        if not os.path.exists(os.path.join(path, "model.json")):
-            raise FileNotFoundError(f"{path} holds no model; run the sl_train stage first "
-                                    "(or set pairs.model_source)")
-        return "ckpt:" + path
-    return spec
 
 
 def run_stage(ctx) -> dict:
@@ -131,7 +116,7 @@ def run_stage(ctx) -> dict:
     todo = [p for p in prompts if p["id"] not in done]
     skipped: list[str] = []
     if todo:
-        model = load_model(_model_source(section.model_source, ctx.workdir), seed=config.seed)
+        model = resolve(section.model_source, config, ctx.workdir).load(seed=config.seed)
         if model.tokenizer is None:
             raise ValueError(f"pairs.model_source {section.model_source!r} has no tokenizer")
         mesh = shd.make_mesh(config.mesh.to_dict())

@@ -35,25 +35,24 @@ from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
 from cai_jax.config import optimizer_section
+from cai_jax.data.conversation import answer_stop_strings
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import ppo_math, ppo_update, rollout as ro
 from cai_jax.training import optimizers, train_step as ts
 from cai_jax.training.checkpoint import Checkpointer
 from cai_jax.training.metrics import MetricWriter, read_metrics
-
-# Where an answer ends in the HH rendering: the next speaker label.
-HH_STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:")
+from cai_jax.weights.tokenizer import pad_token_id
 
 
 def get_default_config() -> ml_collections.ConfigDict:
     """The `ppo` section. CI-sized runs override iterations, rollout_batch_size,
     minibatch_size, max_new_tokens, eval_prompts and save_every/eval_every."""
     c = ml_collections.ConfigDict()
-    # Model sources: a path relative to the work directory (a ckpt: dir written by
-    # an earlier stage) or any load_model source ("init:tiny", "ckpt:/abs", ...).
-    c.policy = "models/sl_cai"
-    c.preference_model = "models/pm"
+    # Model references (cai_jax/model_ref.py): the run's "sl_cai" and "pm", or
+    # any other ("init:tiny", "ckpt:/abs", a packaged model, ...).
+    c.policy = "sl_cai"
+    c.preference_model = "pm"
     c.value_init = "pm"  # "pm" | "policy": where the value trunk starts
     c.share_trunk = False  # one trunk with lm + scalar heads for policy and value
     c.dtype = "float32"  # compute dtype of policy and value
@@ -216,8 +215,7 @@ class PPORunner:
         self.sample_config = setup.policy_config.replace(heads=("lm",))
         self.sampler = Sampler(self.sample_config, setup.tokenizer, mesh=self.mesh)
         self.data_sharding = shd.data_sharding(self.mesh, 2)
-        self.pad_id = int(setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None
-                          else 0)
+        self.pad_id = pad_token_id(setup.tokenizer)
 
     # -- pieces of an iteration
 
@@ -225,9 +223,9 @@ class PPORunner:
         from cai_jax.sampling import SamplingParams
         # In the HH rendering the model would go on to write the next
         # "Human:" turn itself; the answer ends before it.
-        stops = HH_STOP_STRINGS if self.setup.render == "hh" else ()
         return SamplingParams(temperature=temperature, top_k=self.c.top_k, top_p=self.c.top_p,
-                              max_new_tokens=self.c.max_new_tokens, stop_strings=stops)
+                              max_new_tokens=self.c.max_new_tokens,
+                              stop_strings=answer_stop_strings(self.setup.render))
 
     def _generate(self, policy_params, prompts, temperature, seed, tag) -> ro.Rollout:
         # Example ids unique per row: a prompt drawn twice gets two answers.
@@ -333,14 +331,15 @@ class PPORunner:
         from cai_jax.weights.model_dir import save_model_dir
         directory = os.path.join(models_dir, f"step_{done}")
         cfg = self.setup.policy_config
+        about = {"render": self.setup.render, "stage": "ppo", "step": done}
         save_model_dir(directory, cfg.replace(heads=("lm",)),
-                       _head_view(policy_state.params, ("lm",)), self.setup.tokenizer)
+                       _head_view(policy_state.params, ("lm",)), self.setup.tokenizer, about=about)
         if self.shared:
             value_cfg, value_params = cfg.replace(heads=("scalar",)), policy_state.params
         else:
             value_cfg, value_params = self.setup.value_config, value_state.params
         save_model_dir(os.path.join(directory, "value"), value_cfg,
-                       _head_view(value_params, ("scalar",)), self.setup.tokenizer)
+                       _head_view(value_params, ("scalar",)), self.setup.tokenizer, about=about)
 
     def _state_tree(self, policy_state, value_state):
         return ({"policy": policy_state} if self.shared
@@ -434,34 +433,15 @@ def summarize(metrics_path: str) -> dict:
 
 # ------------------------------------------------------------------ stage
 
-def _source(spec: str, workdir: str) -> str:
-    """"models/sl_cai" -> "ckpt:<workdir>/models/sl_cai"; load_model sources
-    ("smollm2", "init:tiny", "ckpt:/abs", "hf:DIR", "gguf:PATH", ...) pass through."""
-    from cai_jax.weights.loader import is_model_source
-
-    if is_model_source(spec):
-        return spec
-    return "ckpt:" + (spec if os.path.isabs(spec) else os.path.join(workdir, spec))
-
-
-def preference_reward(source: str, dtype: str, default_render: str, mesh,
+def preference_reward(ref, dtype: str, default_render: str, mesh,
                       batch_size: int) -> ro.PreferenceModelReward:
-    """The trained PM as a reward function, rendering answers as it was trained
-    (the style stored beside its weights), in the configured dtype."""
-    import json
+    """The trained PM (a ModelRef) as a reward function, rendering answers as it
+    was trained (the style its model directory records), in the configured dtype."""
+    from cai_jax.rl_cai.preference import PreferenceScorer
 
-    from cai_jax.rl_cai.preference import PM_INFO_FILE, PreferenceScorer
-    from cai_jax.weights.loader import load_model
-
-    info = {}
-    if source.startswith("ckpt:"):
-        info_path = os.path.join(source[5:], PM_INFO_FILE)
-        if os.path.exists(info_path):
-            with open(info_path) as f:
-                info = json.load(f)
-    pm = load_model(source, {"heads": ("scalar",), "dtype": dtype, "param_dtype": dtype})
-    scorer = PreferenceScorer(pm, style=info.get("render", default_render),
-                              max_len=info.get("max_seq_len", 512), batch_size=batch_size,
+    pm = ref.load({"heads": ("scalar",), "dtype": dtype, "param_dtype": dtype})
+    scorer = PreferenceScorer(pm, style=pm.about.get("render", default_render),
+                              max_len=pm.about.get("max_seq_len", 512), batch_size=batch_size,
                               mesh=mesh)
     return ro.PreferenceModelReward(scorer)
 
@@ -469,24 +449,24 @@ def preference_reward(source: str, dtype: str, default_render: str, mesh,
 def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) -> PPOSetup:
     """Loads models and prompts as the config says. `reward_fn` replaces the
     preference model (tests, synthetic rewards)."""
-    from cai_jax.weights.loader import load_model
+    from cai_jax.model_ref import resolve
 
     c = config.ppo
     mesh = shd.make_mesh(dict(config.get("mesh", {"data": -1})))
     policy_heads = ("lm", "scalar") if c.share_trunk else ("lm",)
-    policy = load_model(_source(c.policy, workdir), {"heads": policy_heads, "dtype": c.dtype},
-                        seed=config.seed, to_device=False)
+    policy = resolve(c.policy, config, workdir).load({"heads": policy_heads, "dtype": c.dtype},
+                                                     seed=config.seed, to_device=False)
     if policy.tokenizer is None:
         raise ValueError(f"config.ppo.policy {c.policy!r} has no tokenizer; PPO needs one to "
                          "render prompts and decode answers")
     value_config = value_params = None
     if not c.share_trunk:
         value_spec = c.preference_model if c.value_init == "pm" else c.policy
-        value = load_model(_source(value_spec, workdir), {"heads": ("scalar",), "dtype": c.dtype},
-                           seed=config.seed, to_device=False)
+        value = resolve(value_spec, config, workdir).load({"heads": ("scalar",), "dtype": c.dtype},
+                                                          seed=config.seed, to_device=False)
         value_config, value_params = value.config, value.params
     if reward_fn is None:
-        reward_fn = preference_reward(_source(c.preference_model, workdir), c.pm_dtype,
+        reward_fn = preference_reward(resolve(c.preference_model, config, workdir), c.pm_dtype,
                                       config.data.render, mesh, c.rollout_batch_size)
         if reward_fn.scorer.config.vocab_size != policy.config.vocab_size:
             raise ValueError(f"config.ppo.preference_model {c.preference_model!r} has vocabulary "

@@ -20,14 +20,12 @@ Training batches are padded to `batched_forward.training_width` (at least
 min_bucket tokens, doubled), scored rows to its `padded_width`, so few shapes
 compile. A held-out slice (by hash of the pair id) is scored every
 `eval_every` steps (loss, accuracy, calibration gap). The result is a ckpt: directory `<workdir>/models/pm`
-(heads=("scalar",)) with a `preference.json` beside the weights recording how
-answers were rendered, so `PreferenceScorer` reads them back the same way.
+(heads=("scalar",)) whose about.json records how answers were rendered, so
+`PreferenceScorer` reads them back the same way.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -40,11 +38,12 @@ import numpy as np
 
 from cai_jax import artifacts, sharding as shd
 from cai_jax.batched_forward import batched_forward, training_width
-from cai_jax.config import optimizer_section, resolve_model
+from cai_jax.config import optimizer_section
 from cai_jax.data.conversation import Conversation, Turn, as_conversation, render_chat, render_hh
 from cai_jax.data.hh_rlhf import read_pairs
-from cai_jax.data.loaders import make_dataset
+from cai_jax.data.loaders import make_dataset, split_heldout
 from cai_jax.models.transformer import Transformer, positions_from_mask
+from cai_jax.model_ref import resolve
 from cai_jax.pipeline import discard_stale_work
 from cai_jax.rl_cai.bt_loss import preference_accuracy, soft_bt_loss
 from cai_jax.rl_cai.ppo_math import last_valid_index
@@ -54,10 +53,9 @@ from cai_jax.training.loop import train_loop
 from cai_jax.training.metrics import MetricWriter
 from cai_jax.weights.loader import LoadedModel, load_model
 from cai_jax.weights.model_dir import save_model_dir
-from cai_jax.weights.tokenizer import encode_text, stop_token_ids
+from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
 
 SCALAR_HEAD = {"heads": ("scalar",)}
-PM_INFO_FILE = "preference.json"
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -225,20 +223,8 @@ def pair_metrics(diff, p_a) -> dict:
 
 # ------------------------------------------------------------ training data
 
-def hash_fraction(key: str, salt: str = "pm_train-eval") -> float:
-    digest = hashlib.sha256(f"{salt}|{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_heldout(examples: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, held out): about `fraction` of the examples by hash of their id,
-    at least one held out and one kept when there are two or more."""
-    if fraction <= 0 or len(examples) < 2:
-        return list(examples), []
-    ranked = sorted(examples, key=lambda e: hash_fraction(e["id"]))
-    count = min(max(1, round(fraction * len(examples))), len(examples) - 1)
-    held = {e["id"] for e in ranked[:count]}
-    return [e for e in examples if e["id"] not in held], [e for e in examples if e["id"] in held]
+# Salt of the held-out split (data.loaders.split_heldout) of both training phases.
+HELDOUT_SALT = "pm_train-eval"
 
 
 def ai_labelled_pairs(labels_path: str, pairs_path: str) -> list[dict]:
@@ -289,15 +275,8 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer, style: str, max_len: int) -
 
 def init_pm(config, spec: str, workdir: Optional[str] = None) -> LoadedModel:
     """The PM's starting point with a scalar head (zero-initialised when the
-    source is a language model)."""
-    if spec == "base":
-        source, overrides = resolve_model(config.model)
-        return load_model(source, {**overrides, **SCALAR_HEAD}, seed=config.seed)
-    if spec == "sl_cai":
-        if workdir is None:
-            raise ValueError("pm_train.init_source 'sl_cai' needs a work directory")
-        spec = "ckpt:" + os.path.join(workdir, "models", "sl_cai")
-    return load_model(spec, SCALAR_HEAD, seed=config.seed)
+    reference is a language model)."""
+    return resolve(spec, config, workdir).load(SCALAR_HEAD, seed=config.seed)
 
 
 class PairIterator:
@@ -390,7 +369,7 @@ def run_stage(ctx) -> dict:
     tokenizer, cfg = loaded.tokenizer, loaded.config
     if tokenizer is None:
         raise ValueError(f"pm_train.init_source {section.init_source!r} has no tokenizer")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     max_len = min(section.max_seq_len, cfg.max_seq_len)
     mesh = shd.make_mesh(config.mesh.to_dict())
     params = loaded.params
@@ -400,7 +379,7 @@ def run_stage(ctx) -> dict:
         pmp, cut = tokenize_pairs(human_pairs(section.pmp_path, section.pmp_limit,
                                               config.data.get("on_error", "raise"), "pmp"),
                                   tokenizer, style, max_len)
-        pmp_train, pmp_eval = split_heldout(pmp, section.eval_fraction)
+        pmp_train, pmp_eval = split_heldout(pmp, section.eval_fraction, salt=HELDOUT_SALT)
         steps = _steps(section.pmp_steps, 1.0, len(pmp_train), section.batch_size)
         params, metrics = train_phase(
             name="pmp", model_config=cfg, params=params, train=pmp_train, held_out=pmp_eval,
@@ -413,7 +392,7 @@ def run_stage(ctx) -> dict:
     examples, cut = tokenize_pairs(training_pairs(config, ctx.workdir), tokenizer, style, max_len)
     if not examples:
         raise ValueError(f"{ctx.path('labels.jsonl')} holds no usable pairs; run the pairs and feedback stages")
-    train, held_out = split_heldout(examples, section.eval_fraction)
+    train, held_out = split_heldout(examples, section.eval_fraction, salt=HELDOUT_SALT)
     steps = _steps(section.num_steps, section.num_epochs, len(train), section.batch_size)
     params, metrics = train_phase(
         name="pm", model_config=cfg, params=params, train=train, held_out=held_out, num_steps=steps,
@@ -421,9 +400,9 @@ def run_stage(ctx) -> dict:
         directory=ctx.path("pm_train", "main"), seed=config.seed + 1, pad_id=pad_id, max_len=max_len,
         progress=ctx.progress)
     out_dir = ctx.path("models", "pm")
-    save_model_dir(out_dir, cfg, jax.tree.map(np.asarray, params), tokenizer)
-    artifacts.write_json_atomic(os.path.join(out_dir, PM_INFO_FILE),
-                                {"render": style, "max_seq_len": max_len, "init_source": section.init_source})
+    save_model_dir(out_dir, cfg, jax.tree.map(np.asarray, params), tokenizer,
+                   about={"render": style, "max_seq_len": max_len, "made_from": section.init_source,
+                          "stage": "pm_train"})
     summary.update({"train_pairs": len(train), "eval_pairs": len(held_out), "steps": steps,
                     "rows_cut": cut})
     summary.update({f"eval_{k}": v for k, v in metrics.items()})
@@ -457,21 +436,16 @@ class PreferenceScorer:
         self.mesh = mesh or shd.make_mesh({"data": -1})
         self.batch_size = batch_size
         self.params = shd.place(model.params, shd.param_shardings(model.config, self.mesh))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(self.tokenizer)
         self._score = jax.jit(make_score_fn(Transformer(model.config)))
 
     @classmethod
     def from_dir(cls, directory: str, *, style: Optional[str] = None, max_len: Optional[int] = None,
                  batch_size: int = 8, mesh=None) -> "PreferenceScorer":
         directory = directory[len("ckpt:"):] if directory.startswith("ckpt:") else directory
-        info = {}
-        info_path = os.path.join(directory, PM_INFO_FILE)
-        if os.path.exists(info_path):
-            with open(info_path) as f:
-                info = json.load(f)
         model = load_model("ckpt:" + directory, SCALAR_HEAD)
-        return cls(model, style=style or info.get("render", "chat"),
-                   max_len=max_len or info.get("max_seq_len", 512), batch_size=batch_size, mesh=mesh)
+        return cls(model, style=style or model.about.get("render", "chat"),
+                   max_len=max_len or model.about.get("max_seq_len", 512), batch_size=batch_size, mesh=mesh)
 
     def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """[N] scores of token-id rows (prompt + answer), read at each row's end."""

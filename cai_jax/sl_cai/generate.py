@@ -35,16 +35,15 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts
-from cai_jax.config import resolve_model
+from cai_jax.model_ref import resolve
 from cai_jax.constitution import (
     Constitution,
     CritiqueRevisionPair,
-    load_constitution,
-    load_default_constitution,
-    load_paper_prompts,
+    constitution_from_config,
     sample_principles,
 )
 from cai_jax.data.conversation import (
+    TRANSCRIPT_STOP_STRINGS,
     CritiqueRound,
     CritiqueTranscript,
     Turn,
@@ -56,12 +55,6 @@ from cai_jax.data.conversation import (
 from cai_jax.data.prompt_sets import Prompt, load_prompts
 from cai_jax.sl_cai.cleanup import Cleaned, clean_answer, clean_critique, clean_revision
 from cai_jax.weights.tokenizer import encode_text
-
-# Where a sampled section ends in the HH rendering (chat models end with their
-# end-of-turn token; the strings are harmless there). Clean-up cuts again.
-STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nCritique:",
-                "\n\nRevisionRequest:", "\n\nRevision:")
-
 
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
@@ -85,21 +78,6 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------ inputs
-
-def constitution_from_config(section: ml_collections.ConfigDict, seed: int) -> Constitution:
-    """config.constitution -> Constitution: "default", "paper:DIR" or a JSON path,
-    optionally cut to a seeded subset of num_principles."""
-    path = section.path
-    if path == "default":
-        constitution = load_default_constitution()
-    elif path.startswith("paper:"):
-        constitution = load_paper_prompts(path[len("paper:"):])
-    else:
-        constitution = load_constitution(path)
-    if section.num_principles:
-        constitution = constitution.subset(section.num_principles, seed)
-    return constitution
-
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
@@ -142,8 +120,10 @@ def step_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+# A sampled section ends at the next HH transcript label (chat models end with
+# their end-of-turn token; the strings are harmless there). Clean-up cuts again.
 def make_generate_fn(sampler, params, settings: StepSettings, seed: int,
-                     extra_stops: Sequence[str] = STOP_STRINGS) -> GenerateFn:
+                     extra_stops: Sequence[str] = TRANSCRIPT_STOP_STRINGS) -> GenerateFn:
     from cai_jax.sampling import SamplingParams
 
     def generate(prompts, max_new_tokens, purpose, example_ids):
@@ -380,16 +360,15 @@ class _Model:
 
     def __init__(self, config, settings: StepSettings, progress: bool):
         self.config, self.settings, self.progress = config, settings, progress
-        self.source, self.overrides = resolve_model(config.model)
+        self.ref = resolve("base", config)
+        self.source = self.ref.source
         self._parts = None
 
     def parts(self) -> tuple[GenerateFn, PromptBuilder]:
         if self._parts is None:
             from cai_jax.sampling import Sampler
             from cai_jax.sharding import make_mesh
-            from cai_jax.weights.loader import load_model
-
-            loaded = load_model(self.source, self.overrides, seed=self.config.seed)
+            loaded = self.ref.load(seed=self.config.seed)
             if loaded.tokenizer is None:
                 raise ValueError(f"model source {self.source!r} has no tokenizer; sl_generate needs one")
             sampler = Sampler(loaded.config, loaded.tokenizer, mesh=make_mesh(self.config.mesh.to_dict()),

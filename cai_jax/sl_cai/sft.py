@@ -16,7 +16,6 @@ model got. The trained model is written to `<workdir>/models/sl_cai`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 from typing import Optional, Sequence
@@ -30,17 +29,17 @@ from ml_collections import config_dict
 
 from cai_jax import artifacts, sharding as shd
 from cai_jax.batched_forward import batched_forward, training_width
-from cai_jax.config import optimizer_section, resolve_model
+from cai_jax.config import optimizer_section
+from cai_jax.model_ref import resolve
 from cai_jax.data.conversation import Turn, render_chat, render_hh
-from cai_jax.data.loaders import make_dataset
+from cai_jax.data.loaders import make_dataset, split_heldout
 from cai_jax.models.transformer import Transformer
 from cai_jax.training import lm_loss, optimizers, train_step as ts
 from cai_jax.training.checkpoint import Checkpointer
 from cai_jax.training.loop import train_loop
 from cai_jax.training.metrics import MetricWriter
-from cai_jax.weights.loader import load_model
 from cai_jax.weights.model_dir import save_model_dir
-from cai_jax.weights.tokenizer import encode_text, stop_token_ids
+from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -135,21 +134,8 @@ def pad_batch(examples: Sequence[dict], min_width: int, max_width: int, pad_id: 
 
 # ------------------------------------------------------------ training mix
 
-def _hash_fraction(key: str) -> float:
-    # Salted so the held-out slice is unrelated to the prompt sets' own split.
-    digest = hashlib.sha256(f"sl_train-eval|{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_heldout(records: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, held out): the records whose id hashes lowest, `fraction` of them
-    but at least one and never all (when there are two or more)."""
-    if fraction <= 0 or len(records) < 2:
-        return list(records), []
-    count = min(max(1, round(fraction * len(records))), len(records) - 1)
-    by_hash = sorted(records, key=lambda r: _hash_fraction(r["id"]))
-    held = {r["id"] for r in by_hash[:count]}
-    return [r for r in records if r["id"] not in held], [r for r in records if r["id"] in held]
+# Salt of the held-out split of the SL records (data.loaders.split_heldout).
+HELDOUT_SALT = "sl_train-eval"
 
 
 def revision_pairs(records: Sequence[dict], skip_unrevised: bool) -> tuple[list[tuple], int]:
@@ -234,16 +220,16 @@ def run_stage(ctx) -> dict:
     sl_records = artifacts.read_jsonl(sl_path)
     helpful_records = artifacts.read_jsonl(helpful_path)
 
-    source, overrides = resolve_model(config.model)
-    loaded = load_model(source, overrides, seed=config.seed, to_device=False)
+    base = resolve("base", config)
+    loaded = base.load(seed=config.seed, to_device=False)
     cfg, tokenizer = loaded.config, loaded.tokenizer
     if tokenizer is None:
-        raise ValueError(f"model source {source!r} has no tokenizer; sl_train needs one to render "
+        raise ValueError(f"model source {base.source!r} has no tokenizer; sl_train needs one to render "
                          "the training conversations")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     max_len = min(section.max_seq_len, cfg.max_seq_len)
 
-    train_records, eval_records = split_heldout(sl_records, section.eval_fraction)
+    train_records, eval_records = split_heldout(sl_records, section.eval_fraction, salt=HELDOUT_SALT)
     revisions, skipped_train = revision_pairs(train_records, section.skip_unrevised)
     eval_revisions, skipped_eval = revision_pairs(eval_records, section.skip_unrevised)
     helpful = helpful_pairs(helpful_records, round(section.helpful_ratio * len(revisions)), config.seed)
@@ -297,7 +283,8 @@ def run_stage(ctx) -> dict:
     writer.close()
     checkpointer.close()
     final_eval = evaluate(state.params) if evaluate else {}
-    save_model_dir(ctx.path("models", "sl_cai"), cfg, state.params, tokenizer)
+    save_model_dir(ctx.path("models", "sl_cai"), cfg, state.params, tokenizer,
+                   about={"render": style, "made_from": base.source, "stage": "sl_train"})
 
     summary = {
         "steps": num_steps,

@@ -90,8 +90,8 @@ def feedback_judge(config, progress: bool):
     labeler = feedback.labeler_from_config(config)
 
     def judge(pairs) -> np.ndarray:
-        comparisons = [feedback.Comparison(pair_id(p), "harmless", p.context, p.chosen, p.rejected)
-                       for p in pairs]
+        comparisons = [feedback.FeedbackComparison(pair_id(p), "harmless", p.context, p.chosen,
+                                                   p.rejected) for p in pairs]
         return np.asarray([r["p_a"] for r in labeler.label(comparisons, progress=progress)])
     return judge
 

@@ -16,7 +16,6 @@ import dataclasses
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.models.config import MODEL_LADDER, TransformerConfig, model_config_from_dict
@@ -33,6 +32,7 @@ class LoadedModel:
     params: Any
     tokenizer: Any
     source: str
+    about: dict = dataclasses.field(default_factory=dict)  # a model directory's about.json
 
 
 def _cast(params, dtype):
@@ -81,7 +81,7 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
                          f"only {RUNTIME_FIELDS} may differ from the stored shapes")
     if "heads" in overrides:
         overrides["heads"] = tuple(overrides["heads"])
-    tokenizer = None
+    tokenizer, about = None, {}
     if source in PACKAGED_MODELS or source.startswith("gguf:"):
         path = packaged_gguf_path(source) if source in PACKAGED_MODELS else source[5:]
         cfg, tensors = gguf_import.read_gguf(path)
@@ -95,6 +95,7 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
     elif source.startswith("ckpt:"):
         cfg, params = model_dir.load_model_dir(source[5:])
         params = model_dir.params_to_numpy(params)
+        about = model_dir.read_about(source[5:])
         if model_dir.has_tokenizer(source[5:]):
             import os
             tokenizer = tok_lib.tokenizer_from_dir(os.path.join(source[5:], "tokenizer"))
@@ -115,4 +116,4 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
         params = layout.to_model_layout(_to_device_consuming(params), cfg)
     else:
         params = layout.to_model_layout(params, cfg)
-    return LoadedModel(cfg, params, tokenizer, source)
+    return LoadedModel(cfg, params, tokenizer, source, about)

@@ -1,6 +1,9 @@
 """Our own model directory (`ckpt:DIR`): shapes, tokenizer and orbax parameters.
 
     DIR/model.json     TransformerConfig fields
+    DIR/about.json     what the next user of the model needs: how its inputs are
+                       rendered ("render"), its longest input ("max_seq_len"),
+                       the reference it was trained from ("made_from"), the stage
     DIR/tokenizer/     transformers tokenizer files
     DIR/params/        orbax checkpoint of the parameter pytree (scan layout)
     DIR/saved.json     a fresh id per save: later pipeline stages hash it to
@@ -27,7 +30,13 @@ from cai_jax.models.config import TransformerConfig
 from cai_jax.weights import layout
 
 
-def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None) -> None:
+ABOUT_FILE = "about.json"
+# Preference models saved before about.json existed kept their render style here.
+_OLD_PM_INFO_FILE = "preference.json"
+
+
+def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None,
+                   about: dict | None = None) -> None:
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
@@ -38,6 +47,8 @@ def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=Non
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     with open(os.path.join(tmp, "saved.json"), "w") as f:
         json.dump({"id": uuid.uuid4().hex, "time": time.time()}, f)
+    with open(os.path.join(tmp, ABOUT_FILE), "w") as f:
+        json.dump(about or {}, f, indent=1)
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     params = layout.to_scan_layout(params, cfg)
@@ -78,6 +89,16 @@ def load_model_dir(directory: str, shardings=None) -> tuple[TransformerConfig, d
                                   tree, shardings)
         params = ckptr.restore(os.path.join(directory, "params"), target)
     return cfg, params
+
+
+def read_about(directory: str) -> dict:
+    """The model directory's about.json ({} when it has none)."""
+    for name in (ABOUT_FILE, _OLD_PM_INFO_FILE):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return {}
 
 
 def has_tokenizer(directory: str) -> bool:

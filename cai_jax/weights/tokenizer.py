@@ -72,6 +72,13 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, 0 when it has none (or there is no tokenizer):
+    padded positions are masked out, so any valid id will do."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """Token ids that end an answer: EOS and, for chat models, the end-of-turn token."""
     ids = set()
