@@ -1,22 +1,34 @@
-"""Abstract train steps for ahead-of-time compilation: every step kind, no arrays.
+"""Abstract programs for ahead-of-time compilation: what a run's config builds, no arrays.
 
-A step kind is one unit of work of the recipe, built from the same functions
-the stages run:
+A step kind is one unit of work of the recipe, built by the same functions the
+stages call, from the run's own config (its model section and stage section):
 
-  sft  one optimizer step of next-token cross-entropy (training/lm_loss.py)
-  pm   one optimizer step of the preference model: soft Bradley-Terry on the
-       scalar head at each answer's last token (rl_cai/preference.make_pm_loss)
-  ppo  one PPO iteration after decoding: the rollout's forward passes (policy
-       and reference log-probs, values: rl_cai/rollout.build_rollout_scorer;
-       preference-model score: rl_cai/preference.make_score_fn), then one
-       policy and one value update (rl_cai/ppo_update.build_ppo_steps)
+  sft  one optimizer step of the SFT trainer (sl_cai/sft.build_trainer:
+       config.sl_train's optimizer, batch_size, grad_accum_steps, max_seq_len)
+  pm   one optimizer step of the preference-model trainer
+       (rl_cai/preference.build_trainer: config.pm_train)
+  ppo  one PPO iteration after decoding, as rl_cai/ppo.build_programs builds it
+       from config.ppo (dtype, ref_dtype, pm_dtype, share_trunk, temperature,
+       rollout_batch_size, minibatch_size, grad_accum_steps, optimizers): the
+       rollout's forward passes (policy and reference log-probs, values), the
+       preference model's score, then one minibatch update of the policy and
+       one of the value model (one update of both heads with a shared trunk)
+
+The train steps are the trainers' own (training/trainer.py): `train_step`
+with `abstract_state` (`jax.eval_shape`, with the state's shardings).
+Batches have the largest shape the stage makes: sl_train.batch_size rows of
+min(max_seq_len, the model's) tokens (sft.pad_batch), pm_train.batch_size
+pairs (preference.pair_batch), ppo.minibatch_size rows per update and
+ppo.rollout_batch_size rows per scoring pass of max_prompt_tokens +
+max_new_tokens tokens (rollout.pack_rollout), the preference model reading
+at most pm_train.max_seq_len of them. A config without a stage's section (configs/base.py)
+gets that stage's defaults.
 
 `build_phases` returns, per kind, the jitted functions with abstract arguments
-(`jax.ShapeDtypeStruct`s carrying their shardings; train states come from
-`jax.eval_shape`), plus the state that stays on the chips between phases
-(in PPO: policy and value train states, frozen reference and preference
-model) and analytic FLOPs. `cai_jax.tools.aot` compiles them for a TPU
-topology.
+(`jax.ShapeDtypeStruct`s carrying their shardings), plus the state that stays
+on the chips between phases (in PPO: policy and value train states, frozen
+reference and preference model) and analytic FLOPs. `cai_jax.tools.aot`
+compiles them for a TPU topology.
 
 FLOPs are counted analytically: XLA's cost analysis counts the body of a
 `scan` once, not once per layer. Per token, a forward pass costs
@@ -28,42 +40,23 @@ the hardware, which `hardware_flops` includes and MFU does not.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from cai_jax import sharding as shd
-from cai_jax.config import optimizer_section
-from cai_jax.models.config import TransformerConfig
+from cai_jax.models.config import TransformerConfig, model_config_from_dict
 from cai_jax.models.transformer import Transformer, abstract_params
-from cai_jax.rl_cai import ppo_update, preference, rollout
-from cai_jax.training import lm_loss, optimizers, train_step as ts
 
 STEP_KINDS = ("sft", "pm", "ppo")
-
-
-def get_default_config() -> ml_collections.ConfigDict:
-    """The workload the compile measures (one optimizer step / PPO iteration)."""
-    return ml_collections.ConfigDict({
-        # Global rows per optimizer step: sequences (sft), pairs (pm), rollouts (ppo).
-        "batch_size": 64,
-        "seq_len": 2048,
-        # PPO: answer tokens at the end of each row (the prompt fills the rest).
-        "answer_len": 512,
-        # Rows each batch shard (data x fsdp device group) processes at once;
-        # the rest of the batch is gradient accumulation. 0: the whole batch at once.
-        "micro_batch_per_shard": 4,
-        # Adam's first moment dtype (None: same as the parameters).
-        "mu_dtype": ml_collections.config_dict.placeholder(str),
-        # Frozen PPO models (reference, preference model) are only read: bfloat16
-        # storage halves their memory and is what they compute in anyway.
-        "frozen_param_dtype": "bfloat16",
-    })
+SECTIONS = {"sft": "sl_train", "pm": "pm_train", "ppo": "ppo"}
 
 
 @dataclasses.dataclass
@@ -87,6 +80,8 @@ class Phases:
     resident: dict[str, Any]
     grad_accum_steps: int
     tokens_per_step: int
+    model_config: TransformerConfig  # the trained model (the policy in PPO)
+    workload: dict  # the config numbers that fix the shapes, for the report
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -127,20 +122,17 @@ def abstract_array(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
 
 
 def abstract_params_sharded(cfg: TransformerConfig, mesh, rules=shd.DEFAULT_RULES):
-    """(abstract params with shardings, their shardings)."""
+    """Abstract parameters placed as shd.param_shardings places them (frozen models)."""
     boxed = abstract_params(cfg)
     shardings = shd.logical_shardings(boxed, mesh, rules)
-    plain = nn.meta.unbox(boxed)
-    return jax.tree.map(lambda a, s: abstract_array(a.shape, a.dtype, s), plain, shardings), shardings
+    return jax.tree.map(lambda a, s: abstract_array(a.shape, a.dtype, s), nn.meta.unbox(boxed), shardings)
 
 
-def abstract_train_state(params_abstract, param_shardings, optimizer, mesh):
-    """(abstract TrainState with shardings, its shardings), via eval_shape."""
-    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params_abstract)
-    state_sharding = ts.state_shardings(param_shardings, optimizer, plain, mesh)
-    state = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), plain)
-    state = jax.tree.map(lambda a, s: abstract_array(a.shape, a.dtype, s), state, state_sharding)
-    return state, state_sharding
+def abstract_batch(batch: dict, sharding) -> dict:
+    """A host batch (as the stage's collate function makes it) as abstract arrays
+    with the trainer's batch sharding (one sharding, or one per key)."""
+    return {k: abstract_array(v.shape, v.dtype, sharding[k] if isinstance(sharding, dict) else sharding)
+            for k, v in batch.items()}
 
 
 def abstract_rng(mesh):
@@ -165,12 +157,21 @@ def batch_shards(mesh, rules=shd.DEFAULT_RULES) -> int:
     return math.prod(mesh.shape[n] for n in names if n)
 
 
+def check_batch(rows: int, accum: int, mesh, what: str = "batch_size", rules=shd.DEFAULT_RULES) -> None:
+    """Each batch shard must get whole rows, and whole micro-batches of them."""
+    shards = batch_shards(mesh, rules)
+    if rows % shards:
+        raise ValueError(f"{what} {rows} is not divisible by the {shards} batch shards of mesh "
+                         f"{dict(mesh.shape)} (data x fsdp); change it or --mesh")
+    if (rows // shards) % accum:
+        raise ValueError(f"{what} {rows}: the {rows // shards} rows of each batch shard are not "
+                         f"divisible by grad_accum_steps {accum}")
+
+
 def grad_accum_for(batch_size: int, mesh, micro_batch_per_shard: int, rules=shd.DEFAULT_RULES) -> int:
     """Micro-steps per optimizer step so each batch shard sees `micro_batch_per_shard` rows."""
+    check_batch(batch_size, 1, mesh, rules=rules)
     shards = batch_shards(mesh, rules)
-    if batch_size % shards:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} batch shards "
-                         f"of mesh {dict(mesh.shape)} (data x fsdp); change --batch_size or --mesh")
     if micro_batch_per_shard <= 0:
         return 1
     per_shard = batch_size // shards
@@ -182,122 +183,142 @@ def grad_accum_for(batch_size: int, mesh, micro_batch_per_shard: int, rules=shd.
 
 # ---------------------------------------------------------------- phases
 
-def _optimizer(workload) -> Any:
-    cfg = optimizer_section()
-    cfg.mu_dtype = workload.get("mu_dtype")
-    return optimizers.make_optimizer(cfg)
+def stage_section(config, kind: str) -> ml_collections.ConfigDict:
+    """A copy of the config's section for `kind`, or the stage's defaults."""
+    name = SECTIONS[kind]
+    if name in config:
+        return copy.deepcopy(config[name])
+    from cai_jax.rl_cai import ppo, preference
+    from cai_jax.sl_cai import sft
+    return {"sft": sft, "pm": preference, "ppo": ppo}[kind].get_default_config()
 
 
-def _rows(shape_tail, dtype, batch_size, mesh, rules):
-    return abstract_array((batch_size, *shape_tail), dtype,
-                          shd.data_sharding(mesh, 1 + len(shape_tail), rules))
-
-
-def build_phases(kind: str, model_cfg: TransformerConfig, mesh, workload: Mapping,
-                 rules=shd.DEFAULT_RULES) -> Phases:
-    """The abstract phases of one step of `kind` for `model_cfg` on `mesh`."""
+def build_phases(kind: str, config, mesh, micro_batch_per_shard: Optional[int] = None) -> Phases:
+    """The abstract phases of one step of `kind` as `config` runs it on `mesh`.
+    `micro_batch_per_shard` replaces the section's grad_accum_steps by the
+    accumulation that gives each batch shard that many rows per micro-step."""
     if kind not in STEP_KINDS:
         raise ValueError(f"--step is {kind!r}; one of {STEP_KINDS}")
-    batch, seq = int(workload["batch_size"]), int(workload["seq_len"])
-    if seq > model_cfg.max_seq_len and model_cfg.arch == "gpt2":
-        raise ValueError(f"seq_len {seq} exceeds the model's learned positions ({model_cfg.max_seq_len})")
-    accum = grad_accum_for(batch, mesh, int(workload["micro_batch_per_shard"]), rules)
-    optimizer = _optimizer(workload)
-    rng = abstract_rng(mesh)
+    section = stage_section(config, kind)
+    if micro_batch_per_shard is not None:
+        rows = section.minibatch_size if kind == "ppo" else section.batch_size
+        section.grad_accum_steps = grad_accum_for(rows, mesh, micro_batch_per_shard)
+    model_cfg = model_config_from_dict(config.model)
     builder = {"sft": _sft_phases, "pm": _pm_phases, "ppo": _ppo_phases}[kind]
-    return builder(model_cfg, mesh, workload, batch, seq, accum, optimizer, rng, rules)
+    return builder(model_cfg, section, config, mesh)
 
 
-def _sft_phases(cfg, mesh, workload, batch, seq, accum, optimizer, rng, rules):
+def _train_phase(name: str, trainer, batch: dict, rows: int, seq: int, resident_name: str):
+    state = trainer.abstract_state
+    model_f, hw_f = train_flops(trainer.model_config, rows, seq)
+    return Phase(name, trainer.train_step, (state, abstract_batch(batch, trainer.batch_sharding),
+                                             abstract_rng(trainer.mesh)),
+                 (resident_name,), model_f, hw_f)
+
+
+def _sft_phases(cfg, section, config, mesh):
+    from cai_jax.sl_cai import sft
+
     cfg = cfg.replace(heads=("lm",))
-    params, psh = abstract_params_sharded(cfg, mesh, rules)
-    state, ssh = abstract_train_state(params, psh, optimizer, mesh)
-    bsh = shd.data_sharding(mesh, 2, rules)
-    step = ts.build_train_step(lm_loss.make_lm_loss(Transformer(cfg)), optimizer, mesh, ssh, bsh,
-                               accum, rules)
-    data = {k: _rows((seq,), jnp.int32, batch, mesh, rules)
-            for k in ("tokens", "attention_mask", "loss_mask")}
-    model_f, hw_f = train_flops(cfg, batch, seq)
-    phase = Phase("sft_update", step, (state, data, rng), ("train_state",), model_f, hw_f)
-    return Phases("sft", [phase], {"train_state": state}, accum, batch * seq)
+    check_batch(section.batch_size, section.grad_accum_steps, mesh, "sl_train.batch_size")
+    seq = min(section.max_seq_len, cfg.max_seq_len)
+    longest = {"tokens": np.zeros(seq, np.int32), "loss_mask": np.zeros(seq, np.int32)}
+    batch = sft.pad_batch([longest], section.min_bucket, seq, pad_id=0, rows=section.batch_size)
+    trainer = sft.build_trainer(cfg, section, mesh, section.num_steps or None)
+    rows = section.batch_size
+    phase = _train_phase("sft_update", trainer, batch, rows, seq, "train_state")
+    return Phases("sft", [phase], {"train_state": trainer.abstract_state}, section.grad_accum_steps,
+                  rows * seq, cfg, {"batch_size": rows, "seq_len": seq,
+                                    "grad_accum_steps": section.grad_accum_steps,
+                                    "mu_dtype": section.optimizer.mu_dtype})
 
 
-def _pm_phases(cfg, mesh, workload, batch, seq, accum, optimizer, rng, rules):
-    cfg = cfg.replace(heads=("scalar",))
-    params, psh = abstract_params_sharded(cfg, mesh, rules)
-    state, ssh = abstract_train_state(params, psh, optimizer, mesh)
-    bsh = preference.batch_shardings(mesh)
-    step = ts.build_train_step(preference.make_pm_loss(Transformer(cfg)), optimizer, mesh, ssh, bsh,
-                               accum, rules)
-    data = {"tokens": abstract_array((batch, 2, seq), jnp.int32, bsh["tokens"]),
-            "mask": abstract_array((batch, 2, seq), jnp.int32, bsh["mask"]),
-            "p_a": abstract_array((batch,), jnp.float32, bsh["p_a"]),
-            "weight": abstract_array((batch,), jnp.float32, bsh["weight"])}
-    model_f, hw_f = train_flops(cfg, 2 * batch, seq)
-    phase = Phase("pm_update", step, (state, data, rng), ("train_state",), model_f, hw_f)
-    return Phases("pm", [phase], {"train_state": state}, accum, 2 * batch * seq)
+def _pm_phases(cfg, section, config, mesh):
+    from cai_jax.rl_cai import preference
+
+    cfg = cfg.replace(**preference.SCALAR_HEAD)
+    check_batch(section.batch_size, section.grad_accum_steps, mesh, "pm_train.batch_size")
+    seq = min(section.max_seq_len, cfg.max_seq_len)
+    longest = {"a": np.zeros(seq, np.int32), "b": np.zeros(seq, np.int32), "p_a": 0.5}
+    batch = preference.pair_batch([longest], section.min_bucket, seq, pad_id=0, rows=section.batch_size)
+    trainer = preference.build_trainer(cfg, section, mesh, section.num_steps or None)
+    pairs = section.batch_size
+    phase = _train_phase("pm_update", trainer, batch, 2 * pairs, seq, "train_state")
+    return Phases("pm", [phase], {"train_state": trainer.abstract_state}, section.grad_accum_steps,
+                  2 * pairs * seq, cfg, {"batch_size": pairs, "seq_len": seq,
+                                         "grad_accum_steps": section.grad_accum_steps,
+                                         "mu_dtype": section.optimizer.mu_dtype})
 
 
-def _ppo_phases(cfg, mesh, workload, batch, seq, accum, optimizer, rng, rules):
-    answer = int(workload["answer_len"])
-    if not 0 < answer < seq:
-        raise ValueError(f"answer_len {answer} must be in (0, seq_len={seq})")
-    frozen_dtype = workload.get("frozen_param_dtype") or cfg.param_dtype
-    policy_cfg = cfg.replace(heads=("lm",))
-    value_cfg = cfg.replace(heads=("scalar",))
-    ref_cfg = policy_cfg.replace(param_dtype=frozen_dtype)
-    pm_cfg = value_cfg.replace(param_dtype=frozen_dtype)
-
-    policy_params, policy_psh = abstract_params_sharded(policy_cfg, mesh, rules)
-    value_params, value_psh = abstract_params_sharded(value_cfg, mesh, rules)
-    ref_params, ref_psh = abstract_params_sharded(ref_cfg, mesh, rules)
-    pm_params, pm_psh = abstract_params_sharded(pm_cfg, mesh, rules)
-    policy_state, _ = abstract_train_state(policy_params, policy_psh, optimizer, mesh)
-    value_state, _ = abstract_train_state(value_params, value_psh, optimizer, mesh)
-
-    hyper = ppo_update.PPOHyper(minibatch_size=batch, grad_accum_steps=accum)
-    steps = ppo_update.build_ppo_steps(
-        mesh=mesh, hyper=hyper, policy_model=Transformer(policy_cfg), policy_optimizer=optimizer,
-        policy_param_shardings=policy_psh, value_model=Transformer(value_cfg),
-        value_optimizer=optimizer, value_param_shardings=value_psh, rules=rules)
-
-    tokens = {k: _rows((seq,), jnp.int32, batch, mesh, rules) for k in ("tokens", "attention_mask")}
-    per_answer = {k: _rows((answer,), jnp.float32, batch, mesh, rules)
+def _rollout_rows(rows: int, prompt: int, answer: int) -> dict:
+    """Host rows laid out as rollout.pack_rollout and PPORunner.iteration make them."""
+    tokens = {k: np.zeros((rows, prompt + answer), np.int32) for k in ("tokens", "attention_mask")}
+    per_answer = {k: np.zeros((rows, answer), np.float32)
                   for k in ("action_mask", "logp_old", "values_old", "advantages", "returns")}
-    update_batch = {**tokens, **per_answer}
+    return {**tokens, **per_answer}
 
-    # The scorer is a plain jit: the shardings come from its abstract arguments.
-    scorer = rollout.build_rollout_scorer(Transformer(policy_cfg), Transformer(ref_cfg),
-                                          Transformer(value_cfg), temperature=1.0)
+
+def _ppo_phases(cfg, c, config, mesh):
+    from cai_jax.rl_cai import ppo, preference
+
+    ppo.check_config(c, mesh)
+    prompt, answer = c.max_prompt_tokens, c.max_new_tokens
+    seq = prompt + answer
+    if seq > cfg.max_seq_len and cfg.arch == "gpt2":
+        raise ValueError(f"ppo.max_prompt_tokens + max_new_tokens ({seq}) exceeds the model's "
+                         f"learned positions ({cfg.max_seq_len})")
+    overrides = ppo.model_overrides(c)
+    policy_cfg = cfg.replace(**overrides["policy"])
+    value_cfg = None if c.share_trunk else cfg.replace(**overrides["value"])
+    pm_cfg = cfg.replace(**overrides["preference_model"])
+    programs = ppo.build_programs(c, mesh, policy_cfg, value_cfg)
+    steps = programs.steps
+    rows, minibatch = c.rollout_batch_size, c.minibatch_size
+
+    data = shd.data_sharding(mesh, 2)
+    update_batch = abstract_batch(_rollout_rows(minibatch, prompt, answer), steps.batch_sharding)
+    rollout = abstract_batch(_rollout_rows(rows, prompt, answer), data)
+    rng = abstract_rng(mesh)
+    ref_params = abstract_params_sharded(programs.ref_config, mesh)
+    pm_params = abstract_params_sharded(pm_cfg, mesh)
+    # The preference model re-reads prompt + answer, at most its training length.
+    pm_seq = min(seq, stage_section(config, "pm").max_seq_len, cfg.max_seq_len)
+    pm_rows = {k: abstract_array((rows, pm_seq), jnp.int32, data) for k in ("tokens", "mask")}
     pm_score = jax.jit(preference.make_score_fn(Transformer(pm_cfg)))
-    policy_model_f, policy_hw_f = train_flops(policy_cfg, batch, seq)
-    value_model_f, value_hw_f = train_flops(value_cfg, batch, seq)
-    scoring_flops = (forward_flops(policy_cfg, batch, seq) + forward_flops(ref_cfg, batch, seq)
-                     + forward_flops(value_cfg, batch, seq))
+
+    policy_state = steps.policy.abstract_state
+    value_state = steps.value.abstract_state if steps.value is not None else None
+    policy_model_f, policy_hw_f = train_flops(policy_cfg, minibatch, seq)
+    scoring_flops = forward_flops(policy_cfg, rows, seq) + forward_flops(programs.ref_config, rows, seq)
     # Listed (and compiled) largest first, so a config that cannot fit fails early.
-    phases = [
-        Phase("policy_update", steps.policy_step, (policy_state, update_batch, rng),
-              ("policy_params", "policy_opt_state", "rollout_batch"), policy_model_f, policy_hw_f),
-        Phase("value_update", steps.value_step, (value_state, update_batch, rng),
-              ("value_params", "value_opt_state", "rollout_batch"), value_model_f, value_hw_f),
-        Phase("rollout_scores", scorer,
-              (policy_state.params, ref_params, value_state.params, tokens["tokens"],
-               tokens["attention_mask"], per_answer["action_mask"]),
+    phases = [Phase("policy_update", steps.policy.train_step, (policy_state, update_batch, rng),
+                    ("policy_params", "policy_opt_state", "rollout_batch"), policy_model_f, policy_hw_f)]
+    resident = {"policy_params": policy_state.params,
+                "policy_opt_state": (policy_state.step, policy_state.opt_state)}
+    if value_state is not None:
+        value_model_f, value_hw_f = train_flops(value_cfg, minibatch, seq)
+        scoring_flops += forward_flops(value_cfg, rows, seq)
+        phases.append(Phase("value_update", steps.value.train_step, (value_state, update_batch, rng),
+                            ("value_params", "value_opt_state", "rollout_batch"), value_model_f, value_hw_f))
+        resident.update({"value_params": value_state.params,
+                         "value_opt_state": (value_state.step, value_state.opt_state)})
+    # The scorer is a plain jit: the shardings come from its abstract arguments.
+    phases += [
+        Phase("rollout_scores", programs.scorer,
+              (policy_state.params, ref_params, value_state.params if value_state is not None else None,
+               rollout["tokens"], rollout["attention_mask"], rollout["action_mask"]),
               ("policy_params", "reference", "value_params", "rollout_batch"),
               scoring_flops, scoring_flops),
-        Phase("pm_score", pm_score, (pm_params, tokens["tokens"], tokens["attention_mask"]),
-              ("preference_model", "rollout_batch"), forward_flops(pm_cfg, batch, seq),
-              forward_flops(pm_cfg, batch, seq)),
+        Phase("pm_score", pm_score, (pm_params, pm_rows["tokens"], pm_rows["mask"]),
+              ("preference_model", "rollout_batch"), forward_flops(pm_cfg, rows, pm_seq),
+              forward_flops(pm_cfg, rows, pm_seq)),
     ]
     # Train states split into parameters and the rest, so a phase that reads only
     # the parameters counts the optimizer state as resident-but-not-an-argument.
-    resident = {
-        "policy_params": policy_state.params,
-        "policy_opt_state": (policy_state.step, policy_state.opt_state),
-        "value_params": value_state.params,
-        "value_opt_state": (value_state.step, value_state.opt_state),
-        "reference": ref_params,
-        "preference_model": pm_params,
-        "rollout_batch": update_batch,
-    }
-    return Phases("ppo", phases, resident, accum, batch * seq)
+    resident.update({"reference": ref_params, "preference_model": pm_params,
+                     "rollout_batch": update_batch})
+    workload = {"batch_size": minibatch, "seq_len": seq, "rollout_batch_size": rows,
+                "answer_len": answer, "grad_accum_steps": c.grad_accum_steps,
+                "mu_dtype": c.policy_optimizer.mu_dtype, "dtype": c.dtype, "ref_dtype": c.ref_dtype,
+                "pm_dtype": c.pm_dtype, "share_trunk": bool(c.share_trunk)}
+    return Phases("ppo", phases, resident, c.grad_accum_steps, minibatch * seq, policy_cfg, workload)

@@ -94,15 +94,30 @@ class PartialJsonl:
         return records
 
 
+def fingerprint(obj: Any) -> str:
+    """The one fingerprint of a JSON-able value (config sections, cache stamps,
+    manifests): sha256 of its canonical JSON, 16 hex digits."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def file_hash(path: str) -> str | None:
-    """sha256 of a file (or of a directory's model.json), None when absent."""
-    if not os.path.exists(path):
+    """sha256 of a file's content (16 hex digits), None when absent."""
+    if not os.path.isfile(path):
         return None
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def path_fingerprint(path: str) -> str | None:
+    """The content fingerprint of an artifact: a file's hash; for a model
+    directory, the hash of its saved.json (a fresh id per save). None when the
+    file is absent or the directory holds no saved model."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "saved.json")
+    return file_hash(path)
 
 
 def iter_batches(items: list, size: int) -> Iterator[list]:

@@ -6,7 +6,8 @@ Every config field that names a model (`pairs.model_source`,
 
     base              config.model: the helpful model every stage starts from
     sl_cai, pm        the run's SL-CAI model and preference model (<workdir>/models/...)
-    rl_cai[/step_K]   a PPO checkpoint of the run (without /step_K: the last one)
+    rl_cai[/step_K]   a PPO checkpoint of the run, as the ppo stage recorded it in
+                      models/rl_cai/checkpoints.json (without /step_K: the last one)
     smollm2, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct
                       the packaged models (weights/packaged.py)
     gguf:PATH, hf:DIR, ckpt:DIR, init:NAME
@@ -15,13 +16,13 @@ Every config field that names a model (`pairs.model_source`,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import json
 import os
-import re
 from typing import Optional
 
 RUN_MODELS = {"sl_cai": ("models/sl_cai", "sl_train"), "pm": ("models/pm", "pm_train"),
               "rl_cai": ("models/rl_cai", "ppo")}
+CHECKPOINTS_FILE = "checkpoints.json"  # the PPO checkpoints a run wrote: models/rl_cai/checkpoints.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,30 +56,61 @@ def directory_version(directory: str) -> str:
     without one, of its files' names, sizes and modification times."""
     from cai_jax import artifacts
 
-    saved = os.path.join(directory, "saved.json")
-    if os.path.exists(saved):
-        return artifacts.file_hash(saved)
-    h = hashlib.sha256()
+    saved = artifacts.path_fingerprint(directory)
+    if saved is not None:
+        return saved
+    listing = []
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(root, name)
             st = os.stat(path)
-            h.update(f"{os.path.relpath(path, directory)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+            listing.append((os.path.relpath(path, directory), st.st_size, st.st_mtime_ns))
+    return artifacts.fingerprint(listing)
+
+
+def _checkpoints_path(directory: str) -> str:
+    return os.path.join(directory, CHECKPOINTS_FILE)
+
+
+def _recorded(directory: str) -> dict[int, str]:
+    """{step: path relative to `directory`} from its checkpoints.json ({} when absent)."""
+    path = _checkpoints_path(directory)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        document = json.load(f)
+    try:
+        return {int(c["step"]): str(c["path"]) for c in document["checkpoints"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: malformed ({e!r}); expected {{\"checkpoints\": [{{\"step\", "
+                         "\"path\"}, ...]}, as the ppo stage writes it") from None
+
+
+def record_rl_checkpoint(directory: str, step: int, path: str) -> None:
+    """Adds the PPO checkpoint `path` (a model directory saved under
+    `directory`) to `directory/checkpoints.json`, atomically. The ppo stage
+    calls it after each save; eval and `rl_cai[/step_K]` read only this list."""
+    from cai_jax import artifacts
+
+    recorded = _recorded(directory)
+    recorded[int(step)] = os.path.relpath(path, directory)
+    artifacts.write_json_atomic(_checkpoints_path(directory), {
+        "checkpoints": [{"step": s, "path": p} for s, p in sorted(recorded.items())]})
 
 
 def rl_checkpoints(directory: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete step_K checkpoints under `directory`, by step."""
-    if not os.path.isdir(directory):
-        return []
+    """(step, path) of the PPO checkpoints recorded in `directory/checkpoints.json`,
+    by step ([] when nothing was recorded). A recorded checkpoint that holds no
+    model is an error naming it."""
     found = []
-    for name in os.listdir(directory):
-        match = re.fullmatch(r"step_(\d+)", name)
-        path = os.path.join(directory, name)
-        if match and os.path.exists(os.path.join(path, "model.json")):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    for step, rel in sorted(_recorded(directory).items()):
+        path = os.path.join(directory, rel)
+        if not os.path.exists(os.path.join(path, "model.json")):
+            raise FileNotFoundError(f"{_checkpoints_path(directory)} records step {step} at {path}, "
+                                    "which holds no model; rerun the ppo stage")
+        found.append((step, path))
+    return found
 
 
 def _run_model(spec: str, workdir: Optional[str]) -> str:
@@ -88,11 +120,14 @@ def _run_model(spec: str, workdir: Optional[str]) -> str:
         raise ValueError(f"model reference {spec!r} names a model of a run; it needs a work directory")
     path = os.path.join(workdir, relative)
     if name == "rl_cai":
+        if step and not step[len("step_"):].isdigit():
+            raise ValueError(f"model reference {spec!r}: expected rl_cai/step_K with K a number")
         checkpoints = dict(rl_checkpoints(path))
-        if step:
-            path = os.path.join(path, step)
-        elif checkpoints:
-            path = checkpoints[max(checkpoints)]
+        wanted = int(step[len("step_"):]) if step else max(checkpoints, default=None)
+        if wanted not in checkpoints:
+            raise FileNotFoundError(f"model reference {spec!r}: {_checkpoints_path(path)} records "
+                                    f"steps {sorted(checkpoints)}; run the {stage} stage first")
+        path = checkpoints[wanted]
     if not os.path.exists(os.path.join(path, "model.json")):
         raise FileNotFoundError(f"model reference {spec!r}: {path} holds no model; run the {stage} stage first")
     return "ckpt:" + os.path.abspath(path)

@@ -10,15 +10,21 @@ time (`cai_jax.tools.aot`) on the next ones until one fits. Results go to
 experiments/results/scaling_table.json after every compile (a killed run
 resumes where it stopped) and the table is printed as Markdown.
 
-The defaults are the ones experiments/SCALING.md documents: bfloat16
-compute, float32 parameters and Adam moments, full rematerialisation, mesh
-tensor=4 x fsdp=(chips / 4), 64 rows of 2048 tokens per optimizer step with 4
-rows per batch shard per micro-step, frozen PPO models stored in bfloat16.
-Each compile of a paper-sized model takes minutes of CPU here.
+Every cell compiles what `python -m cai_jax.tools.aot` compiles for a run of
+configs/default.py with TABLE_OVERRIDES (the steps the stages build from that
+config, see cai_jax/aot_steps.py), the defaults experiments/SCALING.md
+documents: bfloat16 compute, float32 parameters and Adam moments, full
+rematerialisation, mesh tensor=4 x fsdp=(chips / 4), 64 rows of 2048 tokens
+per optimizer step (PPO: 64 rollouts of 1536 prompt + 512 answer tokens, one
+minibatch) with 4 rows per batch shard per micro-step, the policy and value
+computing in bfloat16 and the frozen reference and preference model stored
+in bfloat16 (ppo.dtype, ppo.ref_dtype, ppo.pm_dtype). Each compile of a
+paper-sized model takes minutes of CPU here.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -30,29 +36,34 @@ import jax  # noqa: E402
 
 from cai_jax import aot_steps, sharding as shd, tpu_specs  # noqa: E402
 from cai_jax.artifacts import write_json_atomic  # noqa: E402
-from cai_jax.config import model_section  # noqa: E402
-from cai_jax.models.config import model_config_from_dict  # noqa: E402
+from cai_jax.config import load_config  # noqa: E402
 from cai_jax.tools import aot  # noqa: E402
 
 PAPER_SIZES = ("810m", "1.6b", "3.5b", "6.4b", "13b", "22b", "52b")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scaling_table.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "scaling_table.json")
+CONFIG = os.path.join(HERE, "..", "configs", "default.py")
+TABLE_OVERRIDES = (
+    "model.dtype=bfloat16", "model.param_dtype=float32", "model.remat=full",
+    "sl_train.batch_size=64", "sl_train.max_seq_len=2048",
+    "pm_train.batch_size=64", "pm_train.max_seq_len=2048",
+    "ppo.rollout_batch_size=64", "ppo.minibatch_size=64", "ppo.max_prompt_tokens=1536",
+    "ppo.max_new_tokens=512", "ppo.dtype=bfloat16", "ppo.ref_dtype=bfloat16", "ppo.pm_dtype=bfloat16",
+)
+MICRO_BATCH_PER_SHARD = 4  # tools.aot --micro_batch_per_shard: sets each section's grad_accum_steps
 TENSOR = 4
 GIB = 2 ** 30
 
 
-def default_model(name: str):
-    section = model_section(name)
-    section.dtype, section.param_dtype, section.remat = "bfloat16", "float32", "full"
-    return section
+@functools.lru_cache(maxsize=None)
+def table_config(size: str, *extra: str):
+    """configs/default.py with the table's overrides for model size `size`."""
+    return load_config(CONFIG, [f"model.name={size}", *TABLE_OVERRIDES, *extra])
 
 
 def default_mesh(chips: int) -> dict:
     tensor = TENSOR if chips % TENSOR == 0 else 1
     return {"data": 1, "fsdp": chips // tensor, "tensor": tensor}
-
-
-def default_workload() -> dict:
-    return aot_steps.get_default_config().to_dict()
 
 
 def summary(report: aot.AotReport) -> dict:
@@ -74,8 +85,7 @@ def trained_state_bytes(phases: aot_steps.Phases) -> int:
     held = {k: aot_steps.bytes_per_chip(v) for k, v in phases.resident.items()}
     if "train_state" in held:
         return held["train_state"]
-    return max(held["policy_params"] + held["policy_opt_state"],
-               held["value_params"] + held["value_opt_state"])
+    return max(held.get(f"{m}_params", 0) + held.get(f"{m}_opt_state", 0) for m in ("policy", "value"))
 
 
 def estimated_bytes(size: str, kind: str, topology: str) -> float:
@@ -89,8 +99,7 @@ def estimated_bytes(size: str, kind: str, topology: str) -> float:
     """
     devices = aot.topology_devices(topology)
     mesh = shd.make_mesh(default_mesh(len(devices)), devices)
-    cfg = model_config_from_dict(default_model(size))
-    phases = aot_steps.build_phases(kind, cfg, mesh, default_workload())
+    phases = aot_steps.build_phases(kind, table_config(size), mesh, MICRO_BATCH_PER_SHARD)
     resident = sum(aot_steps.bytes_per_chip(v) for v in phases.resident.values())
     return resident + 1.5 * trained_state_bytes(phases)
 
@@ -114,8 +123,8 @@ def smallest_fit(size: str, kind: str, results: dict, save, start_at: int = 0) -
                                 "message": f"estimated at least {estimate / GIB:.1f} GiB per chip"}
             else:
                 try:
-                    report = aot.run_aot(default_model(size), topology, kind, default_mesh(chips),
-                                         default_workload(),
+                    report = aot.run_aot(table_config(size), topology, kind, default_mesh(chips),
+                                         micro_batch_per_shard=MICRO_BATCH_PER_SHARD,
                                          progress=lambda m: print(f"  {key}: {m}", flush=True))
                     results[key] = summary(report)
                 except aot.DoesNotFit as e:
@@ -135,10 +144,10 @@ def smallest_fit(size: str, kind: str, results: dict, save, start_at: int = 0) -
 def crosscheck_flops() -> dict:
     """XLA's FLOP count against the analytic one on an unrolled 2-layer 810m-shaped
     model (scan bodies are counted once, so the check needs the layers unrolled)."""
-    section = default_model("810m")
-    section.num_layers, section.scan_layers, section.remat = 2, False, "none"
-    workload = dict(default_workload(), batch_size=4, micro_batch_per_shard=0)
-    report = aot.run_aot(section, "v5p:2x2x1", "sft", {"data": 1, "fsdp": 4, "tensor": 1}, workload)
+    config = table_config("810m", "model.num_layers=2", "model.scan_layers=False", "model.remat=none",
+                          "sl_train.batch_size=4")
+    report = aot.run_aot(config, "v5p:2x2x1", "sft", {"data": 1, "fsdp": 4, "tensor": 1},
+                         micro_batch_per_shard=0)
     phase = report.phases[0]
     xla_total = phase.cost_analysis_flops * report.chips  # cost analysis is per device
     return {"analytic": phase.model_flops, "xla_cost_analysis_all_devices": xla_total,

@@ -62,11 +62,9 @@ def measure_cpu(save=lambda partial: None) -> dict:
     """Times each piece of one PPO iteration of the default CPU run; `save` gets
     the numbers so far after each piece (a killed run keeps them)."""
     from cai_jax import sharding as shd
-    from cai_jax.config import optimizer_section
     from cai_jax.models.transformer import Transformer, init_params
-    from cai_jax.rl_cai import ppo, ppo_update, preference, rollout
+    from cai_jax.rl_cai import ppo, preference
     from cai_jax.sampling import Sampler, SamplingParams
-    from cai_jax.training import optimizers
     from cai_jax.weights import tokenizer as tok_lib
     from cai_jax.weights.packaged import packaged_gguf_path
 
@@ -109,7 +107,10 @@ def measure_cpu(save=lambda partial: None) -> dict:
     # Forward passes cost the same per row: time a quarter of the rows, scale up.
     part = max(1, rows // 4)
     scale = rows / part
-    scorer = rollout.build_rollout_scorer(Transformer(cfg), Transformer(cfg), Transformer(value_cfg), 1.0)
+    # The programs the ppo stage builds from the section (training/trainer.py's trainers).
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    programs = ppo.build_programs(ppo_cfg, mesh, cfg, value_cfg)
+    scorer = programs.scorer
     wall, cpu = _timed(lambda: scorer(params, params, value_params, tokens[:part], attention[:part],
                                       action[:part]))
     out["rollout_scores"] = {"wall": wall * scale, "cpu": cpu * scale}
@@ -120,21 +121,13 @@ def measure_cpu(save=lambda partial: None) -> dict:
     print(f"forward passes: {out['rollout_scores']} (policy+reference+value), "
           f"{out['pm_score']} (preference model)", flush=True)
 
-    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
-    optimizer = optimizers.make_optimizer(optimizer_section(learning_rate=1e-6, total_steps=1,
-                                                            warmup_steps=0, schedule="constant"))
-    hyper = ppo_update.PPOHyper(minibatch_size=minibatch, epochs=epochs)
-    steps = ppo_update.build_ppo_steps(
-        mesh=mesh, hyper=hyper, policy_model=Transformer(cfg), policy_optimizer=optimizer,
-        policy_param_shardings=shd.param_shardings(cfg, mesh), value_model=Transformer(value_cfg),
-        value_optimizer=optimizer, value_param_shardings=shd.param_shardings(value_cfg, mesh))
-    from cai_jax.training import train_step as ts
+    steps = programs.steps
     mb = {"tokens": tokens[:minibatch], "attention_mask": attention[:minibatch],
           "action_mask": action[:minibatch], "logp_old": np.full((minibatch, answer_len), -2.0, np.float32),
           "values_old": np.zeros((minibatch, answer_len), np.float32),
           "advantages": rng.normal(size=(minibatch, answer_len)).astype(np.float32),
           "returns": rng.normal(size=(minibatch, answer_len)).astype(np.float32)}
-    state = {"policy": ts.init_train_state(params, optimizer), "value": ts.init_train_state(value_params, optimizer)}
+    state = {"policy": steps.policy.init_state(params), "value": steps.value.init_state(value_params)}
 
     def update(which, step_fn):
         def run():
@@ -143,8 +136,8 @@ def measure_cpu(save=lambda partial: None) -> dict:
         return run
 
     updates_per_iteration = epochs * (rows // minibatch)
-    for name, which, step_fn in (("policy_update", "policy", steps.policy_step),
-                                 ("value_update", "value", steps.value_step)):
+    for name, which, step_fn in (("policy_update", "policy", steps.policy.train_step),
+                                 ("value_update", "value", steps.value.train_step)):
         wall, cpu = _timed(update(which, step_fn))
         out[name] = {"wall": wall * updates_per_iteration, "cpu": cpu * updates_per_iteration}
         save(out)
@@ -255,7 +248,11 @@ def main():
     print(f"CPU (load average {cpu['load_average']:.1f} on 2 cores while measuring): GFLOP per "
           "CPU-second per phase: " + ", ".join(f"{k} {cpu['flops'][k] / cpu_time[k] / 1e9:.0f}" for k in names))
 
-    workload = aot_steps.get_default_config().to_dict()
+    # The PPO workload of the scaling table (experiments/scaling_table.py), from its config.
+    from scaling_table import PAPER_SIZES as TABLE_SIZES, table_config
+    c = table_config(TABLE_SIZES[-1]).ppo
+    workload = {"batch_size": c.rollout_batch_size, "seq_len": c.max_prompt_tokens + c.max_new_tokens,
+                "answer_len": c.max_new_tokens}
     shape = f"{cpu['rows']} x {cpu['prompt_len']}+{cpu['answer_len']}, {cpu['epochs']} epochs"
     rows = [(f"SmolLM2-135M, this CPU, CPU-seconds ({shape})", cpu_time),
             (f"SmolLM2-135M, this CPU, wall seconds, load average {cpu['load_average']:.1f} ({shape})",

@@ -1,7 +1,8 @@
 """Ahead-of-time TPU compiles on this CPU machine (cai_jax.tools.aot, cai_jax.aot_steps).
 
 Compiling for a TPU topology needs libtpu (the `tpu` extra); those tests skip
-without it. The FLOP formulas are checked against XLA's own count on CPU.
+without it. The FLOP formulas are checked against XLA's own count on CPU, and
+the programs against the run's config (PPO's dtypes and shared trunk).
 """
 import os
 import subprocess
@@ -12,7 +13,7 @@ import jax
 import pytest
 
 from cai_jax import aot_steps, sharding as shd, tpu_specs
-from cai_jax.config import model_section
+from cai_jax.config import load_config_module, model_section
 from cai_jax.models.config import model_config_from_dict
 from cai_jax.tools import aot
 
@@ -23,6 +24,9 @@ needs_libtpu = pytest.mark.skipif(
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
+experiment_config = load_config_module(os.path.join(REPO, "configs", "base.py")).experiment_config
+
+
 def _tiny(**fields):
     section = model_section("tiny")
     for key, value in fields.items():
@@ -30,8 +34,23 @@ def _tiny(**fields):
     return section
 
 
-def _workload(**changes):
-    return dict(aot_steps.get_default_config().to_dict(), **changes)
+def _config(model=None, **sections):
+    """A run's config: the given model section (tiny) and stage sections
+    updated with the given fields, e.g. sl_train={"batch_size": 8}."""
+    config = experiment_config()
+    config.model = model if model is not None else _tiny()
+    for name, fields in sections.items():
+        config[name].update(fields)
+    return config
+
+
+def _sft(batch_size, seq_len, **fields):
+    return {"sl_train": dict(batch_size=batch_size, max_seq_len=seq_len, grad_accum_steps=1, **fields)}
+
+
+def _ppo(rows, prompt, answer, **fields):
+    return {"ppo": dict(rollout_batch_size=rows, minibatch_size=rows, max_prompt_tokens=prompt,
+                        max_new_tokens=answer, grad_accum_steps=1, **fields)}
 
 
 # ------------------------------------------------------------- no libtpu needed
@@ -67,10 +86,10 @@ def test_matmul_weights_by_hand():
 def test_analytic_flops_match_xla_on_an_unrolled_model(kind):
     # XLA counts a scan body once, so unroll the layers; on CPU the count is exact
     # for matmuls and adds a few percent of elementwise work.
-    cfg = model_config_from_dict({"name": "tiny", "vocab_size": 512, "scan_layers": False})
+    model = _tiny(vocab_size=512, scan_layers=False)
     mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
-    phases = aot_steps.build_phases(kind, cfg, mesh, _workload(batch_size=4, seq_len=64,
-                                                               micro_batch_per_shard=0))
+    sections = _sft(4, 64) if kind == "sft" else {"pm_train": dict(batch_size=4, max_seq_len=64)}
+    phases = aot_steps.build_phases(kind, _config(model, **sections), mesh)
     phase = phases.phases[0]
     flops = phase.fn.lower(*phase.args).compile().cost_analysis()["flops"]
     assert 1.0 <= flops / phase.model_flops < 1.12
@@ -83,6 +102,52 @@ def test_grad_accumulation_from_rows_per_shard():
     assert aot_steps.grad_accum_for(24, mesh, 4) == 1      # 6 rows per shard: 6 is not 4 * k
     with pytest.raises(ValueError, match="not divisible by the 4 batch shards"):
         aot_steps.grad_accum_for(66, mesh, 4)
+
+
+def _abstract_dtypes(tree):
+    return {str(leaf.dtype) for leaf in jax.tree.leaves(tree)}
+
+
+def test_ppo_program_follows_the_configs_dtypes_and_shared_trunk():
+    # The programs come from config.ppo as the stage builds them (ppo.build_programs),
+    # not from a workload of the tool's own.
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    separate = aot_steps.build_phases("ppo", _config(**_ppo(4, 16, 8)), mesh)
+    shared = aot_steps.build_phases("ppo", _config(**_ppo(4, 16, 8, share_trunk=True, dtype="bfloat16",
+                                                          ref_dtype="bfloat16", pm_dtype="bfloat16")), mesh)
+    assert [p.name for p in separate.phases] == ["policy_update", "value_update", "rollout_scores", "pm_score"]
+    assert [p.name for p in shared.phases] == ["policy_update", "rollout_scores", "pm_score"]
+    # ppo.ref_dtype defaults to float32: the reference is stored (and computes) as configured.
+    assert _abstract_dtypes(separate.resident["reference"]) == {"float32"}
+    assert _abstract_dtypes(shared.resident["reference"]) == {"bfloat16"}
+    assert _abstract_dtypes(shared.resident["preference_model"]) == {"bfloat16"}
+    ref_arg = {p.name: p for p in shared.phases}["rollout_scores"].args[1]
+    assert _abstract_dtypes(ref_arg) == {"bfloat16"}
+    # One trunk with both heads, trained by one step; no value model anywhere.
+    assert "scalar_head" in shared.resident["policy_params"] and "value_params" not in shared.resident
+    assert shared.model_config.heads == ("lm", "scalar") and shared.model_config.dtype == "bfloat16"
+    assert separate.model_config.heads == ("lm",) and separate.model_config.dtype == "float32"
+    assert shared.workload["share_trunk"] and shared.workload["ref_dtype"] == "bfloat16"
+    # Rows and lengths come from the section: minibatch of 4 rows of 16 + 8 tokens.
+    update_batch = {p.name: p for p in separate.phases}["policy_update"].args[1]
+    assert update_batch["tokens"].shape == (4, 24) and update_batch["advantages"].shape == (4, 8)
+    # The compiled programs differ accordingly: the reference's forward pass in
+    # bfloat16, half the argument bytes for its weights.
+    scorer = {p.name: p for p in shared.phases}["rollout_scores"]
+    assert "bf16" in scorer.fn.lower(*scorer.args).as_text()
+    ref_bytes = [aot_steps.bytes_per_chip(p.resident["reference"]) for p in (separate, shared)]
+    assert ref_bytes[1] == ref_bytes[0] // 2
+
+
+def test_section_defaults_and_micro_batches_per_shard():
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    config = experiment_config()
+    config.model = _tiny()
+    del config["ppo"]  # like configs/base.py: the stage's defaults
+    phases = aot_steps.build_phases("ppo", config, mesh, micro_batch_per_shard=2)
+    defaults = aot_steps.stage_section(config, "ppo")
+    assert phases.workload["rollout_batch_size"] == defaults.rollout_batch_size
+    assert phases.grad_accum_steps == defaults.minibatch_size // 2
 
 
 def test_parse_oom_messages():
@@ -110,8 +175,8 @@ def _independent_train_state_bytes(cfg, chips):
 
 @needs_libtpu
 def test_tiny_sft_compiles_for_v5p_and_reports_memory(v5p8):
-    report = aot.run_aot(_tiny(), "v5p:2x2x1", "sft", {"fsdp": 4}, _workload(batch_size=8, seq_len=128),
-                         devices=v5p8)
+    report = aot.run_aot(_config(**_sft(8, 128)), "v5p:2x2x1", "sft", {"fsdp": 4}, devices=v5p8,
+                         micro_batch_per_shard=4)
     assert report.fits and report.chips == 4 and report.slice_name == "v5p-8"
     phase = report.phases[0]
     cfg = model_config_from_dict(_tiny())
@@ -131,11 +196,12 @@ def test_tiny_sft_compiles_for_v5p_and_reports_memory(v5p8):
 
 @needs_libtpu
 def test_tiny_pm_and_ppo_compile(v5p8):
-    pm = aot.run_aot(_tiny(), "v5p:2x2x1", "pm", {"fsdp": 2, "tensor": 2},
-                     _workload(batch_size=8, seq_len=64), devices=v5p8)
+    pm = aot.run_aot(_config(pm_train=dict(batch_size=8, max_seq_len=64)), "v5p:2x2x1", "pm",
+                     {"fsdp": 2, "tensor": 2}, devices=v5p8)
     assert pm.fits and [p.name for p in pm.phases] == ["pm_update"]
-    ppo = aot.run_aot(_tiny(), "v5p:2x2x1", "ppo", {"fsdp": 4},
-                      _workload(batch_size=8, seq_len=64, answer_len=16), devices=v5p8)
+    ppo = aot.run_aot(_config(**_ppo(8, 48, 16, ref_dtype="bfloat16", pm_dtype="bfloat16"),
+                              pm_train=dict(max_seq_len=64)),
+                      "v5p:2x2x1", "ppo", {"fsdp": 4}, devices=v5p8)
     assert [p.name for p in ppo.phases] == ["policy_update", "value_update", "rollout_scores", "pm_score"]
     cfg = model_config_from_dict(_tiny())
     value_params = model_config_from_dict(_tiny(heads=("scalar",))).num_params()
@@ -150,13 +216,21 @@ def test_tiny_pm_and_ppo_compile(v5p8):
     assert policy.other_resident_bytes == (held["value_params"] + held["value_opt_state"]
                                            + held["reference"] + held["preference_model"])
     assert ppo.peak_bytes == max(p.total_bytes for p in ppo.phases)
+    # Another config, another program: one trunk, the reference in float32 (ppo.ref_dtype's default).
+    shared = aot.run_aot(_config(**_ppo(8, 48, 16, share_trunk=True), pm_train=dict(max_seq_len=64)),
+                         "v5p:2x2x1", "ppo", {"fsdp": 4}, devices=v5p8)
+    assert [p.name for p in shared.phases] == ["policy_update", "rollout_scores", "pm_score"]
+    assert "value_params" not in shared.resident_bytes
+    assert shared.resident_bytes["reference"] == pytest.approx(2 * held["reference"], abs=128)
+    scorer = shared.phases[1]
+    assert scorer.argument_bytes >= shared.resident_bytes["reference"] + shared.resident_bytes["policy_params"]
 
 
 @needs_libtpu
 def test_smollm2_sft_compiles_for_v5p(v5p8):
     section = model_section("smollm2-135m")
     section.dtype, section.remat = "bfloat16", "full"
-    report = aot.run_aot(section, "v5p:2x2x1", "sft", {"fsdp": 4}, _workload(batch_size=8, seq_len=256),
+    report = aot.run_aot(_config(section, **_sft(8, 256)), "v5p:2x2x1", "sft", {"fsdp": 4},
                          devices=v5p8)
     cfg = model_config_from_dict(section)
     assert report.fits
@@ -167,7 +241,7 @@ def test_smollm2_sft_compiles_for_v5p(v5p8):
 def test_over_large_config_does_not_fit_with_the_numbers(v5p8):
     section = model_section("52b")
     with pytest.raises(aot.DoesNotFit) as info:
-        aot.run_aot(section, "v5p:2x2x1", "sft", {"fsdp": 4}, _workload(), devices=v5p8)
+        aot.run_aot(_config(section), "v5p:2x2x1", "sft", {"fsdp": 4}, devices=v5p8)
     needed = _independent_train_state_bytes(model_config_from_dict(section), 4) / GIB
     assert f"does not fit: needs {needed:.1f} GiB per chip, v5p has 95 GiB" in str(info.value)
 
@@ -176,24 +250,27 @@ def test_over_large_config_does_not_fit_with_the_numbers(v5p8):
 def test_activations_that_do_not_fit_are_reported_from_the_compiler(v5p8):
     # Tiny weights, but float32 logits of 2048 rows x 1024 tokens x 49152 vocab per step.
     with pytest.raises(aot.DoesNotFit, match=r"does not fit: needs \d+\.\d GiB per chip, v5p has 95 GiB"):
-        aot.run_aot(_tiny(max_seq_len=1024), "v5p:2x2x1", "sft", {"fsdp": 4},
-                    _workload(batch_size=2048, seq_len=1024, micro_batch_per_shard=0), devices=v5p8)
+        aot.run_aot(_config(_tiny(max_seq_len=1024), **_sft(2048, 1024)), "v5p:2x2x1", "sft",
+                    {"fsdp": 4}, devices=v5p8)
 
 
 @needs_libtpu
 def test_mesh_that_does_not_divide_is_a_clear_error(v5p8):
     with pytest.raises(aot.AotConfigError, match="does not divide 4 devices"):
-        aot.run_aot(_tiny(), "v5p:2x2x1", "sft", {"fsdp": 3}, _workload(), devices=v5p8)
-    with pytest.raises(aot.AotConfigError, match="batch_size 6 is not divisible by the 4 batch shards"):
-        aot.run_aot(_tiny(), "v5p:2x2x1", "sft", {"fsdp": 4}, _workload(batch_size=6), devices=v5p8)
+        aot.run_aot(_config(), "v5p:2x2x1", "sft", {"fsdp": 3}, devices=v5p8)
+    with pytest.raises(aot.AotConfigError, match="sl_train.batch_size 6 is not divisible by the 4 batch shards"):
+        aot.run_aot(_config(**_sft(6, 64)), "v5p:2x2x1", "sft", {"fsdp": 4}, devices=v5p8)
+    with pytest.raises(aot.AotConfigError, match="rollout_batch_size \\(6\\) must be a multiple of the 4"):
+        aot.run_aot(_config(**_ppo(6, 16, 8)), "v5p:2x2x1", "ppo", {"fsdp": 4}, devices=v5p8)
 
 
 @needs_libtpu
 def test_command_line_reports_does_not_fit_without_a_traceback():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "cai_jax.tools.aot", "--config=configs/base.py",
-         "--config.model.name=52b", "--topology=v5p:2x2x1", "--step=ppo", "--mesh=fsdp=4"],
+        [sys.executable, "-m", "cai_jax.tools.aot", "--config=configs/default.py",
+         "--config.model.name=52b", "--config.ppo.ref_dtype=bfloat16", "--topology=v5p:2x2x1",
+         "--step=ppo", "--mesh=fsdp=4"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "does not fit: needs" in proc.stderr and "v5p has 95 GiB" in proc.stderr

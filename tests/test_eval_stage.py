@@ -14,6 +14,7 @@ from cai_jax.config import load_config_module
 from cai_jax.data.conversation import Turn, render_chat
 from cai_jax.eval import evaluate, judges, report
 from cai_jax.eval.elo import fit_elo
+from cai_jax.model_ref import record_rl_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONV = (Turn("user", "How do I boil an egg?"),)
@@ -105,22 +106,37 @@ def test_judge_specs():
 
 # ------------------------------------------------------------ models and figure 5
 
-def test_find_models_orders_checkpoints_by_step(tmp_path):
+def test_find_models_takes_exactly_the_checkpoints_ppo_recorded(tmp_path):
     cfg = stage_config()
-    for rel in ("models/sl_cai", "models/rl_cai/step_10", "models/rl_cai/step_2", "other/models/rl_cai/step_5"):
+    for rel in ("models/sl_cai", "models/rl_cai/step_10", "models/rl_cai/step_2", "models/rl_cai/step_20",
+                "other/models/rl_cai/step_5", "other/models/rl_cai/step_7"):
         os.makedirs(tmp_path / rel)
         (tmp_path / rel / "model.json").write_text("{}")
-    os.makedirs(tmp_path / "models/rl_cai/step_20")  # being written: no model.json yet
+    # Recorded in save order; step_20 and the other run's step_7 look complete but were never recorded.
+    for step in (10, 2):
+        record_rl_checkpoint(str(tmp_path / "models/rl_cai"), step, str(tmp_path / f"models/rl_cai/step_{step}"))
+    record_rl_checkpoint(str(tmp_path / "other/models/rl_cai"), 5, str(tmp_path / "other/models/rl_cai/step_5"))
     cfg.eval.extra_rl_runs = f"cot={tmp_path / 'other'}"
     models = evaluate.find_models(cfg, str(tmp_path))
     assert [m.name for m in models] == ["base", "sl_cai", "rl_cai/step_2", "rl_cai/step_10", "cot/step_5"]
     assert [m.method for m in models][2:] == ["RL-CAI", "RL-CAI", "RL-CAI (cot)"]
+    assert models[2].source == f"ckpt:{tmp_path}/models/rl_cai/step_2"
     assert models[0].source == "init:tiny"
+    cfg.eval.extra_rl_runs = f"cot={tmp_path / 'other' / 'models' / 'rl_cai'}"  # the directory itself
+    assert [m.name for m in evaluate.find_models(cfg, str(tmp_path))][-1] == "cot/step_5"
     cfg.eval.rl_checkpoints = "last"
     cfg.eval.extra_rl_runs = ""
     assert [m.name for m in evaluate.find_models(cfg, str(tmp_path))] == ["base", "sl_cai", "rl_cai/step_10"]
+    cfg.eval.extra_rl_runs = f"none={tmp_path / 'models'}"
+    with pytest.raises(FileNotFoundError, match="checkpoints.json records no checkpoints"):
+        evaluate.find_models(cfg, str(tmp_path))
     cfg.eval.extra_rl_runs = "bad name=/x"
     with pytest.raises(ValueError, match="NAME=DIR"):
+        evaluate.find_models(cfg, str(tmp_path))
+    # A recorded checkpoint that has gone is an error naming it, not a silent gap.
+    cfg.eval.extra_rl_runs = ""
+    (tmp_path / "models/rl_cai/step_2/model.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"records step 2 at .*step_2, which holds no model"):
         evaluate.find_models(cfg, str(tmp_path))
 
 
@@ -178,8 +194,10 @@ def save_tiny(directory, seed, scalar=False):
 def run(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("eval_run"))
     save_tiny(os.path.join(wd, "models", "sl_cai"), seed=1)
-    save_tiny(os.path.join(wd, "models", "rl_cai", "step_2"), seed=2)
-    save_tiny(os.path.join(wd, "models", "rl_cai", "step_4"), seed=3)
+    for step, seed in ((2, 2), (4, 3)):  # as the ppo stage saves and records them
+        save_tiny(os.path.join(wd, "models", "rl_cai", f"step_{step}"), seed=seed)
+        record_rl_checkpoint(os.path.join(wd, "models", "rl_cai"), step,
+                             os.path.join(wd, "models", "rl_cai", f"step_{step}"))
     pm = save_tiny(os.path.join(wd, "models", "pm"), seed=4, scalar=True)
     artifacts.write_jsonl_atomic(os.path.join(wd, "sl_data.jsonl"), SL_RECORDS)
     artifacts.write_jsonl_atomic(os.path.join(wd, "ppo", "metrics.jsonl"),

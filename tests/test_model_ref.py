@@ -5,7 +5,7 @@ import os
 import pytest
 
 from cai_jax.config import load_config_module
-from cai_jax.model_ref import resolve
+from cai_jax.model_ref import record_rl_checkpoint, resolve
 from cai_jax.weights.loader import load_model
 from cai_jax.weights.model_dir import save_model_dir
 
@@ -38,14 +38,18 @@ def test_run_models_resolve_in_the_workdir_and_say_which_stage_makes_them(config
     with pytest.raises(ValueError, match="needs a work directory"):
         resolve("sl_cai", config)
     _save(tmp_path / "models" / "sl_cai", tiny)
-    for step in (2, 10):
+    for step in (2, 10, 20):
         _save(tmp_path / "models" / "rl_cai" / f"step_{step}", tiny)
-    os.makedirs(tmp_path / "models" / "rl_cai" / "step_20")  # being written: no model.json yet
+    for step in (2, 10):  # step_20 was saved but not recorded: a killed save, not a checkpoint
+        record_rl_checkpoint(str(tmp_path / "models" / "rl_cai"), step,
+                             str(tmp_path / "models" / "rl_cai" / f"step_{step}"))
     assert resolve("sl_cai", config, str(tmp_path)).source == f"ckpt:{tmp_path}/models/sl_cai"
     assert resolve("rl_cai", config, str(tmp_path)).source == f"ckpt:{tmp_path}/models/rl_cai/step_10"
     assert resolve("rl_cai/step_2", config, str(tmp_path)).source.endswith("rl_cai/step_2")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"records steps \[2, 10\]"):
         resolve("rl_cai/step_20", config, str(tmp_path))
+    with pytest.raises(ValueError, match="step_K with K a number"):
+        resolve("rl_cai/step_x", config, str(tmp_path))
 
 
 def test_weights_sources_pass_through_and_unknown_names_list_the_choices(config):

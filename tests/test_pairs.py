@@ -113,25 +113,27 @@ def test_missing_sl_cai_model_is_a_clear_error(tmp_path):
 
 
 def test_partial_work_of_another_config_is_discarded(workdir, tmp_path):
-    from cai_jax.pipeline import discard_stale_work
+    from cai_jax import pipeline
 
     config = make_config()
+    config.data.red_team_limit = 1
+    config.pairs.include_helpful = False
     os.makedirs(tmp_path / "models", exist_ok=True)
     os.symlink(workdir / "models" / "sl_cai", tmp_path / "models" / "sl_cai")
-    ctx = StageContext(config, str(tmp_path), progress=False)
-    assert not discard_stale_work(config, ctx.workdir, "pairs", ["pairs.jsonl.partial"])
     bogus = {"id": "harmless:" + embedded_prompts("red_team", "train")[0].id, "kind": "harmless",
              "prompt": [{"role": "user", "content": "?"}], "answer_a": "OLD", "answer_b": "OLD",
              "finish_a": "eos", "finish_b": "eos", "sampling": {}}
-    artifacts.write_jsonl_atomic(ctx.path("pairs.jsonl.partial"), [bogus])
-    # Same config: the partial work is resumed...
-    assert not discard_stale_work(config, ctx.workdir, "pairs", ["pairs.jsonl.partial"])
-    assert os.path.exists(ctx.path("pairs.jsonl.partial"))
-    # ...another temperature: it is thrown away, and the stage samples afresh.
+    # A run of this config was killed after its first record: the pipeline keeps it, the stage resumes.
+    artifacts.write_json_atomic(str(tmp_path / "stages" / "pairs.started.json"),
+                                pipeline.stage_fingerprint(config, str(tmp_path), "pairs"))
+    artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl.partial"), [bogus])
+    pipeline.run_pipeline(config, str(tmp_path), ["pairs"], progress=False)
+    [record] = artifacts.read_jsonl(str(tmp_path / "pairs.jsonl"))
+    assert record["answer_a"] == "OLD"
+    # Killed again, then rerun at another temperature: the old work is thrown away.
+    artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl.partial"), [bogus])
     config.pairs.temperature = 0.7
-    config.data.red_team_limit = 1
-    config.pairs.include_helpful = False
-    pairs.run_stage(ctx)
-    [record] = artifacts.read_jsonl(ctx.path("pairs.jsonl"))
+    pipeline.run_pipeline(config, str(tmp_path), ["pairs"], progress=False)
+    [record] = artifacts.read_jsonl(str(tmp_path / "pairs.jsonl"))
     assert record["id"] == bogus["id"] and record["answer_a"] != "OLD"
     assert record["sampling"]["temperature"] == 0.7

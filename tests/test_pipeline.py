@@ -15,25 +15,46 @@ from cai_jax import pipeline
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
+class _Calls(list):
+    """The stages run, in order; `kill_first` non-empty makes `first` die."""
+    kill_first: list
+
+
 @pytest.fixture
 def fake_stages(monkeypatch):
-    calls = []
+    """Two stages: `first` writes one.txt (resuming first.partial, its scratch),
+    `second` reads one.txt and writes two.txt. `kill_first` makes `first` die
+    after writing its scratch."""
+    calls = _Calls()
+    calls.kill_first = kill_first = []
 
-    def make(name, output):
-        def run(ctx):
-            calls.append(name)
-            with open(ctx.path(output), "w") as f:
-                f.write(f"{name}:{ctx.config.a.x}:{ctx.config.b.y}")
-            return {"wrote": output}
-        return run
+    def first(ctx):
+        calls.append("first")
+        partial = ctx.path("first.partial")
+        resumed = os.path.exists(partial)
+        with open(partial, "a") as f:
+            f.write(f"{ctx.config.a.x}\n")
+        if kill_first:
+            raise KeyboardInterrupt("killed")
+        with open(ctx.path("one.txt"), "w") as f:
+            f.write(f"first:{ctx.config.a.x}")
+        os.rename(partial, ctx.path("first.log"))
+        return {"resumed": resumed}
+
+    def second(ctx):
+        calls.append("second")
+        with open(ctx.path("one.txt")) as f, open(ctx.path("two.txt"), "w") as g:
+            g.write(f"second({f.read()}):{ctx.config.b.y}")
+        return {"wrote": "two.txt"}
 
     module = type(sys)("fake_stages_module")
-    module.first = make("first", "one.txt")
-    module.second = make("second", "two.txt")
+    module.first, module.second = first, second
     sys.modules["fake_stages_module"] = module
     monkeypatch.setattr(pipeline, "STAGES", {
-        "first": ("fake_stages_module:first", ("a",), ()),
-        "second": ("fake_stages_module:second", ("b",), ("one.txt",)),
+        "first": pipeline.Stage("first", "fake_stages_module:first", ("a",), outputs=("one.txt",),
+                                scratch=("first.partial",)),
+        "second": pipeline.Stage("second", "fake_stages_module:second", ("b",), inputs=("one.txt",),
+                                 outputs=("two.txt",)),
     })
     monkeypatch.setattr(pipeline, "ORDER", ("first", "second"))
     return calls
@@ -43,16 +64,72 @@ def _config(x=1, y=2):
     return ml_collections.ConfigDict({"a": {"x": x}, "b": {"y": y}})
 
 
-def test_complete_stages_are_skipped_and_changes_rerun_downstream(fake_stages, tmp_path):
+def test_complete_stages_are_skipped_and_changes_rerun_downstream(fake_stages, tmp_path, capsys):
     rows = pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
     assert fake_stages == ["first", "second"] and all(r["status"].startswith("done") for r in rows)
     rows = pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
     assert fake_stages == ["first", "second"] and all(r["status"].startswith("skipped") for r in rows)
+    capsys.readouterr()
     pipeline.run_pipeline(_config(y=3), str(tmp_path), progress=False)  # only `second` reads b
     assert fake_stages == ["first", "second", "second"]
+    assert "second: config section b changed; rerunning" in capsys.readouterr().out
     pipeline.run_pipeline(_config(x=5, y=3), str(tmp_path), progress=False)  # upstream rerun -> both
     assert fake_stages == ["first", "second", "second", "first", "second"]
-    assert (tmp_path / "two.txt").read_text() == "second:5:3"
+    assert "second: input one.txt changed; rerunning" in capsys.readouterr().out
+    assert (tmp_path / "two.txt").read_text() == "second(first:5):3"
+
+
+def test_a_deleted_or_edited_output_reruns_its_stage_and_says_why(fake_stages, tmp_path, capsys):
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    capsys.readouterr()
+    (tmp_path / "two.txt").unlink()
+    rows = pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    assert fake_stages == ["first", "second", "second"] and rows[0]["status"].startswith("skipped")
+    assert "second: two.txt is missing; rerunning" in capsys.readouterr().out
+    (tmp_path / "two.txt").write_text("edited by hand")
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    assert fake_stages[-1] == "second" and len(fake_stages) == 4
+    assert "second: two.txt changed since it was made; rerunning" in capsys.readouterr().out
+    assert (tmp_path / "two.txt").read_text() == "second(first:1):2"
+    # An edited output upstream: `first` remakes it; `second` stays, since its
+    # input is back to the content it was made from.
+    (tmp_path / "one.txt").write_text("first:999")
+    rows = pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    assert "first: one.txt changed since it was made; rerunning" in capsys.readouterr().out
+    assert fake_stages[4:] == ["first"] and rows[1]["status"] == "skipped (complete)"
+    assert (tmp_path / "one.txt").read_text() == "first:1"
+
+
+def test_a_changed_input_file_reruns_the_stage(fake_stages, tmp_path, capsys):
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    capsys.readouterr()
+    # Same path, new content, and `first` not asked to run: `second` notices the content.
+    (tmp_path / "one.txt").write_text("first:other")
+    pipeline.run_pipeline(_config(), str(tmp_path), stages=["second"], progress=False)
+    assert fake_stages == ["first", "second", "second"]
+    assert "second: input one.txt changed; rerunning" in capsys.readouterr().out
+    assert (tmp_path / "two.txt").read_text() == "second(first:other):2"
+    pipeline.run_pipeline(_config(), str(tmp_path), stages=["second"], progress=False)
+    assert len(fake_stages) == 3
+
+
+def test_scratch_is_kept_after_a_kill_and_discarded_after_a_config_change(fake_stages, tmp_path, capsys):
+    fake_stages.kill_first.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(_config(x=1), str(tmp_path), progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed again, same config: the scratch is resumed
+        pipeline.run_pipeline(_config(x=1), str(tmp_path), progress=False)
+    assert (tmp_path / "first.partial").read_text() == "1\n1\n"
+    # Another config: the pipeline throws the old scratch away before the stage runs.
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(_config(x=2), str(tmp_path), progress=False)
+    assert (tmp_path / "first.partial").read_text() == "2\n"
+    assert "first: discarded partial work" in capsys.readouterr().out
+    fake_stages.kill_first.clear()
+    rows = pipeline.run_pipeline(_config(x=2), str(tmp_path), progress=False)  # resumes, finishes
+    assert rows[0]["resumed"] is True and (tmp_path / "first.log").read_text() == "2\n2\n"
+    manifest = json.loads((tmp_path / "stages" / "first.json").read_text())
+    assert set(manifest["outputs"]) == {"one.txt"} and manifest["summary"] == {"resumed": True}
 
 
 def test_missing_inputs_and_unknown_stages_are_clear_errors(fake_stages, tmp_path):

@@ -18,7 +18,7 @@ from cai_jax.data.conversation import Turn
 from cai_jax.models.config import model_config_from_dict
 from cai_jax.models.transformer import Transformer, init_params
 from cai_jax.rl_cai import ppo_update, rollout as ro
-from cai_jax.training import lm_loss, train_step as ts
+from cai_jax.training import lm_loss
 
 POLICY_CFG = model_config_from_dict({"name": "tiny", "vocab_size": 256})
 VALUE_CFG = POLICY_CFG.replace(heads=("scalar",))
@@ -56,11 +56,9 @@ def steps():
     hyper = ppo_update.PPOHyper(clip_eps=0.2, value_clip_eps=0.2, entropy_coef=0.0, epochs=1,
                                 minibatch_size=BATCH)
     sgd = optax.sgd(LR)
-    return ppo_update.build_ppo_steps(
-        mesh=mesh, hyper=hyper, policy_model=Transformer(POLICY_CFG), policy_optimizer=sgd,
-        policy_param_shardings=shd.param_shardings(POLICY_CFG, mesh),
-        value_model=Transformer(VALUE_CFG), value_optimizer=sgd,
-        value_param_shardings=shd.param_shardings(VALUE_CFG, mesh)), sgd
+    return ppo_update.build_ppo_steps(mesh=mesh, hyper=hyper, policy_config=POLICY_CFG,
+                                      policy_optimizer=sgd, value_config=VALUE_CFG,
+                                      value_optimizer=sgd), sgd
 
 
 def _logp_and_values(policy, value, tokens, attention):
@@ -101,10 +99,10 @@ def _batch(models, logp_old_shift=0.0, advantages=None, seed=0):
 
 
 def _update(steps, models, batch):
-    built, sgd = steps
+    built, _ = steps
     policy, value = models
-    p_state = ts.init_train_state(jax.tree.map(jnp.asarray, policy), sgd)
-    v_state = ts.init_train_state(jax.tree.map(jnp.asarray, value), sgd)
+    p_state = built.policy.init_state(policy)
+    v_state = built.value.init_state(value)
     p_state, v_state, metrics = ppo_update.ppo_update(built, p_state, v_state, batch,
                                                       jax.random.key(0))
     return jax.tree.map(np.asarray, p_state.params), jax.tree.map(np.asarray, v_state.params), metrics

@@ -9,6 +9,7 @@ import pytest
 from cai_jax import pipeline, sharding as shd
 from cai_jax.config import load_config_module
 from cai_jax.data.conversation import Turn
+from cai_jax.eval import evaluate
 from cai_jax.rl_cai import ppo, rollout as ro
 from cai_jax.training.metrics import read_metrics
 from cai_jax.weights.loader import load_model
@@ -110,6 +111,13 @@ def test_ppo_stage_end_to_end(fake_run):
     assert len(read_metrics(str(workdir / "ppo" / "eval" / "step_3.jsonl"))) == 4
     again = pipeline.run_pipeline(config, str(workdir), stages=["ppo"], progress=False)
     assert again[0]["status"].startswith("skipped")
+    # Eval takes exactly the checkpoints the stage recorded, not whatever step_K directories exist.
+    os.makedirs(workdir / "models" / "rl_cai" / "step_99")
+    eval_config = config.copy_and_resolve_references()
+    eval_config.eval = evaluate.get_default_config()
+    models = evaluate.find_models(eval_config, str(workdir))
+    assert [(m.name, m.source) for m in models[2:]] == [
+        (f"rl_cai/step_{s}", f"ckpt:{workdir}/models/rl_cai/step_{s}") for s in (1, 2, 3)]
 
 
 # The learnable reward: how many answer tokens fall in a fixed eighth of a

@@ -158,16 +158,23 @@ def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_pa
     np.testing.assert_allclose(p, 1 / (1 + np.exp(-(scores - scorer.score(convs, others)))), atol=1e-9)
 
 
-def test_labels_with_bad_probabilities_are_rejected(tmp_path):
-    artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl"), [
-        {"id": "a", "kind": "harmless", "prompt": [{"role": "user", "content": "x"}], "answer_a": "1",
-         "answer_b": "2"}])
-    artifacts.write_jsonl_atomic(str(tmp_path / "labels.jsonl"), [{"id": "a", "kind": "harmless", "p_a": 1.7}])
-    with pytest.raises(ValueError, match=r"labels.jsonl line 1: 'p_a' is 1.7"):
-        pm.ai_labelled_pairs(str(tmp_path / "labels.jsonl"), str(tmp_path / "pairs.jsonl"))
-    artifacts.write_jsonl_atomic(str(tmp_path / "labels.jsonl"), [{"id": "b", "kind": "harmless", "p_a": 0.5}])
-    with pytest.raises(ValueError, match="not in"):
-        pm.ai_labelled_pairs(str(tmp_path / "labels.jsonl"), str(tmp_path / "pairs.jsonl"))
+def _label(id_, kind, p_a, a="1", b="2", complete_a=True):
+    return {"id": id_, "kind": kind, "p_a": p_a, "conversation": [{"role": "user", "content": "q"}],
+            "answer_a": a, "answer_b": b, "complete_a": complete_a, "complete_b": True}
+
+
+def test_malformed_labels_are_errors_naming_file_and_line(tmp_path):
+    path = str(tmp_path / "labels.jsonl")
+    artifacts.write_jsonl_atomic(path, [_label("a", "harmless", 0.5), _label("b", "harmless", 1.7)])
+    with pytest.raises(ValueError, match=r"labels.jsonl line 2: 'p_a' is 1.7"):
+        pm.ai_labelled_pairs(path)
+    old = {"id": "a", "kind": "harmless", "p_a": 0.5}  # written before labels carried their pairs
+    artifacts.write_jsonl_atomic(path, [old])
+    with pytest.raises(ValueError, match=r"labels.jsonl line 1: no \['conversation', 'answer_a'.*feedback stage"):
+        pm.ai_labelled_pairs(path)
+    artifacts.write_jsonl_atomic(path, [{**_label("a", "harmless", 0.5), "conversation": "q"}])
+    with pytest.raises(ValueError, match=r"labels.jsonl line 1: 'conversation' is not a list of turns"):
+        pm.ai_labelled_pairs(path)
 
 
 def test_pairs_feedback_pm_train_end_to_end(tmp_path):
@@ -197,8 +204,11 @@ def test_pairs_feedback_pm_train_end_to_end(tmp_path):
     labels = artifacts.read_jsonl(str(tmp_path / "labels.jsonl"))
     pair_records = artifacts.read_jsonl(str(tmp_path / "pairs.jsonl"))
     assert [r["id"] for r in labels] == [r["id"] for r in pair_records] and len(labels) == 6
-    for r in labels:
+    for r, pair in zip(labels, pair_records):  # each label carries its pair
         assert 0.0 <= r["p_a"] <= 1.0 and len(r["principle_ids"]) == 2
+        assert (r["conversation"], r["answer_a"], r["answer_b"]) == (pair["prompt"], pair["answer_a"],
+                                                                     pair["answer_b"])
+        assert r["complete_a"] == (pair["finish_a"] != "length") and r["kind"] == pair["kind"]
         assert abs(r["p_a"] - np.mean(feedback.combine_orders(r["p_first_ab"], r["p_first_ba"]))) < 1e-12
     fb_row, pm_row = rows[1], rows[2]
     assert fb_row["labels"] == 6 and 0.0 <= fb_row["position_bias"] <= 1.0
@@ -230,14 +240,9 @@ def _write_hh(path, n):
 def test_training_mix_ai_or_human_helpfulness(tmp_path):
     from cai_jax.config import load_config_module
 
-    turns = [{"role": "user", "content": "q"}]
-    artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl"), [
-        {"id": "h1", "kind": "harmless", "prompt": turns, "answer_a": "a", "answer_b": "b", "finish_a": "length"},
-        {"id": "p1", "kind": "helpful", "prompt": turns, "answer_a": "c", "answer_b": "d"},
-        {"id": "p2", "kind": "helpful", "prompt": turns, "answer_a": "e", "answer_b": "f"}])
     artifacts.write_jsonl_atomic(str(tmp_path / "labels.jsonl"), [
-        {"id": "h1", "kind": "harmless", "p_a": 0.3}, {"id": "p1", "kind": "helpful", "p_a": 0.6},
-        {"id": "p2", "kind": "helpful", "p_a": 0.9}])
+        _label("h1", "harmless", 0.3, "a", "b", complete_a=False), _label("p1", "helpful", 0.6, "c", "d"),
+        _label("p2", "helpful", 0.9, "e", "f")])
     _write_hh(tmp_path / "helpful.jsonl.gz", 3)
     config = load_config_module(os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")).base_config()
     config.pm_train = pm.get_default_config()

@@ -1,4 +1,4 @@
-"""Train step, gradient accumulation, optimizer schedules, checkpoint resume."""
+"""Train step, gradient accumulation, optimizer schedules, the Trainer harness and checkpoint resume."""
 import functools
 
 import jax
@@ -10,10 +10,10 @@ import pytest
 from cai_jax import sharding as shd
 from cai_jax.models.config import model_config_from_dict
 from cai_jax.models.transformer import Transformer, init_params
-from cai_jax.training import lm_loss, optimizers, train_step as ts
+from cai_jax.training import lm_loss, optimizers
 from cai_jax.training.checkpoint import Checkpointer
-from cai_jax.training.loop import train_loop
 from cai_jax.training.metrics import MetricWriter, read_metrics
+from cai_jax.training.trainer import Hook, Trainer
 
 CFG = model_config_from_dict({"name": "tiny", "vocab_size": 256})
 OPT = dict(learning_rate=3e-3, warmup_steps=2, total_steps=8, schedule="cosine",
@@ -49,17 +49,16 @@ def _batches(n, batch=4, length=12, seed=0):
     return out
 
 
+def _trainer(accum=1, checkpoint_dir=None):
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    return Trainer(CFG, lm_loss.make_lm_loss, OPT, mesh, batch_sharding=shd.data_sharding(mesh, 2),
+                   grad_accum_steps=accum, checkpoint_dir=checkpoint_dir)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(accum):
-    # One compiled step per accumulation setting, shared by the tests (compiles dominate).
-    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
-    opt = optimizers.make_optimizer(OPT)
-    psh = shd.param_shardings(CFG, mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _init())
-    ssh = ts.state_shardings(psh, opt, abstract, mesh)
-    step = ts.build_train_step(lm_loss.make_lm_loss(Transformer(CFG)), opt, mesh, ssh,
-                               shd.data_sharding(mesh, 2), grad_accum_steps=accum)
-    return opt, psh, ssh, step
+    # One trainer per accumulation setting, shared by the tests (compiles dominate).
+    return _trainer(accum)
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +67,8 @@ def _init():
 
 
 def _setup(accum=1):
-    opt, psh, ssh, step = _compiled(accum)
-    return ts.init_train_state(shd.place(_init(), psh), opt), ssh, step
+    trainer = _compiled(accum)
+    return trainer.init_state(_init()), trainer.abstract_state, trainer.train_step
 
 
 def test_grad_accumulation_gives_the_global_mean():
@@ -124,23 +123,48 @@ def test_schedules():
         optimizers.make_schedule(dict(learning_rate=1.0, warmup_steps=0, total_steps=1, schedule="bogus"))
 
 
+def test_warmup_is_fitted_to_the_run_in_the_optimizer_builder():
+    section = dict(learning_rate=1.0, warmup_steps=5, total_steps=0, schedule="constant")
+    assert optimizers.schedule_config(section, 8) == dict(section, warmup_steps=2, total_steps=8)
+    assert optimizers.schedule_config(dict(section, total_steps=50), 100)["total_steps"] == 50
+    assert optimizers.schedule_config(section, None) == section  # run length unknown (tools.aot)
+    # A 2-step run has no warmup: the first step already uses the peak rate.
+    tx = optimizers.make_optimizer(dict(section, grad_clip_norm=0.0, b1=0.0, b2=0.0), num_steps=2)
+    updates, _ = tx.update({"w": jnp.ones(())}, tx.init({"w": jnp.zeros(())}), {"w": jnp.zeros(())})
+    assert abs(float(updates["w"]) + 1.0) < 1e-3
+
+
+def test_trainer_state_matches_its_abstract_state_and_shardings():
+    trainer = _compiled(1)
+    state = trainer.init_state(_init())
+    for leaf, abstract in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.abstract_state)):
+        assert (leaf.shape, leaf.dtype) == (abstract.shape, abstract.dtype)
+        assert leaf.sharding.is_equivalent_to(abstract.sharding, leaf.ndim)
+
+
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     data = _batches(5, seed=1)
+    inits, hook_steps = [], []
 
     def run(directory, stop_after=None):
-        state, ssh, step = _setup()
+        trainer = _trainer(checkpoint_dir=str(directory / "ckpt"))
         writer = MetricWriter(str(directory), tensorboard=False)
-        state, _ = train_loop(train_step=step, state=state, state_sharding=ssh,
-                              data_iter=ListIterator(data), rng=jax.random.key(7), num_steps=8,
-                              checkpointer=Checkpointer(str(directory / "ckpt"), keep_last=2),
-                              save_every=2, writer=writer, progress=False, stop_after=stop_after)
+        start = trainer.start(lambda: inits.append(directory) or _init(), jax.random.key(7), writer)
+        hook = Hook(lambda state, step: hook_steps.append(step) or {"hooked": int(state.step)}, every=3)
+        state, _ = trainer.train(start, ListIterator(data), num_steps=8, writer=writer, hooks=[hook],
+                                 save_every=2, progress=False, stop_after=stop_after)
+        trainer.close()
         return jax.tree.map(np.asarray, state.params)
 
     unbroken = run(tmp_path / "a")
     run(tmp_path / "b", stop_after=5)  # "killed" after step 5; last checkpoint is step 4
     resumed = run(tmp_path / "b")
+    assert inits == [tmp_path / "a", tmp_path / "b"]  # the resumed run restored, never initialised
     for a, b in zip(jax.tree.leaves(unbroken), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
-    steps = [r["step"] for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl"))]
-    assert steps == list(range(1, 9))
+    rows = read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows if "hooked" in r] == [3, 6, 8]  # every 3 steps and the last
+    assert all(r["hooked"] == r["step"] for r in rows if "hooked" in r)
+    assert hook_steps == [3, 6, 8] + [3] + [6, 8]
     assert Checkpointer(str(tmp_path / "b" / "ckpt")).all_steps() == [6, 8]  # keep-last-2

@@ -3,9 +3,10 @@
 1. Answers. Every model under evaluation answers held-out prompts (the test
    split of the embedded red-team and helpful sets) through the shared
    sampler: the helpful model (`config.model`, "base"), SL-CAI
-   (`models/sl_cai`), each PPO checkpoint `models/rl_cai/step_K`, and the
-   checkpoints of other RL runs named in `eval.extra_rl_runs` (e.g. the
-   chain-of-thought-feedback variant). Answers go to `eval/answers.jsonl`,
+   (`models/sl_cai`), each PPO checkpoint the ppo stage recorded in
+   `models/rl_cai/checkpoints.json`, and the checkpoints recorded by other RL
+   runs named in `eval.extra_rl_runs` (e.g. the chain-of-thought-feedback
+   variant). Answers go to `eval/answers.jsonl`,
    keyed by model and prompt; a record is reused while the model's files and
    the sampling settings are unchanged, so a killed stage resumes and a new
    PPO checkpoint only adds its own answers.
@@ -22,9 +23,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import os
 import re
 from typing import Callable, Optional, Sequence
@@ -40,7 +39,7 @@ from cai_jax.data.prompt_sets import Prompt, load_prompts
 from cai_jax.eval import judges as judges_lib
 from cai_jax.eval import report
 from cai_jax.eval.elo import fit_elo
-from cai_jax.model_ref import directory_version, resolve, rl_checkpoints
+from cai_jax.model_ref import CHECKPOINTS_FILE, directory_version, resolve, rl_checkpoints
 
 DIMENSIONS = {"harmless": "red_team", "helpful": "helpful"}  # judge dimension -> prompt kind
 BASE = "base"
@@ -50,12 +49,13 @@ JUDGE_CHUNK = 64  # comparisons judged between two saves of judgments.jsonl
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         # Models that answer: "base" (config.model), "sl_cai" (models/sl_cai) and
-        # "rl_cai" (models/rl_cai/step_K), comma-separated.
+        # "rl_cai" (the checkpoints in models/rl_cai/checkpoints.json), comma-separated.
         "models": "base,sl_cai,rl_cai",
         # "all" PPO checkpoints (the figure-2 curve) or only the "last".
         "rl_checkpoints": "all",
         # More RL runs, e.g. chain-of-thought feedback: "NAME=DIR[,NAME=DIR]", DIR a
-        # run's work directory (its models/rl_cai/step_K) or a directory of step_K.
+        # run's work directory or its models/rl_cai (either way, the checkpoints
+        # listed in models/rl_cai/checkpoints.json).
         "extra_rl_runs": "",
         # Held-out prompts per kind (test split of the embedded sets; 0 = all).
         "red_team_limit": 64,
@@ -136,7 +136,8 @@ def find_models(config, workdir: str) -> list[EvalModel]:
     for name, directory in runs:
         checkpoints = rl_checkpoints(directory)
         if name != "rl_cai" and not checkpoints:
-            raise FileNotFoundError(f"eval.extra_rl_runs {name}: no step_K checkpoints in {directory}")
+            raise FileNotFoundError(f"eval.extra_rl_runs {name}: {directory}/{CHECKPOINTS_FILE} records no "
+                                    "checkpoints; run that run's ppo stage")
         if section.rl_checkpoints == "last":
             checkpoints = checkpoints[-1:]
         method = "RL-CAI" if name == "rl_cai" else f"RL-CAI ({name})"
@@ -157,10 +158,6 @@ def eval_prompts(data, section) -> dict[str, list[Prompt]]:
 
 # ------------------------------------------------------------ answers
 
-def _stamp(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _reopen(path: str, key: str = "id") -> artifacts.PartialJsonl:
     """A PartialJsonl that starts from the finished file of an earlier run, so
     its records can be reused when new models or prompts are added."""
@@ -175,8 +172,9 @@ def answer_key(model: str, prompt_id: str) -> str:
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     """Equal for tokenizers that encode, decode and template alike."""
-    return _stamp({"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template,
-                   "special": tokenizer.special_tokens_map})
+    return artifacts.fingerprint({"vocab": sorted(tokenizer.get_vocab().items()),
+                                  "template": tokenizer.chat_template,
+                                  "special": tokenizer.special_tokens_map})
 
 
 def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
@@ -238,7 +236,7 @@ def collect_answers(models: Sequence[EvalModel], prompts: Sequence[Prompt], path
     log = _reopen(path)
     plain = sampling.to_dict() if hasattr(sampling, "to_dict") else dict(sampling)
     settings = {"sampling": plain, "render": render, "seed": seed}
-    stamps = {(m.name, p.id): _stamp({"model": m.version, "prompt": p.text, **settings})
+    stamps = {(m.name, p.id): artifacts.fingerprint({"model": m.version, "prompt": p.text, **settings})
               for m in models for p in prompts}
     cached = {r["id"]: r for r in log.records}
     samplers: dict = {}
@@ -291,7 +289,7 @@ class JudgeFactory:
         if spec.kind == "feedback":
             section = self.config.eval.feedback_judge.to_dict()
             model = resolve(section["model_source"], self.config, self.workdir).version(self.config.seed)
-            return _stamp({"section": section, "model": model, "seed": self.config.seed})
+            return artifacts.fingerprint({"section": section, "model": model, "seed": self.config.seed})
         return ""
 
     def pm_scorer(self, spec: judges_lib.JudgeSpec):
@@ -348,7 +346,7 @@ def comparisons_for(models: Sequence[EvalModel], prompts: Sequence[Prompt],
 
 def judgment_key(dimension: str, judge_name: str, judge_version: str,
                  c: judges_lib.ModelComparison) -> str:
-    answers = hashlib.sha256(f"{c.answer_a}\x00{c.answer_b}".encode()).hexdigest()[:12]
+    answers = artifacts.fingerprint([c.answer_a, c.answer_b])
     return f"{dimension}|{judge_name}|{judge_version}|{c.id}|{answers}"
 
 
@@ -415,7 +413,7 @@ def _update_revision_scores(ctx, factory: JudgeFactory) -> Optional[int]:
             or not os.path.exists(os.path.join(factory.pm_dir(pm), "model.json")):
         return None
     out_path = ctx.path("eval", "revision_scores.jsonl")
-    stamp = _stamp({"sl_data": artifacts.file_hash(sl_path), "pm": factory.version("pm")})
+    stamp = artifacts.fingerprint({"sl_data": artifacts.file_hash(sl_path), "pm": factory.version("pm")})
     if os.path.exists(out_path):
         old = artifacts.read_jsonl(out_path)
         if old and all(r.get("stamp") == stamp for r in old):

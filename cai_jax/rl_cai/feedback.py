@@ -20,7 +20,9 @@ reasoned answers are overconfident (paper section 4.1).
 The feedback model is `feedback.model_source` ("base": config.model, the
 pretrained model, as in the paper). Harmless pairs are judged with the
 constitution's harmlessness principles, helpful pairs with its helpfulness
-principles. Output: `labels.jsonl`, one record per pair.
+principles. Output: `labels.jsonl`, one record per pair, carrying the pair too
+(conversation, both answers, whether each is complete), so that preference
+training reads this file alone.
 """
 from __future__ import annotations
 
@@ -39,10 +41,9 @@ from cai_jax import artifacts, sharding as shd
 from cai_jax.batched_forward import batched_forward
 from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
                                   sample_principles)
-from cai_jax.data.conversation import Conversation, as_conversation
+from cai_jax.data.conversation import Conversation, as_conversation, to_messages
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.model_ref import resolve
-from cai_jax.pipeline import discard_stale_work
 from cai_jax.rl_cai import feedback_prompts as fp
 from cai_jax.weights.loader import LoadedModel
 from cai_jax.sampling_buckets import cut_at_stops
@@ -208,6 +209,9 @@ class FeedbackComparison:
     conversation: Conversation
     answer_a: str
     answer_b: str
+    # False: the answer was cut at max_new_tokens (it has no end-of-turn token).
+    complete_a: bool = True
+    complete_b: bool = True
 
 
 @dataclasses.dataclass
@@ -416,13 +420,21 @@ def comparisons_from_pairs(records: Sequence[dict],
     for i, r in enumerate(records, 1):
         try:
             out.append(FeedbackComparison(str(r["id"]), r["kind"], as_conversation(r["prompt"]),
-                                          r["answer_a"], r["answer_b"]))
+                                          r["answer_a"], r["answer_b"],
+                                          complete_a=r.get("finish_a") != "length",
+                                          complete_b=r.get("finish_b") != "length"))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} record {i}: {e!r}; expected id, kind, prompt (list of turns), "
                              "answer_a, answer_b") from None
         if out[-1].kind not in KINDS:
             raise ValueError(f"{path} record {i}: kind is {out[-1].kind!r}, one of {KINDS}")
     return out
+
+
+def label_record(c: FeedbackComparison, label: dict) -> dict:
+    """A labels.jsonl record: the label plus what preference training needs of the pair."""
+    return {**label, "conversation": to_messages(c.conversation), "answer_a": c.answer_a,
+            "answer_b": c.answer_b, "complete_a": c.complete_a, "complete_b": c.complete_b}
 
 
 def run_stage(ctx) -> dict:
@@ -432,7 +444,6 @@ def run_stage(ctx) -> dict:
     comparisons = comparisons_from_pairs(artifacts.read_jsonl(pairs_path), pairs_path)
     if section.limit:
         comparisons = comparisons[:section.limit]
-    discard_stale_work(config, ctx.workdir, "feedback", ["labels.jsonl.partial"])
     out = artifacts.PartialJsonl(ctx.path("labels.jsonl"))
     done = out.done_keys()
     todo = [c for c in comparisons if c.id not in done]
@@ -443,7 +454,7 @@ def run_stage(ctx) -> dict:
         bar = tqdm(total=len(comparisons), initial=len(comparisons) - len(todo), desc="feedback",
                    disable=not ctx.progress)
         for chunk in artifacts.iter_batches(todo, per_chunk):
-            out.extend(labeler.label(chunk))
+            out.extend(label_record(c, r) for c, r in zip(chunk, labeler.label(chunk)))
             bar.update(len(chunk))
         bar.close()
     records = out.finish(order=[c.id for c in comparisons])

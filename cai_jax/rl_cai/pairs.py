@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from cai_jax import artifacts, sharding as shd
 from cai_jax.data.conversation import HH_HUMAN_STOP, build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
-from cai_jax.pipeline import discard_stale_work
 from cai_jax.sampling_buckets import cut_at_stops
 from cai_jax.model_ref import resolve
 from cai_jax.weights.tokenizer import encode_text
@@ -109,8 +108,6 @@ def run_stage(ctx) -> dict:
     prompts = pair_prompts(config)
     if not prompts:
         raise ValueError("pairs: no prompts; check config.data.red_team / helpful and their limits")
-    # Answers sampled under another config or SL-CAI model must not be resumed.
-    discard_stale_work(config, ctx.workdir, "pairs", ["pairs.jsonl.partial"])
     out = artifacts.PartialJsonl(ctx.path("pairs.jsonl"))
     done = out.done_keys()
     todo = [p for p in prompts if p["id"] not in done]

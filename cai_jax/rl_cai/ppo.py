@@ -17,7 +17,8 @@ the PM or the policy, or the policy's own trunk with a second head when
 
 Outputs: `<workdir>/ppo/metrics.jsonl` (+ TensorBoard), held-out evaluation
 answers `<workdir>/ppo/eval/step_K.jsonl`, policy checkpoints
-`<workdir>/models/rl_cai/step_K/` (ckpt: dirs, value model in `value/`), and a
+`<workdir>/models/rl_cai/step_K/` (ckpt: dirs, value model in `value/`), listed
+in `<workdir>/models/rl_cai/checkpoints.json` as each is saved, and a
 resumable state in `<workdir>/ppo/ckpt`. Everything random is a function of
 (seed, iteration), so a resumed run ends exactly where an unbroken one does.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -39,9 +40,9 @@ from cai_jax.data.conversation import answer_stop_strings
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import ppo_math, ppo_update, rollout as ro
-from cai_jax.training import optimizers, train_step as ts
 from cai_jax.training.checkpoint import Checkpointer
 from cai_jax.training.metrics import MetricWriter, read_metrics
+from cai_jax.training.trainer import restore_or_init
 from cai_jax.weights.tokenizer import pad_token_id
 
 
@@ -173,6 +174,50 @@ def check_config(c, mesh):
         raise ValueError(f"config.ppo.value_init is {c.value_init!r}; one of 'pm', 'policy'")
 
 
+def model_overrides(c) -> dict[str, dict]:
+    """The runtime fields of the four PPO models, from config.ppo: load_setup
+    loads them so, and tools.aot builds their configs from config.model so."""
+    return {
+        "policy": {"heads": ("lm", "scalar") if c.share_trunk else ("lm",), "dtype": c.dtype},
+        "value": {"heads": ("scalar",), "dtype": c.dtype},
+        # The frozen reference: the policy's starting weights, LM head only.
+        "reference": {"heads": ("lm",), "dtype": c.ref_dtype, "param_dtype": c.ref_dtype},
+        "preference_model": {"heads": ("scalar",), "dtype": c.pm_dtype, "param_dtype": c.pm_dtype},
+    }
+
+
+def optimizer_steps(c) -> int:
+    """Optimizer steps of a whole run: what the policy and value schedules are fitted to."""
+    return c.iterations * c.epochs * (c.rollout_batch_size // c.minibatch_size)
+
+
+@dataclasses.dataclass
+class PPOPrograms:
+    """What one PPO run compiles besides the sampler: the policy and value
+    trainers (training/trainer.py), the frozen reference's config and the
+    rollout scorer. PPORunner runs them; tools.aot compiles them."""
+
+    steps: ppo_update.PPOSteps
+    ref_config: TransformerConfig
+    scorer: Callable
+
+
+def build_programs(c, mesh, policy_config: TransformerConfig,
+                   value_config: Optional[TransformerConfig],
+                   ref_config: Optional[TransformerConfig] = None) -> PPOPrograms:
+    """The programs of a `ppo` section for these models (no value config: a
+    shared trunk, the policy's scalar head gives the values)."""
+    ref_config = ref_config or policy_config.replace(**model_overrides(c)["reference"])
+    steps = ppo_update.build_ppo_steps(
+        mesh=mesh, hyper=hyper_from_config(c), policy_config=policy_config,
+        policy_optimizer=c.policy_optimizer, value_config=value_config,
+        value_optimizer=c.value_optimizer, num_steps=optimizer_steps(c))
+    scorer = ro.build_rollout_scorer(steps.policy.model, Transformer(ref_config),
+                                     steps.value.model if steps.value is not None else None,
+                                     c.temperature)
+    return PPOPrograms(steps, ref_config, scorer)
+
+
 # ----------------------------------------------------------------- runner
 
 class PPORunner:
@@ -185,33 +230,14 @@ class PPORunner:
         c = setup.section
         check_config(c, setup.mesh)
         self.setup, self.c, self.mesh = setup, c, setup.mesh
-        self.hyper = hyper_from_config(c)
         self.shared = setup.value_config is None
         self.controller = kl_controller(c.kl)
-
-        self.policy_model = Transformer(setup.policy_config)
-        self.policy_opt = optimizers.make_optimizer(c.policy_optimizer)
-        self.policy_psh = shd.param_shardings(setup.policy_config, self.mesh)
-        self.value_model = self.value_opt = self.value_psh = None
-        if not self.shared:
-            self.value_model = Transformer(setup.value_config)
-            self.value_opt = optimizers.make_optimizer(c.value_optimizer)
-            self.value_psh = shd.param_shardings(setup.value_config, self.mesh)
-        self.steps = ppo_update.build_ppo_steps(
-            mesh=self.mesh, hyper=self.hyper, policy_model=self.policy_model,
-            policy_optimizer=self.policy_opt, policy_param_shardings=self.policy_psh,
-            value_model=self.value_model, value_optimizer=self.value_opt,
-            value_param_shardings=self.value_psh)
-
-        # The frozen reference: the policy's starting weights, LM head only.
-        ref_config = setup.ref_config or setup.policy_config.replace(
-            heads=("lm",), dtype=c.ref_dtype, param_dtype=c.ref_dtype)
-        self.ref_model = Transformer(ref_config)
+        programs = build_programs(c, self.mesh, setup.policy_config, setup.value_config,
+                                  setup.ref_config)
+        self.steps, self.scorer, self.hyper = programs.steps, programs.scorer, programs.steps.hyper
+        ref_config = programs.ref_config
         ref_params = _cast(_head_view(setup.policy_params, ("lm",)), ref_config.weight_dtype)
         self.ref_params = shd.place(ref_params, shd.param_shardings(ref_config, self.mesh))
-
-        self.scorer = ro.build_rollout_scorer(self.policy_model, self.ref_model, self.value_model,
-                                              c.temperature)
         self.sample_config = setup.policy_config.replace(heads=("lm",))
         self.sampler = Sampler(self.sample_config, setup.tokenizer, mesh=self.mesh)
         self.data_sharding = shd.data_sharding(self.mesh, 2)
@@ -244,12 +270,8 @@ class PPORunner:
         return min(max(16, 1 << (longest - 1).bit_length()), self.c.max_prompt_tokens)
 
     def initial_states(self):
-        policy_state = ts.init_train_state(shd.place(self.setup.policy_params, self.policy_psh),
-                                           self.policy_opt)
-        value_state = None
-        if not self.shared:
-            value_state = ts.init_train_state(shd.place(self.setup.value_params, self.value_psh),
-                                              self.value_opt)
+        policy_state = self.steps.policy.init_state(self.setup.policy_params)
+        value_state = None if self.shared else self.steps.value.init_state(self.setup.value_params)
         return policy_state, value_state
 
     def iteration(self, it: int, policy_state, value_state, beta: float,
@@ -328,6 +350,7 @@ class PPORunner:
     # -- saving
 
     def save_models(self, models_dir: str, done: int, policy_state, value_state) -> None:
+        from cai_jax.model_ref import record_rl_checkpoint
         from cai_jax.weights.model_dir import save_model_dir
         directory = os.path.join(models_dir, f"step_{done}")
         cfg = self.setup.policy_config
@@ -340,16 +363,15 @@ class PPORunner:
             value_cfg, value_params = self.setup.value_config, value_state.params
         save_model_dir(os.path.join(directory, "value"), value_cfg,
                        _head_view(value_params, ("scalar",)), self.setup.tokenizer, about=about)
+        record_rl_checkpoint(models_dir, done, directory)  # what eval and rl_cai[/step_K] read
 
     def _state_tree(self, policy_state, value_state):
         return ({"policy": policy_state} if self.shared
                 else {"policy": policy_state, "value": value_state})
 
-    def _abstract_state(self, policy_state, value_state):
-        shardings = self._state_tree(self.steps.policy_state_sharding,
-                                     self.steps.value_state_sharding)
-        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            self._state_tree(policy_state, value_state), shardings)
+    def _abstract_state(self):
+        return self._state_tree(self.steps.policy.abstract_state,
+                                None if self.shared else self.steps.value.abstract_state)
 
     # -- the loop
 
@@ -359,30 +381,27 @@ class PPORunner:
         that iteration, as a kill would (tests). Returns the summary numbers."""
         c, s = self.c, self.setup
         os.makedirs(out_dir, exist_ok=True)
-        policy_state, value_state = self.initial_states()
-        beta = float(self.controller.init())
-        moments = ro.RunningMoments()
-        key = jax.random.key(s.seed)
         checkpointer = Checkpointer(os.path.join(out_dir, "ckpt"), keep_last=c.keep_checkpoints)
         writer = MetricWriter(out_dir, "metrics", tensorboard=c.tensorboard)
-        start = 0
-        if checkpointer.latest_step() is not None:
-            restored, key, extra = checkpointer.restore(
-                self._abstract_state(policy_state, value_state))
-            policy_state, value_state = restored["policy"], restored.get("value")
-            start, beta = int(extra["iteration"]), float(extra["beta"])
-            moments = ro.RunningMoments.from_state(extra["reward_moments"])
-            writer.truncate_from(start + 1)  # steps 0..start are logged already
-        else:
-            writer.truncate_from(0)
-            if c.eval_every and s.eval_prompts:
-                evaluation, records = self.evaluate(policy_state.params, 0)
-                self._write_eval(out_dir, 0, records)
-                writer.write(0, evaluation)
+        # The trainers' order: the latest checkpoint if there is one, else fresh states.
+        start = restore_or_init(checkpointer, self._abstract_state(),
+                                lambda: self._state_tree(*self.initial_states()),
+                                jax.random.key(s.seed), writer)
+        policy_state, value_state = start.state["policy"], start.state.get("value")
+        key = start.rng
+        beta = float(self.controller.init())
+        moments = ro.RunningMoments()
+        if start.resumed:
+            beta = float(start.extra["beta"])
+            moments = ro.RunningMoments.from_state(start.extra["reward_moments"])
+        elif c.eval_every and s.eval_prompts:
+            evaluation, records = self.evaluate(policy_state.params, 0)
+            self._write_eval(out_dir, 0, records)
+            writer.write(0, evaluation)
 
-        bar = tqdm(total=c.iterations, initial=start, desc="ppo", disable=not progress,
+        bar = tqdm(total=c.iterations, initial=start.step, desc="ppo", disable=not progress,
                    dynamic_ncols=True)
-        for it in range(start, c.iterations):
+        for it in range(start.step, c.iterations):
             policy_state, value_state, beta, metrics = self.iteration(
                 it, policy_state, value_state, beta, moments, key)
             done = it + 1
@@ -433,13 +452,14 @@ def summarize(metrics_path: str) -> dict:
 
 # ------------------------------------------------------------------ stage
 
-def preference_reward(ref, dtype: str, default_render: str, mesh,
+def preference_reward(ref, overrides: dict, default_render: str, mesh,
                       batch_size: int) -> ro.PreferenceModelReward:
     """The trained PM (a ModelRef) as a reward function, rendering answers as it
-    was trained (the style its model directory records), in the configured dtype."""
+    was trained (the style its model directory records), loaded with `overrides`
+    (model_overrides: the configured dtype)."""
     from cai_jax.rl_cai.preference import PreferenceScorer
 
-    pm = ref.load({"heads": ("scalar",), "dtype": dtype, "param_dtype": dtype})
+    pm = ref.load(overrides)
     scorer = PreferenceScorer(pm, style=pm.about.get("render", default_render),
                               max_len=pm.about.get("max_seq_len", 512), batch_size=batch_size,
                               mesh=mesh)
@@ -453,20 +473,21 @@ def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) ->
 
     c = config.ppo
     mesh = shd.make_mesh(dict(config.get("mesh", {"data": -1})))
-    policy_heads = ("lm", "scalar") if c.share_trunk else ("lm",)
-    policy = resolve(c.policy, config, workdir).load({"heads": policy_heads, "dtype": c.dtype},
-                                                     seed=config.seed, to_device=False)
+    overrides = model_overrides(c)
+    policy = resolve(c.policy, config, workdir).load(overrides["policy"], seed=config.seed,
+                                                     to_device=False)
     if policy.tokenizer is None:
         raise ValueError(f"config.ppo.policy {c.policy!r} has no tokenizer; PPO needs one to "
                          "render prompts and decode answers")
     value_config = value_params = None
     if not c.share_trunk:
         value_spec = c.preference_model if c.value_init == "pm" else c.policy
-        value = resolve(value_spec, config, workdir).load({"heads": ("scalar",), "dtype": c.dtype},
-                                                          seed=config.seed, to_device=False)
+        value = resolve(value_spec, config, workdir).load(overrides["value"], seed=config.seed,
+                                                          to_device=False)
         value_config, value_params = value.config, value.params
     if reward_fn is None:
-        reward_fn = preference_reward(resolve(c.preference_model, config, workdir), c.pm_dtype,
+        reward_fn = preference_reward(resolve(c.preference_model, config, workdir),
+                                      overrides["preference_model"],
                                       config.data.render, mesh, c.rollout_batch_size)
         if reward_fn.scorer.config.vocab_size != policy.config.vocab_size:
             raise ValueError(f"config.ppo.preference_model {c.preference_model!r} has vocabulary "
@@ -492,11 +513,6 @@ def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) ->
 
 
 def run_stage(ctx) -> dict:
-    from cai_jax.pipeline import discard_stale_work
-
-    # A checkpoint from a run with another config or other input models must
-    # not be resumed: start over.
-    discard_stale_work(ctx.config, ctx.workdir, "ppo", ["ppo", "models/rl_cai"])
     setup = load_setup(ctx.config, ctx.workdir)
     runner = PPORunner(setup)
     return runner.run(ctx.path("ppo"), ctx.path("models", "rl_cai"), progress=ctx.progress)

@@ -14,17 +14,16 @@ A rollout batch is a dict of equally long rows:
 
 The prompt width P is never passed: it is T - A, read from the shapes. The
 output at position P - 1 + j predicts answer token j and is also the state
-whose value is V_j. Steps come from `training.train_step.build_train_step`, so
-they are jit with in/out shardings and the train state donated, and losses are
+whose value is V_j. Steps come from the training harness (training/trainer.py),
+so they are jit with in/out shardings and the train state donated, and losses are
 (sum, token count) pairs: gradient accumulation and minibatching give the true
 mean over tokens.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +31,7 @@ import numpy as np
 from cai_jax import sharding as shd
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.rl_cai import ppo_math
-from cai_jax.training import train_step as ts
+from cai_jax.training.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,42 +151,37 @@ def compute_advantages(rewards_ba, values_ba, mask_ba, hyper: PPOHyper):
 
 @dataclasses.dataclass
 class PPOSteps:
-    """The compiled steps of one PPO setup. With a shared trunk `value_step` is
-    None and `policy_step` trains both heads."""
+    """The policy and value trainers of one PPO setup (training/trainer.py: their
+    abstract states, shardings and jitted steps). With a shared trunk `value` is
+    None and the policy's step trains both heads."""
 
-    mesh: Any
     hyper: PPOHyper
-    policy_step: Callable
-    value_step: Optional[Callable]
-    policy_state_sharding: Any
-    value_state_sharding: Any
-    batch_sharding: Any
+    policy: Trainer
+    value: Optional[Trainer]
+
+    @property
+    def batch_sharding(self):
+        return self.policy.batch_sharding
 
 
-def build_ppo_steps(*, mesh, hyper: PPOHyper, policy_model: Transformer, policy_optimizer,
-                    policy_param_shardings, value_model: Optional[Transformer] = None,
-                    value_optimizer=None, value_param_shardings=None,
+def build_ppo_steps(*, mesh, hyper: PPOHyper, policy_config, policy_optimizer,
+                    value_config=None, value_optimizer=None, num_steps: Optional[int] = None,
                     rules=shd.DEFAULT_RULES) -> PPOSteps:
-    """Builds the jitted steps. Pass no value model for a shared trunk."""
-    def abstract(model):
-        from cai_jax.models.transformer import abstract_params
-        return nn.meta.unbox(abstract_params(model.config))
-
+    """The trainers of the policy (heads lm, or lm + scalar for a shared trunk:
+    pass no value config) and the value model. Optimizers are optimizer
+    sections fitted to `num_steps` optimizer steps (or optax transformations)."""
     batch_sharding = shd.data_sharding(mesh, 2, rules)
-    shared = value_model is None
-    policy_loss = (make_shared_loss if shared else make_policy_loss)(policy_model, hyper)
-    policy_ssh = ts.state_shardings(policy_param_shardings, policy_optimizer,
-                                    abstract(policy_model), mesh)
-    policy_step = ts.build_train_step(policy_loss, policy_optimizer, mesh, policy_ssh,
-                                      batch_sharding, hyper.grad_accum_steps, rules)
-    value_step = value_ssh = None
+    shared = value_config is None
+    policy_loss = make_shared_loss if shared else make_policy_loss
+    policy = Trainer(policy_config, lambda model: policy_loss(model, hyper), policy_optimizer, mesh,
+                     batch_sharding=batch_sharding, num_steps=num_steps,
+                     grad_accum_steps=hyper.grad_accum_steps, rules=rules)
+    value = None
     if not shared:
-        value_ssh = ts.state_shardings(value_param_shardings, value_optimizer,
-                                       abstract(value_model), mesh)
-        value_step = ts.build_train_step(make_value_loss(value_model, hyper), value_optimizer,
-                                         mesh, value_ssh, batch_sharding, hyper.grad_accum_steps,
-                                         rules)
-    return PPOSteps(mesh, hyper, policy_step, value_step, policy_ssh, value_ssh, batch_sharding)
+        value = Trainer(value_config, lambda model: make_value_loss(model, hyper), value_optimizer, mesh,
+                        batch_sharding=batch_sharding, num_steps=num_steps,
+                        grad_accum_steps=hyper.grad_accum_steps, rules=rules)
+    return PPOSteps(hyper, policy, value)
 
 
 UPDATE_KEYS = ("tokens", "attention_mask", "action_mask", "logp_old", "values_old", "advantages",
@@ -221,11 +215,11 @@ def ppo_update(steps: PPOSteps, policy_state, value_state, batch: dict, rng: jax
             rows = order[i * hyper.minibatch_size:(i + 1) * hyper.minibatch_size]
             mb = {k: jax.device_put(v[rows], steps.batch_sharding) for k, v in batch.items()}
             step_key = jax.random.fold_in(epoch_key, i + 1)
-            policy_state, pm = steps.policy_step(policy_state, mb, step_key)
+            policy_state, pm = steps.policy.train_step(policy_state, mb, step_key)
             pm = {k: float(v) for k, v in pm.items()}
             policy_hist.append((pm["denominator"], pm))
-            if steps.value_step is not None:
-                value_state, vm = steps.value_step(value_state, mb, step_key)
+            if steps.value is not None:
+                value_state, vm = steps.value.train_step(value_state, mb, step_key)
                 vm = {k: float(v) for k, v in vm.items()}
                 value_hist.append((vm["denominator"], vm))
     metrics = {}

@@ -10,7 +10,7 @@ with the soft Bradley-Terry loss (bt_loss.py):
     p(A preferred) = sigmoid(score(A) - score(B)),   target p = AI label p_a
 
 The training mix, as in the paper: harmlessness comparisons labelled by the
-feedback model (`labels.jsonl` joined with `pairs.jsonl`), plus helpfulness
+feedback model (`labels.jsonl`, whose records carry their pairs), plus helpfulness
 comparisons, AI-labelled by default or human-labelled HH-format pairs when
 `pm_train.helpful_pairs_path` is set. Optional preference-model pretraining
 (PMP) first trains on any HH-format file with hard labels.
@@ -44,13 +44,10 @@ from cai_jax.data.hh_rlhf import read_pairs
 from cai_jax.data.loaders import make_dataset, split_heldout
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.model_ref import resolve
-from cai_jax.pipeline import discard_stale_work
 from cai_jax.rl_cai.bt_loss import preference_accuracy, soft_bt_loss
 from cai_jax.rl_cai.ppo_math import last_valid_index
-from cai_jax.training import optimizers, train_step as ts
-from cai_jax.training.checkpoint import Checkpointer
-from cai_jax.training.loop import train_loop
 from cai_jax.training.metrics import MetricWriter
+from cai_jax.training.trainer import Trainer, eval_hook
 from cai_jax.weights.loader import LoadedModel, load_model
 from cai_jax.weights.model_dir import save_model_dir
 from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
@@ -227,24 +224,29 @@ def pair_metrics(diff, p_a) -> dict:
 HELDOUT_SALT = "pm_train-eval"
 
 
-def ai_labelled_pairs(labels_path: str, pairs_path: str) -> list[dict]:
-    """labels.jsonl joined with pairs.jsonl: {id, kind, conversation, a, b, p_a}."""
-    pairs = {r["id"]: r for r in artifacts.read_jsonl(pairs_path)}
+LABEL_FIELDS = ("id", "kind", "conversation", "answer_a", "answer_b", "complete_a", "complete_b", "p_a")
+
+
+def ai_labelled_pairs(labels_path: str) -> list[dict]:
+    """labels.jsonl (the feedback stage's records, which carry their pairs) as
+    {id, kind, conversation, a, b, p_a, complete_a, complete_b}."""
     out = []
     for line, label in enumerate(artifacts.read_jsonl(labels_path), 1):
-        pair = pairs.get(label.get("id"))
-        if pair is None:
-            raise ValueError(f"{labels_path} line {line}: id {label.get('id')!r} is not in {pairs_path}; "
-                             "rerun the pairs and feedback stages")
-        p_a = label.get("p_a")
+        missing = [k for k in LABEL_FIELDS if k not in label]
+        if missing:
+            raise ValueError(f"{labels_path} line {line}: no {missing}; rerun the feedback stage")
+        p_a = label["p_a"]
         if not isinstance(p_a, (int, float)) or not 0.0 <= p_a <= 1.0:
             raise ValueError(f"{labels_path} line {line}: 'p_a' is {p_a!r}, must be in [0, 1]")
+        try:
+            conversation = as_conversation(label["conversation"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{labels_path} line {line}: 'conversation' is not a list of turns "
+                             f"({e!r})") from None
         # An answer cut at max_new_tokens has no end-of-turn token (as in PPO).
-        out.append({"id": str(label["id"]), "kind": label.get("kind", pair.get("kind")),
-                    "conversation": as_conversation(pair["prompt"]),
-                    "a": pair["answer_a"], "b": pair["answer_b"], "p_a": float(p_a),
-                    "complete_a": pair.get("finish_a") != "length",
-                    "complete_b": pair.get("finish_b") != "length"})
+        out.append({"id": str(label["id"]), "kind": label["kind"], "conversation": conversation,
+                    "a": label["answer_a"], "b": label["answer_b"], "p_a": float(p_a),
+                    "complete_a": bool(label["complete_a"]), "complete_b": bool(label["complete_b"])})
     return out
 
 
@@ -296,23 +298,26 @@ class PairIterator:
         self._it.set_state(state)
 
 
+def build_trainer(model_config, section, mesh, num_steps: Optional[int] = None,
+                  checkpoint_dir: Optional[str] = None, optimizer_cfg=None) -> Trainer:
+    """The PM trainer of a `pm_train` section (optimizer: its own unless given):
+    the stage runs it, tools.aot compiles its step. Batches are `pair_batch`'s."""
+    return Trainer(model_config, make_pm_loss, optimizer_cfg or section.optimizer, mesh,
+                   batch_sharding=batch_shardings(mesh), num_steps=num_steps,
+                   grad_accum_steps=section.grad_accum_steps, checkpoint_dir=checkpoint_dir,
+                   keep_checkpoints=section.keep_checkpoints)
+
+
 def train_phase(*, name: str, model_config, params, train: Sequence[dict], held_out: Sequence[dict],
                 num_steps: int, section, optimizer_cfg, mesh, directory: str, seed: int,
                 pad_id: int, max_len: Optional[int] = None, progress: bool = True):
     """Trains the PM on tokenized pairs (rows of at most max_len tokens) for
     num_steps; resumes from `directory`/ckpt. Returns (params, last eval metrics)."""
     max_len = max_len or section.max_seq_len
-    opt_cfg = dict(optimizer_cfg)
-    if opt_cfg.get("total_steps", 0) <= 0:
-        opt_cfg["total_steps"] = num_steps
-    optimizer = optimizers.make_optimizer(opt_cfg)
-    model = Transformer(model_config)
-    psh = shd.param_shardings(model_config, mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    ssh = ts.state_shardings(psh, optimizer, abstract, mesh)
-    state = ts.init_train_state(shd.place(params, psh), optimizer)
-    step = ts.build_train_step(make_pm_loss(model), optimizer, mesh, ssh, batch_shardings(mesh),
-                               grad_accum_steps=section.grad_accum_steps)
+    trainer = build_trainer(model_config, section, mesh, num_steps, os.path.join(directory, "ckpt"),
+                            optimizer_cfg)
+    writer = MetricWriter(directory, tensorboard=False)
+    start = trainer.start(lambda: params, jax.random.key(seed), writer)
 
     def collate(examples):
         return pair_batch(examples, section.min_bucket, max_len, pad_id)
@@ -321,18 +326,14 @@ def train_phase(*, name: str, model_config, params, train: Sequence[dict], held_
                            batch_fn=list)
     eval_fn = None
     if held_out:
-        eval_fn = make_eval_fn(model, held_out, batch_size=section.eval_batch_size,
+        eval_fn = make_eval_fn(trainer.model, held_out, batch_size=section.eval_batch_size,
                                min_bucket=section.min_bucket, max_len=max_len, pad_id=pad_id,
                                mesh=mesh)
-    checkpointer = Checkpointer(os.path.join(directory, "ckpt"), keep_last=section.keep_checkpoints)
-    writer = MetricWriter(directory, tensorboard=False)
-    state, _ = train_loop(train_step=step, state=state, state_sharding=ssh,
-                          data_iter=PairIterator(iter(dataset), collate),
-                          rng=jax.random.key(seed), num_steps=num_steps, checkpointer=checkpointer,
-                          save_every=section.save_every, writer=writer, eval_fn=eval_fn,
-                          eval_every=section.eval_every, desc=name, progress=progress)
+    state, _ = trainer.train(start, PairIterator(iter(dataset), collate), num_steps=num_steps,
+                             writer=writer, hooks=[eval_hook(eval_fn, section.eval_every)] if eval_fn else [],
+                             save_every=section.save_every, desc=name, progress=progress)
     writer.close()
-    checkpointer.close()
+    trainer.close()
     metrics = eval_fn(state.params) if eval_fn is not None else {}
     return state.params, metrics
 
@@ -347,7 +348,7 @@ def training_pairs(config, workdir: str) -> list[dict]:
     """The main phase's mix: AI-labelled harmlessness pairs, plus helpfulness
     pairs (AI-labelled, or human-labelled from pm_train.helpful_pairs_path)."""
     section = config.pm_train
-    ai = ai_labelled_pairs(os.path.join(workdir, "labels.jsonl"), os.path.join(workdir, "pairs.jsonl"))
+    ai = ai_labelled_pairs(os.path.join(workdir, "labels.jsonl"))
     harmless = [p for p in ai if p["kind"] == "harmless"]
     if section.helpful_pairs_path:
         helpful = human_pairs(section.helpful_pairs_path, section.helpful_limit,
@@ -363,8 +364,6 @@ def run_stage(ctx) -> dict:
     config = ctx.config
     section = config.pm_train
     style = config.data.render
-    # Checkpoints of a run with another config or other labels must not be resumed.
-    discard_stale_work(config, ctx.workdir, "pm_train", ["pm_train"])
     loaded = init_pm(config, section.init_source, ctx.workdir)
     tokenizer, cfg = loaded.tokenizer, loaded.config
     if tokenizer is None:

@@ -379,8 +379,6 @@ class _Model:
 
 
 def run_stage(ctx) -> dict:
-    from cai_jax.pipeline import discard_stale_work
-
     config, section = ctx.config, ctx.config.sl_generate
     if section.num_revisions < 1:
         raise ValueError(f"sl_generate.num_revisions is {section.num_revisions}; it must be at least 1")
@@ -388,9 +386,6 @@ def run_stage(ctx) -> dict:
     constitution = constitution_from_config(config.constitution, config.seed)
     red_team = load_prompts(config.data, "red_team", "train")
     helpful = load_prompts(config.data, "helpful", "train") if section.helpful_answers else []
-    # Records generated under another config must not be mixed into this run's.
-    discard_stale_work(config, ctx.workdir, "sl_generate",
-                       ["sl_data.jsonl.partial", "helpful_data.jsonl.partial"])
     model = _Model(config, settings, ctx.progress)
     stamp = {**dataclasses.asdict(settings), "seed": config.seed, "render": config.data.render,
              "model": model.source, "constitution": constitution.name,

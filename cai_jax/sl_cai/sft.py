@@ -34,10 +34,9 @@ from cai_jax.model_ref import resolve
 from cai_jax.data.conversation import Turn, render_chat, render_hh
 from cai_jax.data.loaders import make_dataset, split_heldout
 from cai_jax.models.transformer import Transformer
-from cai_jax.training import lm_loss, optimizers, train_step as ts
-from cai_jax.training.checkpoint import Checkpointer
-from cai_jax.training.loop import train_loop
-from cai_jax.training.metrics import MetricWriter
+from cai_jax.training import lm_loss
+from cai_jax.training.metrics import MetricWriter, read_metrics
+from cai_jax.training.trainer import Trainer, eval_hook
 from cai_jax.weights.model_dir import save_model_dir
 from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
 
@@ -200,22 +199,26 @@ def make_eval_fn(model: Transformer, examples: Sequence[dict], *, min_width: int
 
 # ------------------------------------------------------------ the stage
 
-def _optimizer_config(section, num_steps: int) -> dict:
-    opt = section.optimizer.to_dict()
-    if opt["total_steps"] <= 0:
-        opt["total_steps"] = num_steps
-    # Short runs must still reach the peak rate: warm up for at most a quarter of them.
-    opt["warmup_steps"] = min(opt["warmup_steps"], num_steps // 4)
-    return opt
+def build_trainer(model_config, section, mesh, num_steps: Optional[int] = None,
+                  checkpoint_dir: Optional[str] = None) -> Trainer:
+    """The SFT trainer of a `sl_train` section: the stage runs it, tools.aot
+    compiles its step. Batches are `pad_batch`'s, split over the batch axes."""
+    return Trainer(model_config, lm_loss.make_lm_loss, section.optimizer, mesh,
+                   batch_sharding=shd.data_sharding(mesh, 2), num_steps=num_steps,
+                   grad_accum_steps=section.grad_accum_steps, checkpoint_dir=checkpoint_dir,
+                   keep_checkpoints=section.keep_checkpoints)
+
+
+def _logged_step0_eval(path: str) -> dict:
+    """The base model's held-out numbers as the first run logged them (step 0)."""
+    rows = read_metrics(path) if os.path.exists(path) else []
+    return next(({k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
+                 for r in rows if r.get("step") == 0), {})
 
 
 def run_stage(ctx) -> dict:
-    from cai_jax.pipeline import discard_stale_work
-
     config, section = ctx.config, ctx.config.sl_train
     style = section.render or config.data.render
-    # Checkpoints of a run with another config or other data must not be resumed.
-    discard_stale_work(config, ctx.workdir, "sl_train", ["sl_train"])
     sl_path, helpful_path = ctx.path("sl_data.jsonl"), ctx.path("helpful_data.jsonl")
     sl_records = artifacts.read_jsonl(sl_path)
     helpful_records = artifacts.read_jsonl(helpful_path)
@@ -246,42 +249,29 @@ def run_stage(ctx) -> dict:
         1, math.ceil(section.num_epochs * len(train_examples) / section.batch_size))
 
     mesh = shd.make_mesh(section_dict(config.mesh))
-    model = Transformer(cfg)
-    optimizer = optimizers.make_optimizer(_optimizer_config(section, num_steps))
-    param_sharding = shd.param_shardings(cfg, mesh)
-    params = shd.place(loaded.params, param_sharding)
-    params_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    state_sharding = ts.state_shardings(param_sharding, optimizer, params_abstract, mesh)
-
+    out_dir = ctx.path("sl_train")
+    trainer = build_trainer(cfg, section, mesh, num_steps, os.path.join(out_dir, "checkpoints"))
+    writer = MetricWriter(out_dir, "metrics")
+    start = trainer.start(lambda: loaded.params, jax.random.key(config.seed), writer)
     evaluate = None
     base_eval = {}
     if eval_examples:
-        evaluate = make_eval_fn(model, eval_examples, min_width=section.min_bucket, max_width=max_len,
-                                pad_id=pad_id, batch_size=section.eval_batch_size, mesh=mesh)
-        base_eval = evaluate(params)  # before any step: the improvement is measured from here
-
-    state = jax.jit(lambda p: ts.init_train_state(p, optimizer), out_shardings=state_sharding)(params)
-    del params  # the train step donates the state; keep no second copy of the weights
-    step = ts.build_train_step(lm_loss.make_lm_loss(model), optimizer, mesh, state_sharding,
-                               shd.data_sharding(mesh, 2), section.grad_accum_steps)
+        evaluate = make_eval_fn(trainer.model, eval_examples, min_width=section.min_bucket,
+                                max_width=max_len, pad_id=pad_id, batch_size=section.eval_batch_size,
+                                mesh=mesh)
+        if start.resumed:
+            base_eval = _logged_step0_eval(writer.path)
+        else:  # before any step: the improvement is measured from here
+            base_eval = evaluate(start.state.params)
+            writer.write(0, {f"eval_{k}": v for k, v in base_eval.items()})
     dataset = make_dataset(train_examples, lambda e: e, batch_size=section.batch_size, seed=config.seed,
                            batch_fn=lambda rows: pad_batch(rows, section.min_bucket, max_len, pad_id))
-    out_dir = ctx.path("sl_train")
-    writer = MetricWriter(out_dir, "metrics")
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep_last=section.keep_checkpoints)
-    if checkpointer.latest_step() is None:
-        # A fresh start: drop lines a run killed before its first checkpoint left.
-        writer.truncate_from(0)
-        if base_eval:  # step 0 of the eval curve: the base model
-            writer.write(0, {f"eval_{k}": v for k, v in base_eval.items()})
-    state, last = train_loop(
-        train_step=step, state=state, state_sharding=state_sharding, data_iter=iter(dataset),
-        rng=jax.random.key(config.seed), num_steps=num_steps, checkpointer=checkpointer,
-        save_every=section.save_every, writer=writer,
-        eval_fn=evaluate, eval_every=section.eval_every if evaluate else 0,
-        desc="sl_train", progress=ctx.progress)
+    state, last = trainer.train(
+        start, iter(dataset), num_steps=num_steps, writer=writer,
+        hooks=[eval_hook(evaluate, section.eval_every)] if evaluate else [],
+        save_every=section.save_every, desc="sl_train", progress=ctx.progress)
     writer.close()
-    checkpointer.close()
+    trainer.close()
     final_eval = evaluate(state.params) if evaluate else {}
     save_model_dir(ctx.path("models", "sl_cai"), cfg, state.params, tokenizer,
                    about={"render": style, "made_from": base.source, "stage": "sl_train"})

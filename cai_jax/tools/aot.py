@@ -1,12 +1,18 @@
-"""Compiles a real train step for a TPU topology on this CPU machine, ahead of time.
+"""Compiles a run's real train steps for a TPU topology on this CPU machine, ahead of time.
 
-    python -m cai_jax.tools.aot --config=configs/base.py --config.model.name=52b \\
+    python -m cai_jax.tools.aot --config=configs/default.py --config.model.name=52b \\
         --config.model.dtype=bfloat16 --config.model.remat=full \\
-        --topology=v5p:4x4x4 --step=sft --mesh fsdp=16,tensor=4
+        --config.sl_train.batch_size=64 --config.sl_train.max_seq_len=2048 \\
+        --topology=v5p:4x4x4 --step=sft --mesh fsdp=16,tensor=4 --micro_batch_per_shard=4
 
-It builds the mesh over the topology's devices (`jax.experimental.topologies`,
-needs libtpu from the `tpu` extra), lowers and compiles the step kind's phases
-(see `cai_jax.aot_steps`) with abstract inputs, and prints per-chip memory
+The steps are the ones the run's stages build from the same config
+(`cai_jax.aot_steps`): the stage section gives the batch, lengths, gradient
+accumulation and optimizer (sl_train, pm_train, ppo), and for PPO also the
+models' dtypes (ppo.dtype, ref_dtype, pm_dtype) and share_trunk; override
+them with --config.<section>.<field> as for a run. It builds the mesh over
+the topology's devices (`jax.experimental.topologies`, needs libtpu from the
+`tpu` extra), lowers and compiles the step kind's phases with abstract
+inputs, and prints per-chip memory
 from the compiler (arguments, outputs, temporaries; plus state that stays
 resident between phases), the analytic FLOPs, and the step time at the chip's
 peak FLOP/s. A config that does not fit ends with "does not fit: needs X GiB
@@ -22,14 +28,13 @@ import os
 import re
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 if __name__ == "__main__":
     # Compiling for a topology needs no local accelerator: do not probe for one.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from cai_jax import aot_steps, sharding as shd, tpu_specs
-from cai_jax.models.config import model_config_from_dict
 
 GIB = 2 ** 30
 INSTALL_HINT = 'pip install "jax[tpu]==0.10.2"'
@@ -182,6 +187,13 @@ class AotReport:
             f"compute {self.dtype}, params {self.param_dtype}, remat={self.remat}, "
             f"Adam mu {w.get('mu_dtype') or self.param_dtype}; batch {w['batch_size']} x "
             f"{w['seq_len']} tokens, gradient accumulation {self.grad_accum_steps}",
+        ]
+        if self.kind == "ppo":
+            lines.append(f"rollouts {w['rollout_batch_size']} x {w['seq_len']} tokens "
+                         f"({w['answer_len']} answer); reference {w['ref_dtype']}, preference model "
+                         f"{w['pm_dtype']}; " + ("policy and value on one trunk" if w["share_trunk"]
+                                                 else "separate value model"))
+        lines += [
             "per chip, GiB:",
             f"  {'phase':<16}{'arguments':>10}{'outputs':>9}{'aliased':>9}{'temps':>8}"
             f"{'resident*':>10}{'total':>8}{'compile':>9}",
@@ -267,27 +279,28 @@ def compile_phases(phases: aot_steps.Phases, chip: tpu_specs.ChipSpec, progress=
     return reports
 
 
-def run_aot(model_section: Mapping[str, Any], topology: str, kind: str, mesh_sizes: Mapping[str, int],
-            workload: Mapping[str, Any], devices=None, progress=None) -> AotReport:
-    """Compiles step `kind` of the model for `topology`; returns the report or
-    raises DoesNotFit / AotConfigError."""
+def run_aot(config, topology: str, kind: str, mesh_sizes: Optional[Mapping[str, int]] = None,
+            devices=None, micro_batch_per_shard: Optional[int] = None, progress=None) -> AotReport:
+    """Compiles step `kind` as the experiment `config` runs it (model section,
+    stage section; mesh sizes default to config.mesh) for `topology`; returns
+    the report or raises DoesNotFit / AotConfigError."""
     chip, _ = tpu_specs.parse_topology(topology)
     devices = devices if devices is not None else topology_devices(topology)
-    cfg = model_config_from_dict(model_section)
     try:
-        mesh = shd.make_mesh(mesh_sizes, devices)
+        mesh = shd.make_mesh(dict(mesh_sizes if mesh_sizes is not None else config.mesh), devices)
     except ValueError as e:
         raise AotConfigError(f"{e} (topology {topology} has {len(devices)} chips)") from None
     try:
-        phases = aot_steps.build_phases(kind, cfg, mesh, workload)
+        phases = aot_steps.build_phases(kind, config, mesh, micro_batch_per_shard)
     except ValueError as e:
         raise AotConfigError(str(e)) from None
     reports = compile_phases(phases, chip, progress)
+    cfg = phases.model_config
     return AotReport(
-        kind=kind, model=str(model_section.get("name") or "custom"), num_params=cfg.num_params(),
+        kind=kind, model=str(config.model.get("name") or "custom"), num_params=cfg.num_params(),
         topology=topology, slice_name=tpu_specs.slice_name(topology), chips=len(devices),
         mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes, peak_flops_per_chip=chip.peak_bf16_flops,
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, workload=dict(workload),
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, workload=dict(phases.workload),
         grad_accum_steps=phases.grad_accum_steps, tokens_per_step=phases.tokens_per_step,
         resident_bytes={k: aot_steps.bytes_per_chip(v) for k, v in phases.resident.items()},
         phases=reports)
@@ -299,18 +312,11 @@ def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
-    mesh_sizes = parse_mesh(flags.FLAGS.mesh) if flags.FLAGS.mesh else dict(config.mesh)
-    workload = aot_steps.get_default_config()
-    for key in ("batch_size", "seq_len", "answer_len", "micro_batch_per_shard"):
-        value = getattr(flags.FLAGS, key)
-        if value is not None:
-            workload[key] = value
-    if flags.FLAGS.mu_dtype:
-        workload.mu_dtype = flags.FLAGS.mu_dtype
-    workload.frozen_param_dtype = flags.FLAGS.frozen_param_dtype
     try:
-        report = run_aot(config.model, flags.FLAGS.topology, flags.FLAGS.step, mesh_sizes,
-                         workload.to_dict(), progress=lambda m: print(m, file=sys.stderr, flush=True))
+        mesh_sizes = parse_mesh(flags.FLAGS.mesh) if flags.FLAGS.mesh else None
+        report = run_aot(config, flags.FLAGS.topology, flags.FLAGS.step, mesh_sizes,
+                         micro_batch_per_shard=flags.FLAGS.micro_batch_per_shard,
+                         progress=lambda m: print(m, file=sys.stderr, flush=True))
     except (DoesNotFit, AotConfigError) as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)
@@ -324,18 +330,15 @@ def main():
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", "configs/base.py", "experiment config (model, mesh)")
+    config_flags.DEFINE_config_file("config", "configs/default.py",
+                                    "the run's experiment config: model, mesh and the stage's section "
+                                    "(sl_train, pm_train or ppo; its defaults where the config has none)")
     flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4 (64 chips = v5p-128)")
     flags.DEFINE_enum("step", "sft", list(aot_steps.STEP_KINDS), "which step to compile")
     flags.DEFINE_string("mesh", None, "mesh axis sizes, e.g. fsdp=16,tensor=4 (default: config.mesh)")
-    flags.DEFINE_integer("batch_size", None, "global rows per optimizer step (pairs for pm)")
-    flags.DEFINE_integer("seq_len", None, "tokens per row")
-    flags.DEFINE_integer("answer_len", None, "ppo: answer tokens per row")
     flags.DEFINE_integer("micro_batch_per_shard", None,
-                         "rows per batch shard per micro-step (0: no gradient accumulation)")
-    flags.DEFINE_enum("mu_dtype", None, ["float32", "bfloat16"], "Adam first-moment dtype")
-    flags.DEFINE_enum("frozen_param_dtype", "bfloat16", ["float32", "bfloat16"],
-                      "ppo: storage dtype of the frozen reference and preference model")
+                         "set the section's grad_accum_steps so each batch shard takes this many rows "
+                         "per micro-step (0: none; default: the config's grad_accum_steps)")
     flags.DEFINE_string("json_out", None, "also write the report as JSON here")
     app.run(_main)
 

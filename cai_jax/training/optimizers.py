@@ -1,9 +1,22 @@
 """Optimizer and learning-rate schedule from an `optimizer` ConfigDict."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import optax
+
+
+def schedule_config(cfg: Mapping, num_steps: Optional[int] = None) -> dict:
+    """The optimizer section as a dict, fitted to a run of `num_steps` optimizer
+    steps when that is known: total_steps <= 0 means the whole run, and the
+    warmup is at most a quarter of it, so a short run still reaches the peak
+    rate. Every trainer's optimizer is built through here (training/trainer.py)."""
+    out = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if num_steps is not None:
+        if out.get("total_steps", 0) <= 0:
+            out["total_steps"] = num_steps
+        out["warmup_steps"] = min(out["warmup_steps"], num_steps // 4)
+    return out
 
 
 def make_schedule(cfg: Mapping) -> optax.Schedule:
@@ -22,9 +35,11 @@ def make_schedule(cfg: Mapping) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
+def make_optimizer(cfg: Mapping, num_steps: Optional[int] = None) -> optax.GradientTransformation:
     """AdamW with optional global-norm clipping; `mu_dtype` can keep Adam's first
-    moment in bfloat16 to save memory on large models."""
+    moment in bfloat16 to save memory on large models. `num_steps`: the run's
+    length in optimizer steps, when known (see schedule_config)."""
+    cfg = schedule_config(cfg, num_steps)
     parts = []
     if cfg.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(cfg["grad_clip_norm"]))

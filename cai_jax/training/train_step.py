@@ -32,9 +32,14 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+def abstract_train_state(params_abstract, optimizer: optax.GradientTransformation) -> TrainState:
+    """The TrainState's shapes and dtypes (jax.eval_shape: nothing is allocated)."""
+    return jax.eval_shape(lambda p: init_train_state(p, optimizer), params_abstract)
+
+
 def state_shardings(param_shardings, optimizer, params_abstract, mesh):
     """Shardings for a TrainState: optimizer moments follow their parameters."""
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), params_abstract)
+    abstract_state = abstract_train_state(params_abstract, optimizer)
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
         transform_non_params=lambda _: shd.replicated(mesh))

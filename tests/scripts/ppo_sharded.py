@@ -16,7 +16,6 @@ from cai_jax import sharding as shd  # noqa: E402
 from cai_jax.models.config import model_config_from_dict  # noqa: E402
 from cai_jax.models.transformer import Transformer, init_params  # noqa: E402
 from cai_jax.rl_cai import ppo_update  # noqa: E402
-from cai_jax.training import optimizers, train_step as ts  # noqa: E402
 
 OPT = dict(learning_rate=1e-4, warmup_steps=0, total_steps=1, schedule="constant",
            grad_clip_norm=1.0, weight_decay=0.0)
@@ -56,14 +55,11 @@ def main(mesh_shapes):
     for shape in [(1, 1, 1)] + mesh_shapes:
         devices = jax.devices()[:int(np.prod(shape))]
         mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
-        opt = optimizers.make_optimizer(OPT)
-        ppsh, vpsh = shd.param_shardings(policy_cfg, mesh), shd.param_shardings(value_cfg, mesh)
-        steps = ppo_update.build_ppo_steps(
-            mesh=mesh, hyper=hyper, policy_model=Transformer(policy_cfg), policy_optimizer=opt,
-            policy_param_shardings=ppsh, value_model=Transformer(value_cfg), value_optimizer=opt,
-            value_param_shardings=vpsh)
-        policy = ts.init_train_state(shd.place(policy0, ppsh), opt)
-        value = ts.init_train_state(shd.place(value0, vpsh), opt)
+        steps = ppo_update.build_ppo_steps(mesh=mesh, hyper=hyper, policy_config=policy_cfg,
+                                           policy_optimizer=OPT, value_config=value_cfg,
+                                           value_optimizer=OPT)
+        policy = steps.policy.init_state(policy0)
+        value = steps.value.init_state(value0)
         policy, value, metrics = ppo_update.ppo_update(steps, policy, value, batch,
                                                        jax.random.key(3))
         results[shape] = (jax.tree.map(np.asarray, policy.params),
