@@ -69,7 +69,7 @@ def make_prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
 # ------------------------------------------------------------------ ours
 
 def time_ours(sampler, params, prompts, mode, new_tokens, repeats):
-    from cai_jax.sampling import SamplingParams
+    from cai_jax.inference.sampling import SamplingParams
     sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, top_k=0, top_p=1.0,
                         **mode_params(mode))
     best = float("inf")
@@ -86,7 +86,7 @@ def decode_step_seconds(sampler, params, prompts, new_tokens, repeats):
     one of a single token (prefill, parameter placement and one sampled token),
     over the steps between them. A long difference: with a half-length run
     instead, run-to-run noise moved the batch-1 step by 5 ms."""
-    from cai_jax.sampling import SamplingParams
+    from cai_jax.inference.sampling import SamplingParams
     short = 1
     times = {}
     for n in (new_tokens, short):
@@ -244,7 +244,7 @@ def compile_child(spec: str) -> None:
     """In a fresh process: seconds to compile and run one generate call, minus
     a second identical call (the run alone)."""
     import jax  # noqa: F401  (the cache settings come from the environment)
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.weights.loader import load_model
     s = json.loads(spec)
     loaded = load_model("smollm2")
@@ -280,7 +280,7 @@ def main():
         compile_child(args.compile_child)
         return
     import jax
-    from cai_jax.sampling import Sampler
+    from cai_jax.inference.sampling import Sampler
     from cai_jax.weights.loader import load_model
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -341,7 +341,7 @@ def main():
         print("|---:|---|---:|---:|---:|---:|---:|")
         for batch in batches:
             prompts = make_prompts(batch, args.prompt_len)
-            from cai_jax.sampling_buckets import bucket
+            from cai_jax.inference.sampling_buckets import bucket
             cache_len = bucket(args.prompt_len, 16) + bucket(args.new_tokens, 16)
             w, kv = bytes_per_step(cfg, batch, cache_len)
             for name, sampler in samplers.items():
@@ -354,7 +354,7 @@ def main():
                       f"{before:.1f} / {after:.1f} | {floor * 1e3:.1f} | {step / floor:.2f} |", flush=True)
 
     if args.formulations:
-        from cai_jax.sampling_buckets import bucket
+        from cai_jax.inference.sampling_buckets import bucket
         cache_len = bucket(args.prompt_len, 16) + bucket(args.new_tokens, 16)
         kinds, res = time_attention_formulations(cfg, batches, cache_len)
         print(f"\n## decode attention formulations ({cfg.num_layers} layers, cache of {cache_len} "

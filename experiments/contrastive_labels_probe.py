@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
 
     from cai_jax.data.prompt_sets import embedded_prompts
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.weights.loader import load_model
 
     model = load_model(args.model)

@@ -12,7 +12,7 @@ resumes where it stopped) and the table is printed as Markdown.
 
 Every cell compiles what `python -m cai_jax.tools.aot` compiles for a run of
 configs/default.py with TABLE_OVERRIDES (the steps the stages build from that
-config, see cai_jax/aot_steps.py), the defaults experiments/SCALING.md
+config, see cai_jax/tools/aot_steps.py), the defaults experiments/SCALING.md
 documents: bfloat16 compute, float32 parameters and Adam moments, full
 rematerialisation, mesh tensor=4 x fsdp=(chips / 4), 64 rows of 2048 tokens
 per optimizer step (PPO: 64 rollouts of 1536 prompt + 512 answer tokens, one
@@ -34,7 +34,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for TPU needs no loca
 
 import jax  # noqa: E402
 
-from cai_jax import aot_steps, sharding as shd, tpu_specs  # noqa: E402
+from cai_jax import sharding as shd  # noqa: E402
+from cai_jax.tools import aot_steps, tpu_specs  # noqa: E402
 from cai_jax.artifacts import write_json_atomic  # noqa: E402
 from cai_jax.config import load_config  # noqa: E402
 from cai_jax.tools import aot  # noqa: E402

@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cai_jax import aot_steps, tpu_specs  # noqa: E402
+from cai_jax.tools import aot_steps, tpu_specs  # noqa: E402
 from cai_jax.artifacts import write_json_atomic  # noqa: E402
 from cai_jax.models.config import model_config_from_dict  # noqa: E402
 
@@ -64,7 +64,7 @@ def measure_cpu(save=lambda partial: None) -> dict:
     from cai_jax import sharding as shd
     from cai_jax.models.transformer import Transformer, init_params
     from cai_jax.rl_cai import ppo, preference
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.weights import tokenizer as tok_lib
     from cai_jax.weights.packaged import packaged_gguf_path
 

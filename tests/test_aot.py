@@ -1,4 +1,4 @@
-"""Ahead-of-time TPU compiles on this CPU machine (cai_jax.tools.aot, cai_jax.aot_steps).
+"""Ahead-of-time TPU compiles on this CPU machine (cai_jax.tools.aot, cai_jax.tools.aot_steps).
 
 Compiling for a TPU topology needs libtpu (the `tpu` extra); those tests skip
 without it. The FLOP formulas are checked against XLA's own count on CPU, and
@@ -12,7 +12,8 @@ import types
 import jax
 import pytest
 
-from cai_jax import aot_steps, sharding as shd, tpu_specs
+from cai_jax import sharding as shd
+from cai_jax.tools import aot_steps, tpu_specs
 from cai_jax.config import load_config_module, model_section
 from cai_jax.models.config import model_config_from_dict
 from cai_jax.tools import aot

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax.batched_forward import batched_forward, padded_width, rows_per_batch
+from cai_jax.inference.batched_forward import batched_forward, padded_width, rows_per_batch
 
 TRACES = collections.Counter()
 
@@ -104,7 +104,7 @@ import json, os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from cai_jax import sharding as shd
-from cai_jax.batched_forward import batched_forward
+from cai_jax.inference.batched_forward import batched_forward
 
 devices_seen = set()
 

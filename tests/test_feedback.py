@@ -225,7 +225,7 @@ def test_cot_clamp_bounds():
 
 
 def test_chain_of_thought_scores_after_the_reasoning_and_clamps(tiny, constitution):
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
 
     labeler = fb.FeedbackLabeler(tiny, constitution, style="hh", num_principles=1, both_orders=True,
                                  num_exemplars=0, chain_of_thought=True, cot_clamp=(0.4, 0.6),

@@ -11,8 +11,8 @@ from cai_jax.data.conversation import build_initial_prompt, user
 from cai_jax.data.prompt_sets import embedded_prompts
 from cai_jax.pipeline import StageContext
 from cai_jax.rl_cai import pairs
-from cai_jax.sampling import Sampler, SamplingParams
-from cai_jax.sampling_buckets import cut_at_stops
+from cai_jax.inference.sampling import Sampler, SamplingParams
+from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.weights.loader import load_model
 from cai_jax.weights.model_dir import save_model_dir
 

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import sampling_choice as choice
+from cai_jax.inference import sampling_choice as choice
 from cai_jax.models.transformer import Transformer, positions_from_mask
-from cai_jax.sampling import TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
-from cai_jax.sampling_buckets import bucket, width_bucket
+from cai_jax.inference.sampling import TRACE_COUNTS, Sampler, SamplingParams, samples_to_arrays
+from cai_jax.inference.sampling_buckets import bucket, width_bucket
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
 
@@ -355,7 +355,7 @@ def test_feature_major_params_are_kept_only_while_the_callers_arrays_live(tiny, 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.sharding import make_mesh
     from cai_jax.weights.loader import load_model
     assert len(jax.devices()) == 8, jax.devices()

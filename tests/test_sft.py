@@ -11,7 +11,7 @@ from cai_jax.data.loaders import split_heldout
 from cai_jax.models.transformer import Transformer
 from cai_jax.pipeline import StageContext
 from cai_jax.sharding import make_mesh
-from cai_jax.batched_forward import training_width
+from cai_jax.inference.batched_forward import training_width
 from cai_jax.sl_cai import generate, sft
 from cai_jax.training.metrics import read_metrics
 from cai_jax.config import load_config_module

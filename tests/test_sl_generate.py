@@ -280,7 +280,7 @@ class CountingSampler:
 
     @classmethod
     def install(cls, monkeypatch):
-        import cai_jax.sampling as sampling
+        import cai_jax.inference.sampling as sampling
         real = sampling.Sampler
         cls.calls = []
 

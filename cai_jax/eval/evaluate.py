@@ -185,7 +185,7 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
     the RL checkpoints share the base model's shapes, so they share its
     compiled prefill/decode functions instead of compiling their own.
     """
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.sl_cai.cleanup import clean_text
     from cai_jax.weights.loader import load_model
     from cai_jax.weights.tokenizer import encode_text

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.batched_forward import batched_forward
+from cai_jax.inference.batched_forward import batched_forward
 from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
                                   sample_principles)
 from cai_jax.data.conversation import Conversation, as_conversation, to_messages
@@ -46,7 +46,7 @@ from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.model_ref import resolve
 from cai_jax.rl_cai import feedback_prompts as fp
 from cai_jax.weights.loader import LoadedModel
-from cai_jax.sampling_buckets import cut_at_stops
+from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.weights.tokenizer import encode_text, pad_token_id
 
 KINDS = ("harmless", "helpful")
@@ -324,7 +324,7 @@ class FeedbackLabeler:
 
     def _get_sampler(self):
         if self._sampler is None:
-            from cai_jax.sampling import Sampler
+            from cai_jax.inference.sampling import Sampler
             self._sampler = Sampler(self._model.config, self.tokenizer, mesh=self.scorer.mesh,
                                     progress=False)
         return self._sampler
@@ -332,7 +332,7 @@ class FeedbackLabeler:
     def _reason(self, queries: list[_Query], comparisons: Sequence[FeedbackComparison]) -> None:
         """Samples each chain-of-thought reasoning and turns the query into the
         answer prompt that follows it."""
-        from cai_jax.sampling import SamplingParams
+        from cai_jax.inference.sampling import SamplingParams
 
         sampler = self._get_sampler()
         params = SamplingParams(temperature=self.cot_temperature, top_k=0, top_p=self.cot_top_p,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from cai_jax import artifacts, sharding as shd
 from cai_jax.data.conversation import HH_HUMAN_STOP, build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
-from cai_jax.sampling_buckets import cut_at_stops
+from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.model_ref import resolve
 from cai_jax.weights.tokenizer import encode_text
 
@@ -100,7 +100,7 @@ def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: 
 
 
 def run_stage(ctx) -> dict:
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
 
     config = ctx.config
     section = config.pairs

@@ -225,7 +225,7 @@ class PPORunner:
     repeatedly (tests resume and compare runs without recompiling)."""
 
     def __init__(self, setup: PPOSetup):
-        from cai_jax.sampling import Sampler
+        from cai_jax.inference.sampling import Sampler
 
         c = setup.section
         check_config(c, setup.mesh)
@@ -246,7 +246,7 @@ class PPORunner:
     # -- pieces of an iteration
 
     def _sampling_params(self, temperature):
-        from cai_jax.sampling import SamplingParams
+        from cai_jax.inference.sampling import SamplingParams
         # In the HH rendering the model would go on to write the next
         # "Human:" turn itself; the answer ends before it.
         return SamplingParams(temperature=temperature, top_k=self.c.top_k, top_p=self.c.top_p,

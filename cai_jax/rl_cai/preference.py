@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.batched_forward import batched_forward, training_width
+from cai_jax.inference.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section
 from cai_jax.data.conversation import Conversation, Turn, as_conversation, render_chat, render_hh
 from cai_jax.data.hh_rlhf import read_pairs

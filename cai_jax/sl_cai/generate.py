@@ -124,7 +124,7 @@ def step_seed(seed: int, purpose: str) -> int:
 # their end-of-turn token; the strings are harmless there). Clean-up cuts again.
 def make_generate_fn(sampler, params, settings: StepSettings, seed: int,
                      extra_stops: Sequence[str] = TRANSCRIPT_STOP_STRINGS) -> GenerateFn:
-    from cai_jax.sampling import SamplingParams
+    from cai_jax.inference.sampling import SamplingParams
 
     def generate(prompts, max_new_tokens, purpose, example_ids):
         params_ = SamplingParams(temperature=settings.temperature, top_k=settings.top_k,
@@ -366,7 +366,7 @@ class _Model:
 
     def parts(self) -> tuple[GenerateFn, PromptBuilder]:
         if self._parts is None:
-            from cai_jax.sampling import Sampler
+            from cai_jax.inference.sampling import Sampler
             from cai_jax.sharding import make_mesh
             loaded = self.ref.load(seed=self.config.seed)
             if loaded.tokenizer is None:

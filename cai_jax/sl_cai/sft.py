@@ -28,7 +28,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.batched_forward import batched_forward, training_width
+from cai_jax.inference.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section
 from cai_jax.model_ref import resolve
 from cai_jax.data.conversation import Turn, render_chat, render_hh

@@ -6,7 +6,7 @@
         --topology=v5p:4x4x4 --step=sft --mesh fsdp=16,tensor=4 --micro_batch_per_shard=4
 
 The steps are the ones the run's stages build from the same config
-(`cai_jax.aot_steps`): the stage section gives the batch, lengths, gradient
+(`cai_jax.tools.aot_steps`): the stage section gives the batch, lengths, gradient
 accumulation and optimizer (sl_train, pm_train, ppo), and for PPO also the
 models' dtypes (ppo.dtype, ref_dtype, pm_dtype) and share_trunk; override
 them with --config.<section>.<field> as for a run. It builds the mesh over
@@ -34,7 +34,8 @@ if __name__ == "__main__":
     # Compiling for a topology needs no local accelerator: do not probe for one.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from cai_jax import aot_steps, sharding as shd, tpu_specs
+from cai_jax import sharding as shd
+from cai_jax.tools import aot_steps, tpu_specs
 
 GIB = 2 ** 30
 INSTALL_HINT = 'pip install "jax[tpu]==0.10.2"'

@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
 
     # Heavy imports after parsing, so --help and usage errors are instant.
-    from cai_jax.sampling import Sampler, SamplingParams
+    from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.weights.loader import load_model
 
     loaded = load_model(MODEL_ALIASES.get(args.model, args.model))

@@ -28,7 +28,7 @@ step's metrics, runs hooks every N steps (held-out evaluation, ...) and saves
 checkpoints every `save_every` steps and at the end.
 
 PPO runs its own iteration loop (rl_cai/ppo.py) over two trainers' steps,
-with `restore_or_init` for its combined checkpoint. `cai_jax.aot_steps`
+with `restore_or_init` for its combined checkpoint. `cai_jax.tools.aot_steps`
 compiles `trainer.train_step` on `trainer.abstract_state`: the program the
 stage runs, for a TPU topology.
 """

@@ -51,13 +51,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from cai_jax import sharding as shd
-from cai_jax.batched_forward import batch_row_multiple, batched_forward, place_batch
+from cai_jax.inference.batched_forward import batch_row_multiple, batched_forward, place_batch
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models import feature_major
 from cai_jax.models.transformer import Transformer, cache_shapes, init_cache, positions_from_mask
-from cai_jax.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
+from cai_jax.inference.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
                                       length_sorted_batches, tokens_within, width_bucket)
-from cai_jax.sampling_choice import Mode, choose_tokens
+from cai_jax.inference.sampling_choice import Mode, choose_tokens
 from cai_jax.weights import layout
 from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
 

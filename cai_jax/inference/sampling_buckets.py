@@ -1,7 +1,7 @@
 """Host-side helpers of the sampler: shape buckets, length-sorted batches,
 padding, and cutting answers at stop strings.
 
-Nothing here touches JAX; `cai_jax.sampling` compiles one program per bucket
+Nothing here touches JAX; `cai_jax.inference.sampling` compiles one program per bucket
 these helpers choose.
 """
 from __future__ import annotations

@@ -19,7 +19,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cai_jax import sharding as shd
-from cai_jax.sampling_buckets import bucket, left_pad, length_sorted_batches, right_pad, width_bucket
+from cai_jax.inference.sampling_buckets import (bucket, left_pad, length_sorted_batches, right_pad,
+                                                width_bucket)
 
 
 def padded_width(num_tokens: int, min_width: int, max_width: Optional[int] = None) -> int:

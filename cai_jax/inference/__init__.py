@@ -1,0 +1,2 @@
+"""Inference: the KV-cache sampler every stage uses, its helpers, and the one
+batched forward pass every scorer uses."""
