@@ -4,17 +4,21 @@ Experiment files in configs/ define `get_config()` returning a locked
 ml_collections ConfigDict. On the command line `--config=configs/x.py
 --config.a.b=value` overrides a field; ConfigDict rejects unknown keys and
 wrongly typed values. `load_config` does the same for Python callers and tests.
+Both go through `parse_config_flags`, which turns a missing file, an unknown
+key or a wrongly typed value into a one-line `UserError`.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import ml_collections
 from ml_collections import config_dict
 
+from cai_jax.errors import UserError
 from cai_jax.models.config import FIELDS, MODEL_LADDER
 
 
@@ -65,19 +69,73 @@ def load_config(path: str, overrides: Optional[Iterable[str]] = None) -> ml_coll
 
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", default=None, flag_values=flag_values, lock_config=True)
-    argv = ["prog", f"--config={path}"] + [f"--config.{o}" for o in (overrides or [])]
-    # config_flags discovers override flags by reading sys.argv itself.
-    saved, sys.argv = sys.argv, argv
-    try:
-        flag_values(argv)
-    finally:
-        sys.argv = saved
+    parse_config_flags(flag_values, ["prog", f"--config={path}"] + [f"--config.{o}" for o in (overrides or [])])
     return flag_values.config
 
 
-def load_config_module(path: str):
+def parse_config_flags(flag_values, argv: Sequence[str]) -> list[str]:
+    """flag_values(argv) for flags that include a `--config` file flag, with the
+    user's mistakes as a one-line UserError: a missing config file, an override
+    of a key the config does not have, a value of the wrong type. Returns the
+    arguments left over."""
+    from absl import flags
+
+    path, keys = _config_arguments(argv)
+    if path is not None:
+        _check_config_file(path.split(":", 1)[0])
+    # config_flags discovers override flags by reading sys.argv itself.
+    saved, sys.argv = sys.argv, list(argv)
+    try:
+        return flag_values(list(argv))
+    except flags.Error as e:  # a wrongly typed value, a missing required flag
+        raise UserError(str(e)) from None
+    except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such key"
+        unknown = _unknown_key_message(path, keys) if path is not None else None
+        if unknown is None:
+            raise  # not an override's fault: a bug in the config file
+        raise UserError(unknown) from e
+    finally:
+        sys.argv = saved
+
+
+def _config_arguments(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """(the --config file argument, the keys of the --config.KEY overrides), as absl reads them."""
+    path, keys = None, []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config."):
+            keys.append(arg[len("--config."):].split("=", 1)[0])
+    return path, keys
+
+
+def _unknown_key_message(path: str, keys: Sequence[str]) -> Optional[str]:
+    """What is wrong with the first override key the config lacks (None if all exist)."""
+    config = load_config(path)
+    for key in keys:
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            section = ".".join(["config"] + parts[:depth])
+            if not isinstance(node, ml_collections.ConfigDict):
+                return f"--config.{key}: {section} is a value, not a section with keys"
+            if part not in node:
+                known = sorted(node.keys())
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"{section} has keys {known}"
+                return f"--config.{key}: unknown config key {part!r} in {section}; {hint}"
+            node = node[part]
+    return None
+
+
+def _check_config_file(path: str) -> None:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path} not found")
+        raise UserError(f"config file {path} not found")
+
+
+def load_config_module(path: str):
+    _check_config_file(path)
     spec = importlib.util.spec_from_file_location("experiment_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -54,7 +54,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           scratch=("sl_data.jsonl.partial", "helpful_data.jsonl.partial")),
     Stage("sl_train", "cai_jax.sl_cai.sft:run_stage", ("seed", "model", "data", "sl_train"),
           inputs=("sl_data.jsonl", "helpful_data.jsonl"), outputs=("models/sl_cai",), scratch=("sl_train",)),
-    Stage("pairs", "cai_jax.rl_cai.pairs:run_stage", ("seed", "sampling", "data", "pairs"),
+    Stage("pairs", "cai_jax.rl_cai.pairs:run_stage",
+          ("seed", "model", "sampling", "constitution", "data", "pairs"),
           inputs=("models/sl_cai",), outputs=("pairs.jsonl",), scratch=("pairs.jsonl.partial",)),
     Stage("feedback", "cai_jax.rl_cai.feedback:run_stage",
           ("seed", "model", "data", "constitution", "feedback"),
@@ -97,10 +98,18 @@ def _manifest_path(workdir: str, name: str) -> str:
 
 
 def _read_json(path: str) -> Optional[dict]:
+    """A manifest or started marker; None when absent. A torn or corrupt one
+    reads as {}, which matches no fingerprint: its stage reruns (and discards
+    its scratch) instead of the run stopping on it."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        print(f"warning: {path} is not valid JSON ({e}); treating its stage as not complete", flush=True)
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _made(workdir: str, name: str) -> Optional[str]:

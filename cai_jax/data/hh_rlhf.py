@@ -4,9 +4,11 @@ Each line of a `.jsonl` or `.jsonl.gz` file is {"chosen": text, "rejected":
 text}, both conversations in the "\\n\\nHuman: ...\\n\\nAssistant: ..." form
 that share everything up to the final assistant answer.
 
-Malformed lines raise `HHFormatError` naming the file and line. With
-`on_error="skip"` they are skipped instead and counted in a `ReadStats`
-passed by the caller.
+Malformed lines (bad JSON or HH format, bytes that are not UTF-8) raise
+`HHFormatError` naming the file and line. With `on_error="skip"` they are
+skipped instead and counted in a `ReadStats` passed by the caller. A damaged
+file (a truncated or corrupt `.gz`, a `.gz` that is not gzip) is an error
+naming the file in either mode: what follows the damage is lost.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import gzip
 import json
 import logging
 import os
+import zlib
 from typing import Iterator
 
 from cai_jax.data.conversation import (
@@ -25,12 +28,15 @@ from cai_jax.data.conversation import (
     parse_hh,
     render_hh,
 )
+from cai_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
+ON_ERROR = ("raise", "skip")  # what a malformed line does
 
-class HHFormatError(ValueError):
-    """A line of an HH file is malformed; the message names file and line."""
+
+class HHFormatError(UserError, ValueError):
+    """An HH file or one of its lines is malformed; the message names file and line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +65,27 @@ class ReadStats:
     max_errors_kept: int = 20
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a file, decompressing `.gz`. Lines are decoded one
+    by one, so that a bad byte is reported on its line."""
+    line_no = 0
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                yield line_no, line
+    except gzip.BadGzipFile:
+        raise HHFormatError(f"{path} is not a gzip file, though its name ends in .gz") from None
+    except EOFError:
+        raise HHFormatError(f"{path} is truncated: its gzip stream ends after line {line_no}") from None
+    except zlib.error as e:
+        raise HHFormatError(f"{path} is corrupt after line {line_no} ({e})") from None
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _LineError("bad_encoding", f"not UTF-8 text (byte {e.start + 1} of the line)") from None
 
 
 class _LineError(Exception):
@@ -116,31 +139,34 @@ def _parse_line(line: str) -> tuple[Conversation, str, str]:
     return ctx_c, chosen, rejected
 
 
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
 def _iter_lines(path: str, on_error: str, stats: ReadStats | None) -> Iterator[tuple[int, tuple]]:
     """Yields (line number, parsed line), handling errors per `on_error`."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    check_on_error(on_error)
     name = os.path.basename(path)
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not records
-            try:
-                parsed = _parse_line(line)
-            except _LineError as e:
-                message = f"{name} line {line_no}: {e}"
-                if on_error == "raise":
-                    raise HHFormatError(message) from None
-                log.warning("skipping %s", message)
-                if stats is not None:
-                    stats.skipped += 1
-                    stats.reasons[e.reason] += 1
-                    if len(stats.errors) < stats.max_errors_kept:
-                        stats.errors.append(message)
-                continue
+    for line_no, line in _raw_lines(path):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) are not records
+        try:
+            parsed = _parse_line(_decode(line))
+        except _LineError as e:
+            message = f"{name} line {line_no}: {e}"
+            if on_error == "raise":
+                raise HHFormatError(message) from None
+            log.warning("skipping %s", message)
             if stats is not None:
-                stats.read += 1
-            yield line_no, parsed
+                stats.skipped += 1
+                stats.reasons[e.reason] += 1
+                if len(stats.errors) < stats.max_errors_kept:
+                    stats.errors.append(message)
+            continue
+        if stats is not None:
+            stats.read += 1
+        yield line_no, parsed
 
 
 def read_pairs(path: str | os.PathLike, *, on_error: str = "raise", stats: ReadStats | None = None,

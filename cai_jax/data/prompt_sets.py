@@ -30,6 +30,7 @@ import os
 from typing import Optional, Sequence
 
 from cai_jax.data.conversation import Conversation, Turn
+from cai_jax.errors import UserError
 
 KINDS = ("red_team", "helpful")
 SPLITS = ("train", "test", "all")
@@ -101,14 +102,27 @@ def embedded_prompts(kind: str = "red_team", split: str = "all") -> list[Prompt]
     return list(_interleave_categories(_in_split(_read_kind(kind), split)))
 
 
-def _hh_file_prompts(path: str, kind: str, on_error: str) -> list[Prompt]:
-    from cai_jax.data.hh_rlhf import read_red_team_prompts
+class MissingPromptFile(UserError, FileNotFoundError):
+    """config.data names a prompt file that does not exist."""
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.data.{kind} is {path!r}, which does not exist; "
-                                "use 'embedded' or the path of an HH-format .jsonl(.gz) file")
-    return [Prompt(p.id, "hh-rlhf", p.conversation[0].content, kind)
-            for p in read_red_team_prompts(path, "first_turn", on_error=on_error, unique=True)]
+
+def check_source(data, kind: str) -> None:
+    """A prompt file named by `data.<kind>` must exist (checked up front too)."""
+    source = data[kind]
+    if source not in ("", "none", "embedded") and not os.path.exists(source):
+        raise MissingPromptFile(f"config.data.{kind} is {source!r}, which does not exist; use "
+                                "'embedded', '' for none, or the path of an HH-format .jsonl(.gz) file")
+
+
+def _hh_file_prompts(path: str, kind: str, on_error: str) -> list[Prompt]:
+    from cai_jax.data.hh_rlhf import HHFormatError, ReadStats, read_red_team_prompts
+
+    stats = ReadStats()
+    prompts = read_red_team_prompts(path, "first_turn", on_error=on_error, stats=stats, unique=True)
+    if not prompts:  # an empty source is a mistake; '' or 'none' asks for no prompts
+        raise HHFormatError(f"config.data.{kind} file {path} holds no prompts ({stats.skipped} "
+                            f"malformed lines skipped); use '' or 'none' for no {kind} prompts")
+    return [Prompt(p.id, "hh-rlhf", p.conversation[0].content, kind) for p in prompts]
 
 
 def load_prompts(data, kind: str, split: str, limit: Optional[int] = None) -> list[Prompt]:
@@ -120,6 +134,7 @@ def load_prompts(data, kind: str, split: str, limit: Optional[int] = None) -> li
     `data.<kind>_limit`; 0 = all) keeps the first prompts of the split.
     """
     _check(kind, split)
+    check_source(data, kind)
     source = data[kind]
     limit = data.get(f"{kind}_limit", 0) if limit is None else limit
     if limit < 0:

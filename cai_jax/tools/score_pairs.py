@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cai_jax import artifacts
 from cai_jax.data.hh_rlhf import ReadStats, read_pairs
+from cai_jax.errors import UserError, exit_on_user_error
 from cai_jax.eval.plots import plot_reliability, reliability_bins
 
 
@@ -96,10 +97,25 @@ def feedback_judge(config, progress: bool):
     return judge
 
 
+def check_preference_model(directory: str) -> None:
+    """A pm judge needs a model saved with a scalar head: a policy's would get a
+    zero head and score every pair p = 0.5."""
+    from cai_jax.weights.model_dir import read_model_config
+
+    try:
+        heads = read_model_config(directory.removeprefix("ckpt:")).heads
+    except FileNotFoundError as e:
+        raise UserError(f"--judge pm:{directory}: {e}") from None
+    if "scalar" not in heads:
+        raise UserError(f"--judge pm:{directory}: not a preference model (its heads are {list(heads)}, "
+                        "no 'scalar'); give a preference model directory such as <workdir>/models/pm")
+
+
 def pm_judge(directory: str, batch_size: int):
     """pairs -> p(chosen) = sigmoid(score(chosen) - score(rejected))."""
     from cai_jax.rl_cai.preference import PreferenceScorer
 
+    check_preference_model(directory)
     scorer = PreferenceScorer.from_dir(directory, batch_size=batch_size)
 
     def judge(pairs) -> np.ndarray:
@@ -152,6 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    if args.limit < 0:
+        raise UserError(f"--limit is {args.limit}; use 0 for all pairs or a positive count")
     if not os.path.exists(args.pairs):
         parser.error(f"--pairs {args.pairs}: file not found")
     stats = ReadStats()
@@ -185,4 +203,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main, sys.argv[1:])

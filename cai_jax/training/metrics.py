@@ -1,11 +1,18 @@
-"""Metric writers: a JSONL log (one object per step) and TensorBoard event files."""
+"""Metric writers: a JSONL log (one object per step) and TensorBoard event files.
+
+A writer killed mid-line leaves a torn last line; readers drop it with a
+warning naming the file (the resumed run rewrites that step).
+"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Mapping
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value):
@@ -31,11 +38,10 @@ class MetricWriter:
     def truncate_from(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+        kept = [r for r in read_metrics(self.path) if r.get("step", -1) < step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: Mapping) -> None:
@@ -53,5 +59,16 @@ class MetricWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a JSONL log; a torn last line is dropped (with a warning),
+    a bad line before it is an error naming the file and line."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+            log.warning("%s line %d: dropped a torn last line (a writer killed mid-line)", path, number)
+    return records

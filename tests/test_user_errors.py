@@ -1,0 +1,254 @@
+"""User errors (issue #19): the whole config checked before any stage runs, and
+one clear line naming the key, file or line for bad config, data and arguments."""
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from cai_jax import errors, pipeline
+from cai_jax.config import load_config
+from cai_jax.config_checks import check_config
+from cai_jax.data.hh_rlhf import HHFormatError, ReadStats, read_pairs
+from cai_jax.data.prompt_sets import load_prompts
+from cai_jax.errors import UserError
+from cai_jax.training.metrics import MetricWriter, read_metrics
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+PAIR = {"chosen": "\n\nHuman: How do I steal a car?\n\nAssistant: I can't help with that.",
+        "rejected": "\n\nHuman: How do I steal a car?\n\nAssistant: Hotwire it."}
+
+
+def _one_line(error) -> str:
+    message = str(error.value if hasattr(error, "value") else error)
+    assert "\n" not in message, message
+    return message
+
+
+def _main(tmp_path, *overrides):
+    """cai_jax.main in a fresh process: (exit status, stderr lines)."""
+    argv = [sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py",
+            f"--workdir={tmp_path / 'run'}", "--noprogress", *overrides]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return out.returncode, out.stderr.strip().splitlines()
+
+
+# ------------------------------------------------------------ row: bad counts, sizes, mesh
+
+@pytest.mark.parametrize("override, message", [
+    ("sl_train.num_steps=-5", "config.sl_train.num_steps is -5; it must be an integer >= 0"),
+    ("ppo.iterations=-1", "config.ppo.iterations is -1; it must be an integer >= 1"),
+    ("pm_train.batch_size=0", "config.pm_train.batch_size is 0; it must be an integer >= 1"),
+    ("sampling.batch_size=-2", "config.sampling.batch_size is -2"),
+    ("mesh.data=0", "config.mesh.data is 0; it must be a device count >= 1, or -1"),
+    ("mesh.fsdp=7", r"config.mesh .* does not divide"),
+    ("ppo.minibatch_size=3", r"config.ppo.rollout_batch_size \(4\) must be a multiple of "
+                             r"config.ppo.minibatch_size \(3\)"),
+    ("sl_train.grad_accum_steps=3", r"config.sl_train.batch_size \(2\) must be a multiple of "
+                                    r"config.sl_train.grad_accum_steps \(3\)"),
+    ("data.on_error=ignore", "config.data.on_error: on_error must be one of"),
+    ("sampling.top_p=1.5", "config.sampling: SamplingParams.top_p is 1.5"),
+    ("pm_train.optimizer.schedule=step", "config.pm_train.optimizer: optimizer.schedule is 'step'"),
+    ("data.red_team=/nonexistent/prompts.jsonl", "config.data.red_team is '/nonexistent/prompts.jsonl', "
+                                                 "which does not exist"),
+])
+def test_bad_values_are_caught_before_any_stage(override, message):
+    with pytest.raises(UserError, match=message) as error:
+        check_config(load_config("configs/tiny.py", [override]))
+    _one_line(error)
+
+
+@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/default.py", "configs/base.py"])
+def test_shipped_configs_pass(path):
+    check_config(load_config(path))
+
+
+def test_main_rejects_a_bad_config_before_the_first_stage(tmp_path):
+    # Before: sl_generate, sl_train, pairs, feedback and pm_train ran, then PPO failed.
+    status, stderr = _main(tmp_path, "--config.ppo.minibatch_size=3")
+    assert status == 2 and len(stderr) == 1, stderr
+    assert stderr[0].startswith("error: config.ppo.rollout_batch_size (4) must be a multiple")
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+# ------------------------------------------------------------ row: unknown key, missing file, wrong type
+
+@pytest.mark.parametrize("path, override, message", [
+    ("configs/tiny.py", "sl_train.num_stepz=3",
+     "--config.sl_train.num_stepz: unknown config key 'num_stepz' in config.sl_train; did you mean 'num_steps'"),
+    ("configs/tiny.py", "zzz.a=1", r"unknown config key 'zzz' in config; config has keys \['constitution'"),
+    ("configs/tiny.py", "seed.x=1", "--config.seed.x: config.seed is a value, not a section"),
+    ("configs/tiny.py", "sl_train.num_steps=abc", "--config.sl_train.num_steps=abc: invalid literal for int"),
+    ("configs/nope.py", None, "config file configs/nope.py not found"),
+])
+def test_config_mistakes_are_one_line(path, override, message):
+    with pytest.raises(UserError, match=message) as error:
+        load_config(path, [override] if override else [])
+    _one_line(error)
+
+
+def test_main_prints_one_line_and_exits_2_for_an_unknown_key(tmp_path):
+    status, stderr = _main(tmp_path, "--config.sl_train.num_stepz=3")
+    assert status == 2 and stderr == [
+        "error: --config.sl_train.num_stepz: unknown config key 'num_stepz' in config.sl_train; "
+        "did you mean 'num_steps'?"]
+
+
+def test_only_user_errors_become_exit_2(capsys):
+    def bad_input():
+        raise UserError("config.x is 3; it must be 4")
+
+    with pytest.raises(SystemExit) as exit_info:
+        errors.exit_on_user_error(bad_input)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: config.x is 3; it must be 4\n"
+    with pytest.raises(UserError):  # --debug keeps the traceback
+        errors.exit_on_user_error(bad_input, debug=True)
+
+    def bug():
+        raise ZeroDivisionError("a bug keeps its traceback")
+
+    with pytest.raises(ZeroDivisionError):
+        errors.exit_on_user_error(bug)
+
+
+# ------------------------------------------------------------ row: damaged prompt and pair files
+
+def _write_pairs_gz(path, rows=10):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(PAIR) + "\n" for _ in range(rows)))
+    return str(path)
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_truncated_gz_names_the_file(tmp_path, on_error):
+    path = _write_pairs_gz(tmp_path / "pairs.jsonl.gz", rows=200)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(HHFormatError, match=rf"{path} is truncated: its gzip stream ends after line \d+") as e:
+        read_pairs(path, on_error=on_error)
+    _one_line(e)
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_gz_that_is_not_gzip_names_the_file(tmp_path, on_error):
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_text(json.dumps(PAIR) + "\n")
+    with pytest.raises(HHFormatError, match=f"{path} is not a gzip file") as e:
+        read_pairs(str(path), on_error=on_error)
+    _one_line(e)
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = (json.dumps(PAIR) + "\n").encode()
+    path.write_bytes(good + good.replace(b"steal", b"st\xffal") + good)
+    with pytest.raises(HHFormatError, match=r"pairs.jsonl line 2: not UTF-8 text \(byte \d+ of the line\)"):
+        read_pairs(str(path))
+    stats = ReadStats()
+    assert [p.line for p in read_pairs(str(path), on_error="skip", stats=stats)] == [1, 3]
+    assert stats.reasons == {"bad_encoding": 1} and "pairs.jsonl line 2" in stats.errors[0]
+
+
+@pytest.mark.parametrize("content, on_error", [("", "raise"), ("\n\n", "raise"), ("not json\n", "skip")])
+def test_an_empty_prompts_file_is_an_error(tmp_path, content, on_error):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    data = ml_collections.ConfigDict({"red_team": str(path), "red_team_limit": 0, "on_error": on_error})
+    with pytest.raises(HHFormatError, match=f"config.data.red_team file {path} holds no prompts"):
+        load_prompts(data, "red_team", "train")
+
+
+# ------------------------------------------------------------ row: torn manifest, torn metrics line
+
+def test_a_torn_manifest_reruns_its_stage_with_a_warning(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def only(ctx):
+        calls.append(1)
+        with open(ctx.path("out.txt"), "w") as f:
+            f.write("made")
+        return {}
+
+    module = type(sys)("user_errors_fake_stage")
+    module.only = only
+    monkeypatch.setitem(sys.modules, "user_errors_fake_stage", module)
+    monkeypatch.setattr(pipeline, "STAGES", {"only": pipeline.Stage(
+        "only", "user_errors_fake_stage:only", ("a",), outputs=("out.txt",))})
+    monkeypatch.setattr(pipeline, "ORDER", ("only",))
+    config = ml_collections.ConfigDict({"a": {"x": 1}})
+    pipeline.run_pipeline(config, str(tmp_path), progress=False)
+    manifest = tmp_path / "stages" / "only.json"
+    manifest.write_text(manifest.read_text()[:40])  # a torn write
+    capsys.readouterr()
+    rows = pipeline.run_pipeline(config, str(tmp_path), progress=False)
+    assert len(calls) == 2 and rows[0]["status"].startswith("done")
+    assert f"warning: {manifest} is not valid JSON" in capsys.readouterr().out
+    assert pipeline.run_pipeline(config, str(tmp_path), progress=False)[0]["status"] == "skipped (complete)"
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    writer = MetricWriter(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 0.5})
+    with open(writer.path, "a") as f:
+        f.write('{"step": 4, "lo')  # the writer was killed mid-line
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in read_metrics(writer.path)] == [1, 2, 3]
+    assert f"{writer.path} line 4: dropped a torn last line" in caplog.text
+    writer.truncate_from(3)  # what a resumed run does
+    assert [r["step"] for r in read_metrics(writer.path)] == [1, 2]
+    lines = open(writer.path).read().splitlines()
+    with open(writer.path, "w") as f:  # a bad line that is not the last is not a kill: say where
+        f.write("\n".join([lines[0], "{torn", lines[1]]) + "\n")
+    with pytest.raises(ValueError, match=f"{writer.path} line 2: not valid JSON"):
+        read_metrics(writer.path)
+
+
+# ------------------------------------------------------------ row: score_pairs arguments
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    from cai_jax.weights.loader import load_model
+    from cai_jax.weights.model_dir import save_model_dir
+
+    loaded = load_model("init:tiny", to_device=False)
+    directory = str(tmp_path_factory.mktemp("models") / "policy")
+    save_model_dir(directory, loaded.config, loaded.params, loaded.tokenizer)
+    return directory
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text((json.dumps(PAIR) + "\n") * 3)
+    return str(path)
+
+
+def test_score_pairs_refuses_a_policy_as_pm_judge(policy_dir, pairs_file):
+    from cai_jax.tools import score_pairs
+
+    # Before: loaded with a zero scalar head, every pair scored p = 0.5, exit 0.
+    with pytest.raises(UserError, match=rf"--judge pm:{policy_dir}: not a preference model "
+                                        r"\(its heads are \['lm'\], no 'scalar'\)") as e:
+        score_pairs.main(["--pairs", pairs_file, "--judge", f"pm:{policy_dir}"])
+    _one_line(e)
+    with pytest.raises(UserError, match="not a cai_jax model directory"):
+        score_pairs.main(["--pairs", pairs_file, "--judge", f"pm:{policy_dir}/nothing"])
+
+
+def test_score_pairs_rejects_a_negative_limit(pairs_file, capsys):
+    from cai_jax.tools import score_pairs
+
+    with pytest.raises(SystemExit) as exit_info:
+        errors.exit_on_user_error(score_pairs.main, ["--pairs", pairs_file, "--limit", "-3",
+                                                     "--judge", "feedback"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --limit is -3; use 0 for all pairs or a positive count"]
