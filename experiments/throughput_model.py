@@ -63,7 +63,8 @@ def measure_cpu(save=lambda partial: None) -> dict:
     the numbers so far after each piece (a killed run keeps them)."""
     from cai_jax import sharding as shd
     from cai_jax.models.transformer import Transformer, init_params
-    from cai_jax.rl_cai import ppo, preference
+    from cai_jax.inference import preference_scorer
+    from cai_jax.rl_cai import ppo
     from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.weights import tokenizer as tok_lib
     from cai_jax.weights.packaged import packaged_gguf_path
@@ -114,7 +115,7 @@ def measure_cpu(save=lambda partial: None) -> dict:
     wall, cpu = _timed(lambda: scorer(params, params, value_params, tokens[:part], attention[:part],
                                       action[:part]))
     out["rollout_scores"] = {"wall": wall * scale, "cpu": cpu * scale}
-    pm_score = jax.jit(preference.make_score_fn(Transformer(value_cfg)))
+    pm_score = jax.jit(preference_scorer.make_score_fn(Transformer(value_cfg)))
     wall, cpu = _timed(lambda: pm_score(value_params, tokens[:part], attention[:part]))
     out["pm_score"] = {"wall": wall * scale, "cpu": cpu * scale}
     save(out)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax.models.transformer import last_valid_index
 from cai_jax.rl_cai.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -12,7 +13,6 @@ from cai_jax.rl_cai.ppo_math import (
     explained_variance,
     gae,
     kl_penalty_rewards,
-    last_valid_index,
     ppo_policy_loss,
     value_loss,
     whiten,

@@ -11,6 +11,7 @@ import pytest
 
 from cai_jax import artifacts, sharding as shd
 from cai_jax.data.conversation import user
+from cai_jax.inference import preference_scorer as ps
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import preference as pm
 from cai_jax.weights.loader import LoadedModel, load_model
@@ -19,7 +20,7 @@ from cai_jax.weights.model_dir import save_model_dir
 
 @pytest.fixture(scope="module")
 def tiny_pm():
-    return load_model("init:tiny", pm.SCALAR_HEAD, seed=0, to_device=False)
+    return load_model("init:tiny", ps.SCALAR_HEAD, seed=0, to_device=False)
 
 
 def _random_head(loaded, seed=1):
@@ -72,17 +73,17 @@ def test_pair_loss_and_scores_against_unpadded_rows(tiny_pm):
 
 def test_encode_answer_keeps_the_end_when_too_long(smollm2_tokenizer):
     conv = (user("Hello there, how are you today?"),)
-    ids, cut = pm.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 1000)
+    ids, cut = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 1000)
     prompt = smollm2_tokenizer("\n\nHuman: Hello there, how are you today?\n\nAssistant:",
                                add_special_tokens=False)["input_ids"]
     answer = smollm2_tokenizer(" Fine, thanks.", add_special_tokens=False)["input_ids"]
     assert ids == prompt + answer and not cut
-    short, cut = pm.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 5)
+    short, cut = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 5)
     assert short == ids[-5:] and cut
     # Chat: a finished answer ends in "<|im_end|>", where the sampler stops; an
     # answer cut at the token limit does not.
-    chat, _ = pm.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000)
-    cut_off, _ = pm.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000, complete=False)
+    chat, _ = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000)
+    cut_off, _ = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000, complete=False)
     prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": conv[0].content}],
                                                    tokenize=False, add_generation_prompt=True)
     body = smollm2_tokenizer(prompt, add_special_tokens=False)["input_ids"] + \
@@ -134,7 +135,7 @@ def test_pm_recovers_soft_label_ordering_and_probabilities(tiny_pm, tmp_path):
     assert metrics["calibration_gap"] < 0.05, metrics
     # Scores of the four words follow the hidden utilities.
     trained = LoadedModel(tiny_pm.config, jax.tree.map(np.asarray, params), tok, "trained")
-    scorer = pm.PreferenceScorer(trained, style="hh", max_len=64)
+    scorer = ps.PreferenceScorer(trained, style="hh", max_len=64)
     word_scores = scorer.score([(user("Say a word."),)] * 4, [f"the {w}" for w in WORDS])
     assert list(np.argsort(word_scores)) == [0, 1, 2, 3]
     p = scorer.prob_first([(user("Say a word."),)], ["the cloud"], ["the apple"])[0]
@@ -145,13 +146,13 @@ def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_pa
     params = _random_head(tiny_pm, seed=4)
     save_model_dir(str(tmp_path / "pm"), tiny_pm.config, params, tiny_pm.tokenizer,
                    about={"render": "hh", "max_seq_len": 128})
-    scorer = pm.PreferenceScorer.from_dir(str(tmp_path / "pm"), batch_size=2)
+    scorer = ps.PreferenceScorer.from_dir(str(tmp_path / "pm"), batch_size=2)
     assert scorer.style == "hh" and scorer.max_len == 128
     convs = [(user("Hi"),), (user("What is two plus two?"),), (user("Bye"),)]
     answers = ["Hello!", "Four, of course.", "See you"]
     scores = scorer.score(convs, answers)
     for conv, answer, s in zip(convs, answers, scores):
-        ids, _ = pm.encode_answer(tiny_pm.tokenizer, conv, answer, "hh", 128)
+        ids, _ = ps.encode_answer(tiny_pm.tokenizer, conv, answer, "hh", 128)
         assert abs(s - _score_alone(tiny_pm.config, params, ids)) < 1e-4
     others = ["Go away.", "Five.", "Later!"]
     p = scorer.prob_first(convs, answers, others)
@@ -218,7 +219,7 @@ def test_pairs_feedback_pm_train_end_to_end(tmp_path):
     metrics = artifacts.read_jsonl(str(tmp_path / "pm_train" / "main" / "metrics.jsonl"))
     assert [m["step"] for m in metrics] == [1, 2, 3] and "eval_loss" in metrics[1]
 
-    scorer = pm.PreferenceScorer.from_dir(str(tmp_path / "models" / "pm"))
+    scorer = ps.PreferenceScorer.from_dir(str(tmp_path / "models" / "pm"))
     assert scorer.style == config.data.render and scorer.config.heads == ("scalar",)
     conv = tuple(user(t["content"]) for t in pair_records[0]["prompt"])
     assert np.isfinite(scorer.score([conv], [pair_records[0]["answer_a"]])).all()

@@ -10,7 +10,7 @@ import pytest
 from cai_jax import artifacts
 from cai_jax.data.hh_rlhf import read_pairs
 from cai_jax.models.transformer import Transformer
-from cai_jax.rl_cai import preference as pm
+from cai_jax.inference import preference_scorer as ps
 from cai_jax.tools import score_pairs
 from cai_jax.weights.loader import load_model
 from cai_jax.weights.model_dir import save_model_dir
@@ -46,7 +46,7 @@ def test_feedback_judge_on_hh_pairs(shared_data, tmp_path, capsys):
 
 def test_pm_judge_matches_an_independent_forward(shared_data, tmp_path, capsys):
     path = os.path.join(shared_data, "hh-rlhf", "harmless-base-test.jsonl.gz")
-    loaded = load_model("init:tiny", pm.SCALAR_HEAD, to_device=False)
+    loaded = load_model("init:tiny", ps.SCALAR_HEAD, to_device=False)
     params = dict(loaded.params)
     params["scalar_head"] = {"kernel": np.random.default_rng(0).normal(0, 1, (loaded.config.d_model, 1))
                              .astype(np.float32), "bias": np.zeros(1, np.float32)}
@@ -64,7 +64,7 @@ def test_pm_judge_matches_an_independent_forward(shared_data, tmp_path, capsys):
     for pair in read_pairs(path, limit=4):
         scores = []
         for answer in (pair.chosen, pair.rejected):
-            ids, _ = pm.encode_answer(loaded.tokenizer, pair.context, answer, "hh", 256)
+            ids, _ = ps.encode_answer(loaded.tokenizer, pair.context, answer, "hh", 256)
             tokens = np.zeros((1, 256), np.int32)
             tokens[0, :len(ids)] = ids
             mask = (np.arange(256) < len(ids)).astype(np.int32)[None]

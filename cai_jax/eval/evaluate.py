@@ -293,7 +293,7 @@ class JudgeFactory:
         return ""
 
     def pm_scorer(self, spec: judges_lib.JudgeSpec):
-        from cai_jax.rl_cai.preference import PreferenceScorer
+        from cai_jax.inference.preference_scorer import PreferenceScorer
 
         directory = self.pm_dir(spec)
         if not os.path.exists(os.path.join(directory, "model.json")):

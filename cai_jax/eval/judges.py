@@ -101,7 +101,7 @@ class PreferenceModelJudge:
     """p(A beats B) = sigmoid(score(A) - score(B)) under a preference model.
 
     `scorer` is anything with `score(conversations, answers) -> [N] scores`
-    (rl_cai.preference.PreferenceScorer). Each distinct (prompt, answer) is
+    (inference.preference_scorer.PreferenceScorer). Each distinct (prompt, answer) is
     scored once, however many comparisons it appears in.
     """
 

@@ -316,6 +316,14 @@ def positions_from_mask(mask_bt):
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def last_valid_index(mask_bt):
+    """Index of the last position with mask 1 in each row (0 for empty rows)."""
+    valid = mask_bt > 0
+    t = mask_bt.shape[-1]
+    last = t - 1 - jnp.argmax(jnp.flip(valid, axis=-1), axis=-1)
+    return jnp.where(valid.any(axis=-1), last, 0)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _init_params(config: TransformerConfig, rng):
     model = Transformer(config)

@@ -457,7 +457,7 @@ def preference_reward(ref, overrides: dict, default_render: str, mesh,
     """The trained PM (a ModelRef) as a reward function, rendering answers as it
     was trained (the style its model directory records), loaded with `overrides`
     (model_overrides: the configured dtype)."""
-    from cai_jax.rl_cai.preference import PreferenceScorer
+    from cai_jax.inference.preference_scorer import PreferenceScorer
 
     pm = ref.load(overrides)
     scorer = PreferenceScorer(pm, style=pm.about.get("render", default_render),

@@ -30,14 +30,6 @@ def masked_var(x, mask):
     return masked_mean(jnp.square(x - mean), mask)
 
 
-def last_valid_index(mask_bt):
-    """Index of the last position with mask 1 in each row (0 for empty rows)."""
-    valid = mask_bt > 0
-    t = mask_bt.shape[-1]
-    last = t - 1 - jnp.argmax(jnp.flip(valid, axis=-1), axis=-1)
-    return jnp.where(valid.any(axis=-1), last, 0)
-
-
 def gae(rewards_bt, values_bt, mask_bt, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016).
 

@@ -26,7 +26,7 @@ import numpy as np
 from cai_jax import sharding as shd
 from cai_jax.data import conversation as conv_lib
 from cai_jax.data import prompt_sets
-from cai_jax.models.transformer import Transformer
+from cai_jax.models.transformer import Transformer, last_valid_index
 from cai_jax.rl_cai import ppo_math
 from cai_jax.rl_cai.ppo_update import answer_outputs
 from cai_jax.weights.tokenizer import encode_text
@@ -195,7 +195,7 @@ RewardFn = Callable[[Rollout], np.ndarray]
 
 class PreferenceModelReward:
     """Scores answers with the trained preference model through its own scorer
-    (`preference.PreferenceScorer`), which renders prompt and answer text exactly
+    (`inference.preference_scorer.PreferenceScorer`), which renders prompt and answer text exactly
     as the PM saw them in training and reads the score at the last token."""
 
     def __init__(self, scorer):
@@ -257,7 +257,7 @@ def process_scores(raw_b: np.ndarray, ended_b: np.ndarray, moments: Optional[Run
 
 @jax.jit
 def _shaped(scores_b, logp_policy, logp_ref, mask, beta):
-    last = ppo_math.last_valid_index(mask)
+    last = last_valid_index(mask)
     return ppo_math.kl_penalty_rewards(logp_policy, logp_ref, mask, scores_b, beta, last)
 
 

@@ -234,9 +234,10 @@ def _sft_phases(cfg, section, config, mesh):
 
 
 def _pm_phases(cfg, section, config, mesh):
+    from cai_jax.inference import preference_scorer
     from cai_jax.rl_cai import preference
 
-    cfg = cfg.replace(**preference.SCALAR_HEAD)
+    cfg = cfg.replace(**preference_scorer.SCALAR_HEAD)
     check_batch(section.batch_size, section.grad_accum_steps, mesh, "pm_train.batch_size")
     seq = min(section.max_seq_len, cfg.max_seq_len)
     longest = {"a": np.zeros(seq, np.int32), "b": np.zeros(seq, np.int32), "p_a": 0.5}
@@ -259,7 +260,8 @@ def _rollout_rows(rows: int, prompt: int, answer: int) -> dict:
 
 
 def _ppo_phases(cfg, c, config, mesh):
-    from cai_jax.rl_cai import ppo, preference
+    from cai_jax.inference import preference_scorer
+    from cai_jax.rl_cai import ppo
 
     ppo.check_config(c, mesh)
     prompt, answer = c.max_prompt_tokens, c.max_new_tokens
@@ -284,7 +286,7 @@ def _ppo_phases(cfg, c, config, mesh):
     # The preference model re-reads prompt + answer, at most its training length.
     pm_seq = min(seq, stage_section(config, "pm").max_seq_len, cfg.max_seq_len)
     pm_rows = {k: abstract_array((rows, pm_seq), jnp.int32, data) for k in ("tokens", "mask")}
-    pm_score = jax.jit(preference.make_score_fn(Transformer(pm_cfg)))
+    pm_score = jax.jit(preference_scorer.make_score_fn(Transformer(pm_cfg)))
 
     policy_state = steps.policy.abstract_state
     value_state = steps.value.abstract_state if steps.value is not None else None

@@ -113,7 +113,7 @@ def check_preference_model(directory: str) -> None:
 
 def pm_judge(directory: str, batch_size: int):
     """pairs -> p(chosen) = sigmoid(score(chosen) - score(rejected))."""
-    from cai_jax.rl_cai.preference import PreferenceScorer
+    from cai_jax.inference.preference_scorer import PreferenceScorer
 
     check_preference_model(directory)
     scorer = PreferenceScorer.from_dir(directory, batch_size=batch_size)

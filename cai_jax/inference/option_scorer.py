@@ -1,0 +1,93 @@
+"""Multiple-choice scoring: the log-probabilities of option tokens at the end
+of each prompt, from one forward pass (no sampling).
+
+Used by AI feedback (rl_cai/feedback.py). Options such as " (A)" and " (B)"
+often share leading tokens (SmolLM2 splits " (A)" into " (", "A", ")"): the
+shared prefix is appended to every prompt and the first differing tokens are
+compared there.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cai_jax import sharding as shd
+from cai_jax.inference.batched_forward import batched_forward
+from cai_jax.models.transformer import Transformer, positions_from_mask
+from cai_jax.weights.tokenizer import encode_text
+
+
+def option_token_ids(tokenizer, options: Sequence[str]) -> tuple[list[int], int, int]:
+    """(shared prefix ids, first differing id of option A, of option B).
+
+    The options (" (A)" and " (B)" in the paper's format) must tokenize into a common prefix followed by one
+    differing token; the prefix is appended to every prompt and the label
+    compares the two differing tokens there.
+    """
+    ids_a, ids_b = encode_text(tokenizer, options[0]), encode_text(tokenizer, options[1])
+    n = 0
+    while n < min(len(ids_a), len(ids_b)) and ids_a[n] == ids_b[n]:
+        n += 1
+    if n >= len(ids_a) or n >= len(ids_b):
+        raise ValueError(
+            f"options {options[0]!r} -> {ids_a} and {options[1]!r} -> {ids_b}: one "
+            "tokenization is a prefix of the other, so no single token tells them apart; "
+            "use a tokenizer that splits the option letters into their own tokens")
+    return ids_a[:n], ids_a[n], ids_b[n]
+
+
+class OptionScorer:
+    """p(option A) at the end of each prompt, from one forward pass per batch.
+
+    Prompts are token ids that already end with the options' shared prefix.
+    Rows are left-padded so the last position is the answer position and the
+    model computes logits only there (`last_only`), never [B, T, vocab].
+    """
+
+    def __init__(self, model_config, params, token_a: int, token_b: int, *, pad_id: int = 0,
+                 batch_size: int = 8, max_len: int = 1024, min_bucket: int = 128, mesh=None):
+        if "lm" not in model_config.heads:
+            raise ValueError(f"the feedback model needs a language-model head; it has {model_config.heads}")
+        self.model = Transformer(model_config)
+        self.mesh = mesh or shd.make_mesh({"data": -1})
+        self.params = shd.place(params, shd.param_shardings(model_config, self.mesh))
+        self.token_ids = jnp.asarray([token_a, token_b], jnp.int32)
+        self.pad_id, self.max_len, self.min_bucket = pad_id, max_len, min_bucket
+        self.batch_size = batch_size
+        self._forward = jax.jit(self._option_logprobs)
+
+    def _option_logprobs(self, params, tokens_bt, mask_bt):
+        with nn.logical_axis_rules(shd.DEFAULT_RULES):
+            outputs, _ = self.model.apply({"params": params}, tokens_bt, positions_from_mask(mask_bt),
+                                          mask_bt, last_only=True)
+        logp_bv = jax.nn.log_softmax(outputs["logits"][:, -1].astype(jnp.float32), axis=-1)
+        return logp_bv[:, self.token_ids]  # [batch, 2]
+
+    def option_logprobs(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
+        """[N, 2] log-probs of the two option tokens after each prompt."""
+        bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress, leave=False)
+        logp_rows = batched_forward(functools.partial(self._forward, self.params), prompts,
+                                    batch_size=self.batch_size, min_width=self.min_bucket,
+                                    max_width=self.max_len, pad_id=self.pad_id, left=True,
+                                    mesh=self.mesh, on_batch=bar.update)
+        bar.close()
+        return np.asarray(logp_rows, np.float64).reshape(len(prompts), 2)
+
+    def p_first(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
+        """Softmax over the two option log-probs: p(option A) per prompt."""
+        return p_first_and_mass(self.option_logprobs(prompts, progress))[0]
+
+
+def p_first_and_mass(logp_n2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From [N, 2] option log-probs: p(option A) among the two, and the option
+    mass, the probability the model puts on the two options together. A low mass
+    means the model is not answering the question it is asked (or is broken), so
+    its p(option A) says little."""
+    logp = np.asarray(logp_n2, np.float64)
+    return 1.0 / (1.0 + np.exp(logp[:, 1] - logp[:, 0])), np.exp(logp).sum(axis=1)
