@@ -59,6 +59,18 @@ class FeedbackPrinciple:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContrastiveFraming:
+    """Two system messages that steer one model towards a better and a worse
+    answer to the same prompt, for labels by construction (RLCD, Yang et al.
+    2023): the answer made under `better` is labelled preferred, with no judge.
+    `kind` is the comparison kind it makes pairs for ("harmless" or "helpful")."""
+    id: str
+    kind: str
+    better: str
+    worse: str
+
+
+@dataclasses.dataclass(frozen=True)
 class FeedbackExemplar:
     """A solved multiple-choice example, shaped like the paper's RLMadison files.
 
@@ -110,6 +122,7 @@ class Constitution:
     critique_exemplars: tuple[CritiqueTranscript, ...] = ()
     feedback_exemplars: tuple[FeedbackExemplar, ...] = ()
     cot_feedback_exemplars: tuple[ChainOfThoughtExemplar, ...] = ()
+    contrastive_framings: tuple[ContrastiveFraming, ...] = ()
     # The paper's few-shot transcripts exactly as released (empty for our own files).
     raw_critique_exemplars: tuple[str, ...] = ()
     description: str = ""
@@ -237,6 +250,19 @@ def _principles(reader: _Reader, data: dict, name: str, required: bool) -> tuple
     return tuple(out)
 
 
+def _framings(reader: _Reader, data: dict) -> tuple[ContrastiveFraming, ...]:
+    out = []
+    for i, item in enumerate(reader.items(data, "contrastive_framings", required=False)):
+        key = f"contrastive_framings[{i}]"
+        kind = reader.field(item, key, "kind")
+        if kind not in ("harmless", "helpful"):
+            raise reader.error(f"{key}.kind", f"must be 'harmless' or 'helpful', got {kind!r}")
+        out.append(ContrastiveFraming(reader.field(item, key, "id"), kind,
+                                      reader.field(item, key, "better"), reader.field(item, key, "worse")))
+    reader.unique_ids(out, "contrastive_framings")
+    return tuple(out)
+
+
 def _turns(reader: _Reader, item: Any, key: str) -> tuple[Turn, ...]:
     raw = reader.field(item, key, "conversation", list)
     turns = []
@@ -306,6 +332,7 @@ def load_constitution(path: str | os.PathLike) -> Constitution:
         helpfulness_feedback=_principles(reader, data, "helpfulness_feedback", required=False),
         critique_exemplars=crit_ex,
         feedback_exemplars=fb_ex,
+        contrastive_framings=_framings(reader, data),
         description=data.get("description", ""),
         source=path,
     )

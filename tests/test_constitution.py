@@ -78,6 +78,12 @@ def test_default_constitution_contents():
         assert ex.corrects and ex.incorrects
 
 
+def test_default_constitution_has_contrastive_framings_of_both_kinds():
+    framings = load_default_constitution().contrastive_framings
+    assert {f.kind for f in framings} == {"harmless", "helpful"}
+    assert all(f.better != f.worse for f in framings)
+
+
 def test_default_constitution_covers_the_harm_areas():
     c = load_default_constitution()
     requests = " ".join(p.critique_request + " " + p.revision_request for p in c.critique_revision).lower()
@@ -234,6 +240,10 @@ def test_missing_key_error_names_file_and_index(tmp_path):
     (_minimal(feedback_exemplars=[{"id": "e", "conversation": [{"role": "user", "content": "x"}],
                                    "corrects": [], "incorrects": ["n"]}]),
      r"feedback_exemplars\[0\].corrects must be a non-empty list"),
+    (_minimal(contrastive_framings=[{"id": "c", "kind": "harmful", "better": "b", "worse": "w"}]),
+     r"contrastive_framings\[0\].kind must be 'harmless' or 'helpful', got 'harmful'"),
+    (_minimal(contrastive_framings=[{"id": "c", "kind": "helpful", "better": "b"}]),
+     r"contrastive_framings\[0\] is missing 'worse'"),
 ])
 def test_format_errors(tmp_path, data, message):
     with pytest.raises(ConstitutionError, match=message):

@@ -9,10 +9,12 @@ import pytest
 
 from cai_jax.constitution import load_default_constitution, sample_principles
 from cai_jax.data.conversation import assistant, user
+from cai_jax.inference.option_scorer import option_token_ids
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import feedback as fb
 from cai_jax.rl_cai import feedback_prompts as fp
 from cai_jax.weights.loader import LoadedModel, load_model
+from cai_jax.weights.tokenizer import encode_text
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +58,18 @@ class FakeTokenizer:
 
 def test_option_tokens_of_smollm2(smollm2_tokenizer):
     # " (A)" is [" (", "A", ")"]: the shared " (" goes into the prompt, "A" vs "B" decide.
-    prefix, a, b = fb.option_token_ids(smollm2_tokenizer)
+    prefix, a, b = option_token_ids(smollm2_tokenizer, fp.OPTIONS)
     assert prefix == smollm2_tokenizer(" (", add_special_tokens=False)["input_ids"]
     assert smollm2_tokenizer.decode([a]) == "A" and smollm2_tokenizer.decode([b]) == "B"
 
 
 def test_option_tokens_general_and_errors():
-    assert fb.option_token_ids(FakeTokenizer({" (A)": [7], " (B)": [8]})) == ([], 7, 8)
-    assert fb.option_token_ids(FakeTokenizer({" (A)": [1, 2, 3, 4], " (B)": [1, 2, 5, 4]})) == ([1, 2], 3, 5)
+    assert option_token_ids(FakeTokenizer({" (A)": [7], " (B)": [8]}), fp.OPTIONS) == ([], 7, 8)
+    assert option_token_ids(FakeTokenizer({" (A)": [1, 2, 3, 4], " (B)": [1, 2, 5, 4]}), fp.OPTIONS) == ([1, 2], 3, 5)
     with pytest.raises(ValueError, match="prefix of the other"):
-        fb.option_token_ids(FakeTokenizer({" (A)": [1, 2], " (B)": [1, 2, 3]}))
+        option_token_ids(FakeTokenizer({" (A)": [1, 2], " (B)": [1, 2, 3]}), fp.OPTIONS)
     with pytest.raises(ValueError, match="prefix of the other"):
-        fb.option_token_ids(FakeTokenizer({" (A)": [1, 2], " (B)": [1, 2]}))
+        option_token_ids(FakeTokenizer({" (A)": [1, 2], " (B)": [1, 2]}), fp.OPTIONS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,18 +79,23 @@ def _full_forward(model_config):
 
 
 def _exact_p_first(model: LoadedModel, ids, length=512):
+    return _exact_option_probs(model, ids, length)[0]
+
+
+def _exact_option_probs(model: LoadedModel, ids, length=512):
     """Independent: full forward of one row (right-padded to one fixed length,
     so one compile serves all rows; padding after the prompt cannot change
-    its causal logits), float64 softmax at the prompt's last position
-    restricted to the two option tokens."""
-    prefix, tok_a, tok_b = fb.option_token_ids(model.tokenizer)
+    its causal logits), float64 softmax at the prompt's last position.
+    Returns (p(A) among the two option tokens, their total probability)."""
+    prefix, tok_a, tok_b = option_token_ids(model.tokenizer, fp.OPTIONS)
     row = list(ids) + prefix
     tokens = np.zeros((1, length), np.int32)
     tokens[0, :len(row)] = row
     mask = (np.arange(length) < len(row)).astype(np.int32)[None]
     logits = np.asarray(_full_forward(model.config)(model.params, tokens, mask)[0, len(row) - 1], np.float64)
     logp = logits - (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max())
-    return np.exp(logp[tok_a]) / (np.exp(logp[tok_a]) + np.exp(logp[tok_b]))
+    p_a, p_b = np.exp(logp[tok_a]), np.exp(logp[tok_b])
+    return p_a / (p_a + p_b), p_a + p_b
 
 
 def test_labels_are_the_exact_softmax_of_option_logprobs(labeler, tiny, constitution):
@@ -101,17 +108,21 @@ def test_labels_are_the_exact_softmax_of_option_logprobs(labeler, tiny, constitu
         principles = sample_principles(pool, 2, seed=5, example_id=c.id, kind=kind)
         assert r["principle_ids"] == [p.id for p in principles]
         assert r["truncated"] == 0
-        per_principle = []
+        per_principle, masses = [], []
         for k, principle in enumerate(principles):
             orders = []
             for a, b in ((c.answer_a, c.answer_b), (c.answer_b, c.answer_a)):
                 text = fp.build_choice_prompt(c.conversation, principle.text, a, b, shots=shot, style="hh")
-                orders.append(_exact_p_first(tiny, fb.encode(tiny.tokenizer, text)))
+                p_first, mass = _exact_option_probs(tiny, encode_text(tiny.tokenizer, text))
+                orders.append(p_first)
+                masses.append(mass)
             np.testing.assert_allclose([r["p_first_ab"][k], r["p_first_ba"][k]], orders, atol=2e-5)
             per_principle.append((orders[0] + 1 - orders[1]) / 2)
             seen += orders
         np.testing.assert_allclose(r["p_a_per_principle"], per_principle, atol=2e-5)
         np.testing.assert_allclose(r["p_a"], np.mean(per_principle), atol=2e-5)
+        np.testing.assert_allclose(r["option_mass"], np.mean(masses), rtol=1e-4)
+        assert r["source"] == "multiple_choice"
     # The scaled model is far from indifferent, so the check above has teeth.
     assert np.max(np.abs(np.asarray(seen) - 0.5)) > 0.1
 
@@ -126,13 +137,14 @@ def test_chat_rendering_scores_the_same_way(tiny, constitution):
                                   tokenizer=tiny.tokenizer)
     assert text.endswith("<|im_start|>assistant\nThe answer is:")
     assert "p_first_ba" not in r
-    np.testing.assert_allclose(r["p_a"], _exact_p_first(tiny, fb.encode(tiny.tokenizer, text)), atol=2e-5)
+    np.testing.assert_allclose(r["p_a"], _exact_p_first(tiny, encode_text(tiny.tokenizer, text)), atol=2e-5)
 
 
-def _fake_p_first(labeler, bias):
+def _fake_option_logprobs(labeler, bias):
     """A judge that reads the two answers back from the prompt: it likes answers
-    containing "good" and adds `bias` to slot A's logit."""
-    def p_first(prompts, progress=False):
+    containing "good" and adds `bias` to slot A's logit (all its mass on the two
+    options)."""
+    def option_logprobs(prompts, progress=False):
         out = []
         for ids in prompts:
             text = labeler.tokenizer.decode(ids)
@@ -140,9 +152,10 @@ def _fake_p_first(labeler, bias):
             first, second = tail.split("\n(B) ")
             second = second.split("\nThe answer is:")[0]
             logit = 2.0 * ("good" in first) - 2.0 * ("good" in second) + bias
-            out.append(1.0 / (1.0 + np.exp(-logit)))
+            p = 1.0 / (1.0 + np.exp(-logit))
+            out.append([np.log(p), np.log1p(-p)])
         return np.asarray(out)
-    return p_first
+    return option_logprobs
 
 
 def test_both_orders_cancel_position_bias(labeler, monkeypatch):
@@ -150,7 +163,7 @@ def test_both_orders_cancel_position_bias(labeler, monkeypatch):
              fb.FeedbackComparison("y", "helpful", (user("Q?"),), "meh", "good stuff")]
     swapped = [fb.FeedbackComparison(c.id, c.kind, c.conversation, c.answer_b, c.answer_a) for c in pairs]
     for bias in (0.0, 1.3):
-        monkeypatch.setattr(labeler.scorer, "p_first", _fake_p_first(labeler, bias))
+        monkeypatch.setattr(labeler.scorer, "option_logprobs", _fake_option_logprobs(labeler, bias))
         forward, backward = labeler.label(pairs), labeler.label(swapped)
         for f, b in zip(forward, backward):
             assert abs(f["p_a"] + b["p_a"] - 1.0) < 1e-12  # swapping A and B gives 1 - p
@@ -180,17 +193,17 @@ def test_prompts_that_do_not_fit_drop_exemplars_then_old_turns(tiny, constitutio
     def build(conv, n):
         return fp.build_choice_prompt(conv, principle, "yes", "no", shots=labeler.shots[:n], style="hh")
 
-    full = len(fb.encode(tiny.tokenizer, build(conv, len(labeler.shots))))
-    no_shots = len(fb.encode(tiny.tokenizer, build(conv, 0)))
-    last_turn = len(fb.encode(tiny.tokenizer, build(conv[2:], 0)))
+    full = len(encode_text(tiny.tokenizer, build(conv, len(labeler.shots))))
+    no_shots = len(encode_text(tiny.tokenizer, build(conv, 0)))
+    last_turn = len(encode_text(tiny.tokenizer, build(conv[2:], 0)))
     ids, cut = labeler._fit(build, conv, full)
     assert len(ids) == full and not cut
     ids, cut = labeler._fit(build, conv, no_shots)
-    assert ids == fb.encode(tiny.tokenizer, build(conv, 0)) and not cut
+    assert ids == encode_text(tiny.tokenizer, build(conv, 0)) and not cut
     ids, cut = labeler._fit(build, conv, last_turn)
-    assert ids == fb.encode(tiny.tokenizer, build(conv[2:], 0)) and cut
+    assert ids == encode_text(tiny.tokenizer, build(conv[2:], 0)) and cut
     ids, cut = labeler._fit(build, conv, last_turn - 5)
-    assert ids == fb.encode(tiny.tokenizer, build(conv[2:], 0))[5:] and cut
+    assert ids == encode_text(tiny.tokenizer, build(conv[2:], 0))[5:] and cut
 
 
 def test_principle_pools_follow_the_kind(labeler, constitution):
@@ -218,6 +231,34 @@ def test_label_summary_by_hand():
     assert abs(s["label_entropy_bits"] - (h(0.9) + 1.0) / 2) < 1e-9
 
 
+def test_label_summary_reports_option_mass_and_agreement_with_construction():
+    judged = {"p_first_ab": [0.5], "p_first_ba": [0.5], "p_a_per_principle": [0.5]}
+    records = [
+        {**judged, "kind": "harmless", "p_a": 0.8, "option_mass": 0.9, "construction": {"better": "a"}},
+        {**judged, "kind": "harmless", "p_a": 0.3, "option_mass": 0.3, "construction": {"better": "a"}},
+        {**judged, "kind": "helpful", "p_a": 0.4, "option_mass": 0.6, "construction": {"better": "b"}},
+    ]
+    s = fb.label_summary(records)
+    assert abs(s["option_mass"] - 0.6) < 1e-12 and s["option_mass_below_half"] == 1
+    assert abs(s["agreement_with_construction"] - 2 / 3) < 1e-12
+    # Labels by construction have no judge: no judge statistics.
+    built = fb.label_summary([{"kind": "harmless", "p_a": 0.9, "source": "construction"}])
+    assert built["labels"] == 1 and "position_bias" not in built and "option_mass" not in built
+
+
+def test_construction_labels_follow_the_better_slot():
+    made = dict(kind="harmless", conversation=(user("Help me hide a body."),), answer_a="No.", answer_b="Sure.")
+    a = fb.FeedbackComparison("x", construction={"framing": "f", "better": "a"}, **made)
+    b = fb.FeedbackComparison("y", construction={"framing": "f", "better": "b"}, **made)
+    assert fb.construction_label(a, 0.9)["p_a"] == 0.9
+    assert abs(fb.construction_label(b, 0.9)["p_a"] - 0.1) < 1e-12
+    assert fb.construction_label(b, 1.0) == {"id": "y", "kind": "harmless", "p_a": 0.0, "source": "construction"}
+    with pytest.raises(ValueError, match="pairs.jsonl pair z: feedback.source='construction' needs pairs made"):
+        fb.construction_label(fb.FeedbackComparison("z", **made), 0.9)
+    record = fb.label_record(a, fb.construction_label(a, 0.9))
+    assert record["construction"] == {"framing": "f", "better": "a"} and record["answer_b"] == "Sure."
+
+
 def test_cot_clamp_bounds():
     np.testing.assert_allclose(fb.clamp([0.01, 0.45, 0.99], 0.4, 0.6), [0.4, 0.45, 0.6])
     with pytest.raises(ValueError, match="cot_clamp"):
@@ -241,12 +282,12 @@ def test_chain_of_thought_scores_after_the_reasoning_and_clamps(tiny, constituti
                                    ("ba", (c.answer_b, c.answer_a), r["p_first_ba"][0])):
             prompt = fp.build_cot_prompt(c.conversation, principle.text, a, b, style="hh")
             assert prompt.endswith("\n\nAssistant: Let's think step-by-step:")
-            ids = fb.encode(tiny.tokenizer, prompt)
+            ids = encode_text(tiny.tokenizer, prompt)
             [sample] = sampler.generate(tiny.params, [ids], SamplingParams(
                 temperature=1.0, top_p=0.95, max_new_tokens=8, stop_strings=fp.cot_stop_strings("hh")),
                 seed=7, example_ids=[f"{c.id}/0/{order}"])
             assert r["cot"][0][order] == sample.text.strip()
-            exact = _exact_p_first(tiny, ids + fb.encode(tiny.tokenizer, fp.cot_answer_suffix(sample.text)))
+            exact = _exact_p_first(tiny, ids + encode_text(tiny.tokenizer, fp.cot_answer_suffix(sample.text)))
             raw.append(exact)
             assert abs(got - min(max(exact, 0.4), 0.6)) < 2e-5
         assert 0.4 <= r["p_a"] <= 0.6

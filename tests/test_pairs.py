@@ -137,3 +137,58 @@ def test_partial_work_of_another_config_is_discarded(workdir, tmp_path):
     [record] = artifacts.read_jsonl(str(tmp_path / "pairs.jsonl"))
     assert record["id"] == bogus["id"] and record["answer_a"] != "OLD"
     assert record["sampling"]["temperature"] == 0.7
+
+
+def test_contrastive_draws_depend_only_on_seed_and_id():
+    from cai_jax.constitution import load_default_constitution
+
+    framings = load_default_constitution().contrastive_framings
+    prompts = [{"id": f"harmless:{i}", "kind": "harmless"} for i in range(200)]
+    drawn = [pairs.draw_construction(p, framings, seed=0) for p in prompts]
+    assert drawn == [pairs.draw_construction(p, framings, seed=0) for p in prompts]
+    assert drawn != [pairs.draw_construction(p, framings, seed=1) for p in prompts]
+    kinds = {f.id: f.kind for f in framings}
+    assert {kinds[d["framing"]] for d in drawn} == {"harmless"}
+    # The better answer's slot is a fair coin, so position carries no label.
+    assert 70 < sum(d["better"] == "a" for d in drawn) < 130
+    with pytest.raises(ValueError, match="no contrastive_framings of kind 'helpful'"):
+        pairs.draw_construction({"id": "h", "kind": "helpful"}, [f for f in framings if f.kind == "harmless"], 0)
+
+
+def test_contrastive_stage_answers_under_each_framing_and_feedback_labels_by_construction(workdir, tmp_path):
+    from cai_jax.constitution import load_default_constitution
+    from cai_jax.rl_cai import feedback
+
+    config = make_config()
+    config.pairs.mode = "contrastive"
+    config.feedback = feedback.get_default_config()
+    config.feedback.source = "construction"
+    os.makedirs(tmp_path / "models", exist_ok=True)
+    os.symlink(workdir / "models" / "sl_cai", tmp_path / "models" / "sl_cai")
+    ctx = StageContext(config, str(tmp_path), progress=False)
+    summary = pairs.run_stage(ctx)
+    records = artifacts.read_jsonl(ctx.path("pairs.jsonl"))
+    assert summary["mode"] == "contrastive" and summary["better_in_slot_a"] == sum(
+        r["construction"]["better"] == "a" for r in records)
+    framings = {f.id: f for f in load_default_constitution().contrastive_framings}
+
+    # Independently: the answer in the better slot is what the sampler writes
+    # after the better framing's system message.
+    model = load_model(f"ckpt:{workdir}/models/sl_cai")
+    sampler = Sampler(model.config, model.tokenizer, progress=False)
+    r = records[0]
+    framing = framings[r["construction"]["framing"]]
+    assert framing.kind == r["kind"]
+    slot = r["construction"]["better"]
+    prompt = model.tokenizer.apply_chat_template(
+        [{"role": "system", "content": framing.better}] + r["prompt"], add_generation_prompt=True, tokenize=False)
+    [better] = sampler.generate(model.params, [prompt], SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8),
+                                seed=config.seed, example_ids=[f"{r['id']}/{slot}"])
+    assert better.text.strip() == r[f"answer_{slot}"]
+
+    summary = feedback.run_stage(ctx)
+    labels = artifacts.read_jsonl(ctx.path("labels.jsonl"))
+    assert summary["source"] == "construction" and summary["labels"] == len(records)
+    for label, pair in zip(labels, records):
+        assert label["source"] == "construction" and label["construction"] == pair["construction"]
+        assert abs(label["p_a"] - (0.9 if pair["construction"]["better"] == "a" else 0.1)) < 1e-12

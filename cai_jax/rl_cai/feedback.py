@@ -1,10 +1,23 @@
 """AI feedback (stage `feedback`): soft labels for pairs of answers.
 
-For each pair the feedback model reads a multiple-choice question (see
-feedback_prompts.py) and the label is the softmax over the log-probabilities
+`feedback.source` picks where a label comes from:
+
+* "multiple_choice" (the paper, below): a feedback model judges each pair.
+* "construction": no judge. Pairs made by `pairs.mode="contrastive"` record
+  which answer was made under the better framing; its label is
+  `construction_confidence` (0.9: soft, since a framing makes the better
+  answer only on average). On such pairs a multiple-choice judge's agreement
+  with the construction is reported too, an independent check of the judge.
+
+Every record names its source. In multiple choice, the feedback model reads
+a question for each pair (see feedback_prompts.py) and the label is the softmax over the log-probabilities
 of the two option tokens at the answer position: one batched forward pass, no
 sampling. SmolLM2 splits " (A)" into " (", "A", ")"; the shared prefix " (" is
 appended to the prompt and the first differing tokens ("A" / "B") compared.
+
+The option mass, the probability of the two option tokens together at the
+answer position, is recorded per label: a model that puts little mass there is
+not answering the question it is asked (or is broken).
 
 Ensembling, as in the paper: K principles are drawn per comparison (seeded by
 its id), and each is asked in both orders, (A, B) and (B, A), which cancels the
@@ -27,22 +40,17 @@ training reads this file alone.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.inference.batched_forward import batched_forward
+from cai_jax.inference.option_scorer import OptionScorer, option_token_ids, p_first_and_mass
 from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
                                   sample_principles)
 from cai_jax.data.conversation import Conversation, as_conversation, to_messages
-from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.model_ref import resolve
 from cai_jax.rl_cai import feedback_prompts as fp
 from cai_jax.weights.loader import LoadedModel
@@ -50,10 +58,19 @@ from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.weights.tokenizer import encode_text, pad_token_id
 
 KINDS = ("harmless", "helpful")
+SOURCES = ("multiple_choice", "construction")
 
 
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
+        # Where labels come from: "multiple_choice" (a model judges each pair, as
+        # in the paper) or "construction" (no judge: pairs made by
+        # pairs.mode="contrastive" are labelled by the framing each answer was
+        # made under).
+        "source": "multiple_choice",
+        # construction: p(the answer made under the better framing is better).
+        # Below 1 softens labels that are right only on average.
+        "construction_confidence": 0.9,
         # "base": config.model (the pretrained model, as in the paper);
         # or any other model reference (cai_jax/model_ref.py: sl_cai, ckpt:DIR, ...).
         "model_source": "base",
@@ -82,76 +99,6 @@ def get_default_config() -> ml_collections.ConfigDict:
     })
 
 
-# ------------------------------------------------------------ option tokens
-
-def encode(tokenizer, text: str) -> list[int]:
-    return encode_text(tokenizer, text)
-
-
-def option_token_ids(tokenizer, options: Sequence[str] = fp.OPTIONS) -> tuple[list[int], int, int]:
-    """(shared prefix ids, first differing id of option A, of option B).
-
-    " (A)" and " (B)" must tokenize into a common prefix followed by one
-    differing token; the prefix is appended to every prompt and the label
-    compares the two differing tokens there.
-    """
-    ids_a, ids_b = encode(tokenizer, options[0]), encode(tokenizer, options[1])
-    n = 0
-    while n < min(len(ids_a), len(ids_b)) and ids_a[n] == ids_b[n]:
-        n += 1
-    if n >= len(ids_a) or n >= len(ids_b):
-        raise ValueError(
-            f"feedback options {options[0]!r} -> {ids_a} and {options[1]!r} -> {ids_b}: one "
-            "tokenization is a prefix of the other, so no single token tells them apart; "
-            "use a tokenizer that splits the option letters into their own tokens")
-    return ids_a[:n], ids_a[n], ids_b[n]
-
-
-# ------------------------------------------------------------ the scorer
-
-class OptionScorer:
-    """p(option A) at the end of each prompt, from one forward pass per batch.
-
-    Prompts are token ids that already end with the options' shared prefix.
-    Rows are left-padded so the last position is the answer position and the
-    model computes logits only there (`last_only`), never [B, T, vocab].
-    """
-
-    def __init__(self, model_config, params, token_a: int, token_b: int, *, pad_id: int = 0,
-                 batch_size: int = 8, max_len: int = 1024, min_bucket: int = 128, mesh=None):
-        if "lm" not in model_config.heads:
-            raise ValueError(f"the feedback model needs a language-model head; it has {model_config.heads}")
-        self.model = Transformer(model_config)
-        self.mesh = mesh or shd.make_mesh({"data": -1})
-        self.params = shd.place(params, shd.param_shardings(model_config, self.mesh))
-        self.token_ids = jnp.asarray([token_a, token_b], jnp.int32)
-        self.pad_id, self.max_len, self.min_bucket = pad_id, max_len, min_bucket
-        self.batch_size = batch_size
-        self._forward = jax.jit(self._option_logprobs)
-
-    def _option_logprobs(self, params, tokens_bt, mask_bt):
-        with nn.logical_axis_rules(shd.DEFAULT_RULES):
-            outputs, _ = self.model.apply({"params": params}, tokens_bt, positions_from_mask(mask_bt),
-                                          mask_bt, last_only=True)
-        logp_bv = jax.nn.log_softmax(outputs["logits"][:, -1].astype(jnp.float32), axis=-1)
-        return logp_bv[:, self.token_ids]  # [batch, 2]
-
-    def option_logprobs(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
-        """[N, 2] log-probs of the two option tokens after each prompt."""
-        bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress, leave=False)
-        logp_rows = batched_forward(functools.partial(self._forward, self.params), prompts,
-                                    batch_size=self.batch_size, min_width=self.min_bucket,
-                                    max_width=self.max_len, pad_id=self.pad_id, left=True,
-                                    mesh=self.mesh, on_batch=bar.update)
-        bar.close()
-        return np.asarray(logp_rows, np.float64).reshape(len(prompts), 2)
-
-    def p_first(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
-        """Softmax over the two option log-probs: p(option A) per prompt."""
-        logp = self.option_logprobs(prompts, progress)
-        return 1.0 / (1.0 + np.exp(logp[:, 1] - logp[:, 0]))
-
-
 # ------------------------------------------------------------ ensembling
 
 def combine_orders(p_first_ab, p_first_ba=None) -> np.ndarray:
@@ -178,24 +125,38 @@ def binary_entropy_bits(p) -> np.ndarray:
 
 
 def label_summary(records: Sequence[dict]) -> dict:
-    """Position bias, agreement across principles, label entropy, and counts."""
+    """Counts and label entropy; for judged labels also position bias, agreement
+    across principles and option mass; where pairs were made by construction,
+    how often the labels agree with it."""
     if not records:
         return {"labels": 0}
-    firsts = [p for r in records for p in r["p_first_ab"] + r.get("p_first_ba", [])]
-    agree = [np.all(np.asarray(r["p_a_per_principle"]) > 0.5) or np.all(np.asarray(r["p_a_per_principle"]) < 0.5)
-             for r in records]
     p_a = np.asarray([r["p_a"] for r in records])
     out = {
         "labels": len(records),
         "harmless": sum(r["kind"] == "harmless" for r in records),
         "helpful": sum(r["kind"] == "helpful" for r in records),
-        # Mean probability given to whatever sits in slot (A); 0.5 is unbiased.
-        "position_bias": float(np.mean(firsts)),
-        "principle_agreement": float(np.mean(agree)),
         "label_entropy_bits": float(np.mean(binary_entropy_bits(p_a))),
         "mean_p_a": float(np.mean(p_a)),
-        "truncated": int(sum(r.get("truncated", 0) > 0 for r in records)),
     }
+    judged = [r for r in records if "p_first_ab" in r]
+    if judged:
+        firsts = [p for r in judged for p in r["p_first_ab"] + r.get("p_first_ba", [])]
+        agree = [np.all(np.asarray(r["p_a_per_principle"]) > 0.5)
+                 or np.all(np.asarray(r["p_a_per_principle"]) < 0.5) for r in judged]
+        # Mean probability given to whatever sits in slot (A); 0.5 is unbiased.
+        out["position_bias"] = float(np.mean(firsts))
+        out["principle_agreement"] = float(np.mean(agree))
+        out["truncated"] = int(sum(r.get("truncated", 0) > 0 for r in judged))
+        masses = [r["option_mass"] for r in judged if "option_mass" in r]
+        if masses:
+            out["option_mass"] = float(np.mean(masses))
+            out["option_mass_below_half"] = int(sum(m < 0.5 for m in masses))
+        built = [r for r in judged if r.get("construction")]
+        if built:
+            # An independent check of the judge: does it prefer the answer made
+            # under the better framing?
+            out["agreement_with_construction"] = float(np.mean(
+                [(r["p_a"] > 0.5) == (r["construction"]["better"] == "a") for r in built]))
     return out
 
 
@@ -212,6 +173,8 @@ class FeedbackComparison:
     # False: the answer was cut at max_new_tokens (it has no end-of-turn token).
     complete_a: bool = True
     complete_b: bool = True
+    # How a contrastive pair was made: {"framing": id, "better": "a" | "b"}.
+    construction: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -249,7 +212,7 @@ class FeedbackLabeler:
         self.shots = fp.exemplar_shots(constitution.feedback_exemplars, num_exemplars)
         cot = list(constitution.cot_feedback_exemplars)
         self.cot_exemplars = cot if num_exemplars < 0 else cot[:num_exemplars]
-        self.prefix_ids, token_a, token_b = option_token_ids(self.tokenizer)
+        self.prefix_ids, token_a, token_b = option_token_ids(self.tokenizer, fp.OPTIONS)
         self.scorer = OptionScorer(model.config, model.params, token_a, token_b,
                                    pad_id=pad_token_id(self.tokenizer),
                                    batch_size=batch_size, max_len=self.max_len, min_bucket=min_bucket,
@@ -285,15 +248,15 @@ class FeedbackLabeler:
         """
         n_shots = len(self.shots) if not self.chain_of_thought else len(self.cot_exemplars)
         conv = tuple(conversation)
-        ids = encode(self.tokenizer, build(conv, n_shots))
+        ids = encode_text(self.tokenizer, build(conv, n_shots))
         while len(ids) > budget and n_shots > 0:
             n_shots -= 1
-            ids = encode(self.tokenizer, build(conv, n_shots))
+            ids = encode_text(self.tokenizer, build(conv, n_shots))
         while len(ids) > budget and len(conv) > 1:
             conv = conv[1:]
             while len(conv) > 1 and conv[0].role != "user":
                 conv = conv[1:]
-            ids = encode(self.tokenizer, build(conv, n_shots))
+            ids = encode_text(self.tokenizer, build(conv, n_shots))
         if len(ids) > budget:
             return ids[len(ids) - budget:], True
         return ids, conv != tuple(conversation)
@@ -347,7 +310,7 @@ class FeedbackLabeler:
         for q, sample in zip(queries, samples):
             q.reasoning = cut_at_stops(sample.text, fp.cot_stop_strings(self.style)).strip()
             # Extend the very ids the reasoning was sampled after.
-            ids = q.ids + encode(self.tokenizer, fp.cot_answer_suffix(q.reasoning))
+            ids = q.ids + encode_text(self.tokenizer, fp.cot_answer_suffix(q.reasoning))
             if len(ids) > budget:
                 ids, q.truncated = ids[len(ids) - budget:], True
             q.ids = ids
@@ -363,19 +326,24 @@ class FeedbackLabeler:
                                           answers in order (a, b) and (b, a)
             p_a_per_principle[k]          (p_first_ab + 1 - p_first_ba) / 2
             truncated                     prompts that had to be shortened
+            option_mass                   mean probability of the two option tokens
+                                          together at the answer position
             cot[k] = {"ab", "ba"}         the reasoning texts (chain of thought)
         """
         queries, principles = self._queries(comparisons)
         if self.chain_of_thought:
             self._reason(queries, comparisons)
-        p_first = self.scorer.p_first([q.ids + self.prefix_ids for q in queries], progress=progress)
+        p_first, mass = p_first_and_mass(
+            self.scorer.option_logprobs([q.ids + self.prefix_ids for q in queries], progress=progress))
         if self.chain_of_thought:
             p_first = clamp(p_first, *self.cot_clamp)
         ab = [[0.0] * len(chosen) for chosen in principles]
         ba = [[0.0] * len(chosen) for chosen in principles]
         cot = [[{} for _ in chosen] for chosen in principles]
         truncated = [0] * len(comparisons)
-        for q, p in zip(queries, p_first):
+        masses = [[] for _ in comparisons]
+        for q, p, m in zip(queries, p_first, mass):
+            masses[q.comparison].append(float(m))
             (ba if q.swapped else ab)[q.comparison][q.principle] = float(p)
             cot[q.comparison][q.principle]["ba" if q.swapped else "ab"] = q.reasoning
             truncated[q.comparison] += q.truncated
@@ -385,7 +353,8 @@ class FeedbackLabeler:
             record = {"id": c.id, "kind": c.kind, "p_a": float(np.mean(per_principle)),
                       "principle_ids": [p.id for p in principles[ci]],
                       "p_a_per_principle": [float(x) for x in per_principle],
-                      "p_first_ab": ab[ci], "truncated": truncated[ci]}
+                      "p_first_ab": ab[ci], "truncated": truncated[ci],
+                      "option_mass": float(np.mean(masses[ci])), "source": "multiple_choice"}
             if self.both_orders:
                 record["p_first_ba"] = ba[ci]
             if self.chain_of_thought:
@@ -422,7 +391,8 @@ def comparisons_from_pairs(records: Sequence[dict],
             out.append(FeedbackComparison(str(r["id"]), r["kind"], as_conversation(r["prompt"]),
                                           r["answer_a"], r["answer_b"],
                                           complete_a=r.get("finish_a") != "length",
-                                          complete_b=r.get("finish_b") != "length"))
+                                          complete_b=r.get("finish_b") != "length",
+                                          construction=r.get("construction")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} record {i}: {e!r}; expected id, kind, prompt (list of turns), "
                              "answer_a, answer_b") from None
@@ -433,13 +403,30 @@ def comparisons_from_pairs(records: Sequence[dict],
 
 def label_record(c: FeedbackComparison, label: dict) -> dict:
     """A labels.jsonl record: the label plus what preference training needs of the pair."""
-    return {**label, "conversation": to_messages(c.conversation), "answer_a": c.answer_a,
-            "answer_b": c.answer_b, "complete_a": c.complete_a, "complete_b": c.complete_b}
+    record = {**label, "conversation": to_messages(c.conversation), "answer_a": c.answer_a,
+              "answer_b": c.answer_b, "complete_a": c.complete_a, "complete_b": c.complete_b}
+    if c.construction:
+        record["construction"] = c.construction
+    return record
+
+
+def construction_label(c: FeedbackComparison, confidence: float, path: str = "pairs.jsonl") -> dict:
+    """The label a contrastive pair carries by how it was made: no judge."""
+    if not c.construction:
+        raise ValueError(f"{path} pair {c.id}: feedback.source='construction' needs pairs made with "
+                         "pairs.mode='contrastive' (this pair has no 'construction')")
+    p_a = confidence if c.construction["better"] == "a" else 1.0 - confidence
+    return {"id": c.id, "kind": c.kind, "p_a": p_a, "source": "construction"}
 
 
 def run_stage(ctx) -> dict:
     config = ctx.config
     section = config.feedback
+    if section.source not in SOURCES:
+        raise ValueError(f"feedback.source must be one of {SOURCES}, got {section.source!r}")
+    if not 0.5 <= section.construction_confidence <= 1.0:
+        raise ValueError(f"feedback.construction_confidence must be in [0.5, 1], "
+                         f"got {section.construction_confidence}")
     pairs_path = ctx.path("pairs.jsonl")
     comparisons = comparisons_from_pairs(artifacts.read_jsonl(pairs_path), pairs_path)
     if section.limit:
@@ -447,7 +434,10 @@ def run_stage(ctx) -> dict:
     out = artifacts.PartialJsonl(ctx.path("labels.jsonl"))
     done = out.done_keys()
     todo = [c for c in comparisons if c.id not in done]
-    if todo:
+    if todo and section.source == "construction":
+        out.extend(label_record(c, construction_label(c, section.construction_confidence, pairs_path))
+                   for c in todo)
+    elif todo:
         labeler = labeler_from_config(config, ctx.workdir)
         # Chunks of a few batches: each finished chunk is saved, so a kill loses little.
         per_chunk = max(1, 4 * section.batch_size // (2 * section.num_principles))
@@ -459,5 +449,7 @@ def run_stage(ctx) -> dict:
         bar.close()
     records = out.finish(order=[c.id for c in comparisons])
     summary = label_summary(records)
-    summary["chain_of_thought"] = bool(section.chain_of_thought)
+    summary["source"] = section.source
+    if section.source == "multiple_choice":
+        summary["chain_of_thought"] = bool(section.chain_of_thought)
     return summary

@@ -1,14 +1,29 @@
 """Answer pairs for AI feedback (stage `pairs`).
 
-The SL-CAI model answers every prompt twice, sampled independently at
-`pairs.temperature` (the paper samples at T = 1), through the shared sampler.
+Two ways to make a pair, chosen by `pairs.mode`:
+
+* "sampled" (the paper): the SL-CAI model answers every prompt twice,
+  sampled independently at `pairs.temperature` (the paper samples at T = 1).
+  Which answer is better is left to the feedback stage's judge.
+* "contrastive" (RLCD, Yang et al. 2023): the model answers every prompt
+  twice under the two system messages of one of the constitution's
+  contrastive framings (drawn per prompt), one asking for a better answer and
+  one for a worse. The record says which slot holds the answer made under
+  the better framing (`construction`), so the feedback stage can label the
+  pair by how it was made (`feedback.source="construction"`), and a judge's
+  labels on the same pairs can be checked against it. The better answer's
+  slot is drawn per prompt, so position carries no label. The model should
+  be a chat model that follows system messages: SmolLM2-135M answers alike
+  under both.
+
 Red-team prompts give the "harmless" pairs; helpful prompts give the
 "helpful" pairs for the helpfulness part of the preference-model mix.
 
 Artifact `pairs.jsonl`, one record per prompt:
 
     {"id", "kind": "harmless" | "helpful", "prompt": [{"role", "content"}, ...],
-     "answer_a", "answer_b", "finish_a", "finish_b", "sampling": {...}}
+     "answer_a", "answer_b", "finish_a", "finish_b", "sampling": {...},
+     "construction": {"framing": id, "better": "a" | "b"}}   (contrastive only)
 
 Records are appended as each batch finishes, so a killed stage resumes with the
 prompts it had not answered yet. Each answer's randomness depends only on the
@@ -23,17 +38,21 @@ from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.data.conversation import HH_HUMAN_STOP, build_initial_prompt, to_messages
+from cai_jax.constitution import ContrastiveFraming, constitution_from_config, sample_principles
+from cai_jax.data.conversation import HH_HUMAN_STOP, Turn, build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
 from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.model_ref import resolve
 from cai_jax.weights.tokenizer import encode_text
 
 KIND_OF_SOURCE = {"red_team": "harmless", "helpful": "helpful"}
+MODES = ("sampled", "contrastive")
 
 
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
+        # "sampled" or "contrastive" (see the module docstring).
+        "mode": "sampled",
         # The model that answers: a model reference (cai_jax/model_ref.py).
         "model_source": "sl_cai",
         "temperature": 1.0,
@@ -69,19 +88,56 @@ def stop_strings(style: str) -> tuple[str, ...]:
     return (HH_HUMAN_STOP,) if style == "hh" else ()
 
 
+def generator_style(tokenizer, configured: str, mode: str) -> str:
+    """The rendering the answering model reads. Contrastive framings are system
+    messages, so they need the model's chat template whatever config.data.render
+    says about the policy."""
+    if mode == "contrastive":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("pairs.mode='contrastive' needs a chat model (its framings are system "
+                             "messages); pairs.model_source has no chat template")
+        return "chat"
+    return configured
+
+
+def draw_construction(p: dict, framings: Sequence[ContrastiveFraming], seed: int) -> dict:
+    """The framing a prompt is answered under and the slot of its better answer,
+    both drawn from (seed, prompt id) alone."""
+    of_kind = [f for f in framings if f.kind == p["kind"]]
+    if not of_kind:
+        raise ValueError(f"pairs.mode='contrastive': the constitution has no contrastive_framings of "
+                         f"kind {p['kind']!r} (see constitutions/README.md)")
+    framing = sample_principles(of_kind, 1, seed=seed, example_id=p["id"], kind="contrastive_framing")[0]
+    slot = sample_principles(("a", "b"), 1, seed=seed, example_id=p["id"], kind="better_slot")[0]
+    return {"framing": framing.id, "better": slot}
+
+
+def prompt_texts(p: dict, style: str, tokenizer, framings: Sequence[ContrastiveFraming]) -> tuple[str, str]:
+    """The prompts answers a and b are sampled from: the same one twice, or the
+    conversation under each system message of the record's framing."""
+    conversation = tuple(p["conversation"])
+    if "construction" not in p:
+        text = build_initial_prompt(conversation, style=style, tokenizer=tokenizer)
+        return text, text
+    framing = next(f for f in framings if f.id == p["construction"]["framing"])
+    better, worse = (build_initial_prompt((Turn("system", system),) + conversation, style=style,
+                                          tokenizer=tokenizer) for system in (framing.better, framing.worse))
+    return (better, worse) if p["construction"]["better"] == "a" else (worse, better)
+
+
 def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: str, sampling,
-                 seed: int, batch_size: int, max_prompt_tokens: int) -> tuple[list[dict], list[str]]:
+                 seed: int, batch_size: int, max_prompt_tokens: int,
+                 framings: Sequence[ContrastiveFraming] = ()) -> tuple[list[dict], list[str]]:
     """Two answers per prompt. Returns (records, ids of prompts skipped as too long)."""
     stops = stop_strings(style)
     rows, kept, skipped = [], [], []
     for p in prompts:
-        text = build_initial_prompt(p["conversation"], style=style, tokenizer=tokenizer)
-        ids = encode_text(tokenizer, text)
-        if len(ids) > max_prompt_tokens:
+        pair_rows = [encode_text(tokenizer, text) for text in prompt_texts(p, style, tokenizer, framings)]
+        if max(map(len, pair_rows)) > max_prompt_tokens:
             skipped.append(p["id"])
             continue
         kept.append(p)
-        rows += [ids, ids]
+        rows += pair_rows
     if not kept:
         return [], skipped
     example_ids = [f"{p['id']}/{slot}" for p in kept for slot in ("a", "b")]
@@ -96,6 +152,8 @@ def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: 
                         "answer_a": cut_at_stops(a.text, stops).strip(),
                         "answer_b": cut_at_stops(b.text, stops).strip(),
                         "finish_a": a.finish_reason, "finish_b": b.finish_reason, "sampling": settings})
+        if "construction" in p:
+            records[-1]["construction"] = p["construction"]
     return records, skipped
 
 
@@ -104,10 +162,16 @@ def run_stage(ctx) -> dict:
 
     config = ctx.config
     section = config.pairs
-    style = config.data.render
+    if section.mode not in MODES:
+        raise ValueError(f"pairs.mode must be one of {MODES}, got {section.mode!r}")
     prompts = pair_prompts(config)
     if not prompts:
         raise ValueError("pairs: no prompts; check config.data.red_team / helpful and their limits")
+    framings: Sequence[ContrastiveFraming] = ()
+    if section.mode == "contrastive":
+        framings = constitution_from_config(config.constitution, config.seed).contrastive_framings
+        for p in prompts:
+            p["construction"] = draw_construction(p, framings, config.seed)
     out = artifacts.PartialJsonl(ctx.path("pairs.jsonl"))
     done = out.done_keys()
     todo = [p for p in prompts if p["id"] not in done]
@@ -116,6 +180,7 @@ def run_stage(ctx) -> dict:
         model = resolve(section.model_source, config, ctx.workdir).load(seed=config.seed)
         if model.tokenizer is None:
             raise ValueError(f"pairs.model_source {section.model_source!r} has no tokenizer")
+        style = generator_style(model.tokenizer, config.data.render, section.mode)
         mesh = shd.make_mesh(config.mesh.to_dict())
         sampler = Sampler(model.config, model.tokenizer, mesh=mesh, progress=False)
         params = shd.place(model.params, shd.param_shardings(model.config, mesh))
@@ -133,7 +198,7 @@ def run_stage(ctx) -> dict:
         for chunk in artifacts.iter_batches(todo, per_chunk):
             records, too_long = sample_pairs(sampler, params, chunk, model.tokenizer, style=style,
                                              sampling=sampling, seed=config.seed, batch_size=batch,
-                                             max_prompt_tokens=max_prompt)
+                                             max_prompt_tokens=max_prompt, framings=framings)
             out.extend(records)
             skipped += too_long
             bar.update(len(chunk))
@@ -144,7 +209,10 @@ def run_stage(ctx) -> dict:
                "helpful": sum(r["kind"] == "helpful" for r in records),
                "identical_answers": sum(r["answer_a"] == r["answer_b"] for r in records),
                "cut_at_length": sum((r["finish_a"] == "length") + (r["finish_b"] == "length")
-                                    for r in records)}
+                                    for r in records),
+               "mode": section.mode}
+    if section.mode == "contrastive":
+        summary["better_in_slot_a"] = sum(r["construction"]["better"] == "a" for r in records)
     if skipped:
         summary["skipped_too_long"] = len(skipped)
     return summary
