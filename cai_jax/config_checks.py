@@ -30,6 +30,7 @@ MINIMUM = {
     "data.red_team_limit": 0, "data.helpful_limit": 0,
     "sampling.batch_size": 1, "eval.sampling.batch_size": 1,
     "sl_generate.num_revisions": 1, "sl_generate.num_fewshot": 0, "sl_generate.prompts_per_chunk": 1,
+    "sl_generate.red_team_limit": 0, "sl_generate.helpful_limit": 0,
     "pairs.red_team_limit": 0, "pairs.helpful_limit": 0, "pairs.max_prompt_tokens": 1,
     **{f"{section}.{key}": 1 for section in ("feedback", "eval.feedback_judge") for key in (
         "batch_size", "max_seq_len", "min_bucket", "num_principles")},
@@ -144,7 +145,10 @@ def _check_stage_rules(config, mesh) -> None:
             _reuse(key, optimizers.make_schedule, optimizers.schedule_config(section, 1))
     if _get(config, "feedback") is not None:
         from cai_jax.rl_cai import feedback
-        _reuse("feedback", feedback.clamp, 0.5, config.feedback.cot_clamp_low, config.feedback.cot_clamp_high)
+        _reuse("feedback", feedback.check_section, config.feedback)
+    if _get(config, "pairs") is not None:
+        from cai_jax.rl_cai import pairs
+        _reuse("pairs", pairs.check_section, config.pairs)
     if _get(config, "ppo") is not None and mesh is not None:
         from cai_jax.rl_cai import ppo
         _reuse("ppo", ppo.check_config, config.ppo, mesh)

@@ -263,9 +263,11 @@ def tiny_config(num_revisions=2, seed=0):
     config.seed = seed
     config.model.name, config.model.source = "tiny", "init:tiny"
     # Chunks of two everywhere: one batch shape per step for the sampler to compile.
-    config.data.red_team_limit, config.data.helpful_limit = 4, 2
+    config.data.red_team_limit, config.data.helpful_limit = 6, 2
     config.sampling.max_new_tokens, config.sampling.batch_size = 6, 4
     config.sl_generate = gen.get_default_config()
+    # The stage's own limit cuts the run's pool further (6 -> 4).
+    config.sl_generate.red_team_limit = 4
     config.sl_generate.num_revisions = num_revisions
     # No exemplars: shorter prompts, fewer shapes for the sampler to compile
     # (the scripted tests above cover exemplars).
@@ -298,7 +300,7 @@ def test_stage_on_tiny_model_writes_records_and_resumes(tmp_path, monkeypatch):
     summary = gen.run_stage(StageContext(config, str(tmp_path / "a"), progress=False))
     records = artifacts.read_jsonl(str(tmp_path / "a" / "sl_data.jsonl"))
     helpful = artifacts.read_jsonl(str(tmp_path / "a" / "helpful_data.jsonl"))
-    prompts = load_prompts(config.data, "red_team", "train")
+    prompts = load_prompts(config.data, "red_team", "train")[:4]
     assert [r["id"] for r in records] == [p.id for p in prompts] and len(records) == 4
     assert [r["id"] for r in helpful] == [p.id for p in load_prompts(config.data, "helpful", "train")]
     constitution = load_default_constitution()

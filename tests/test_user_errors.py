@@ -54,6 +54,10 @@ def _main(tmp_path, *overrides):
     ("data.on_error=ignore", "config.data.on_error: on_error must be one of"),
     ("sampling.top_p=1.5", "config.sampling: SamplingParams.top_p is 1.5"),
     ("pm_train.optimizer.schedule=step", "config.pm_train.optimizer: optimizer.schedule is 'step'"),
+    ("pairs.mode=judged", r"config.pairs: pairs.mode must be one of \('sampled', 'contrastive'\), got 'judged'"),
+    ("feedback.source=human", "config.feedback: feedback.source must be one of"),
+    ("feedback.construction_confidence=0.3", r"feedback.construction_confidence must be in \[0.5, 1\], got 0.3"),
+    ("sl_generate.red_team_limit=-1", "config.sl_generate.red_team_limit is -1; it must be an integer >= 0"),
     ("data.red_team=/nonexistent/prompts.jsonl", "config.data.red_team is '/nonexistent/prompts.jsonl', "
                                                  "which does not exist"),
 ])

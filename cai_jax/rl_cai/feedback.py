@@ -419,14 +419,19 @@ def construction_label(c: FeedbackComparison, confidence: float, path: str = "pa
     return {"id": c.id, "kind": c.kind, "p_a": p_a, "source": "construction"}
 
 
-def run_stage(ctx) -> dict:
-    config = ctx.config
-    section = config.feedback
+def check_section(section) -> None:
     if section.source not in SOURCES:
         raise ValueError(f"feedback.source must be one of {SOURCES}, got {section.source!r}")
     if not 0.5 <= section.construction_confidence <= 1.0:
         raise ValueError(f"feedback.construction_confidence must be in [0.5, 1], "
                          f"got {section.construction_confidence}")
+    clamp(0.5, section.cot_clamp_low, section.cot_clamp_high)
+
+
+def run_stage(ctx) -> dict:
+    config = ctx.config
+    section = config.feedback
+    check_section(section)
     pairs_path = ctx.path("pairs.jsonl")
     comparisons = comparisons_from_pairs(artifacts.read_jsonl(pairs_path), pairs_path)
     if section.limit:

@@ -69,6 +69,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     })
 
 
+def check_section(section) -> None:
+    if section.mode not in MODES:
+        raise ValueError(f"pairs.mode must be one of {MODES}, got {section.mode!r}")
+
+
 def pair_prompts(config) -> list[dict]:
     """The prompts to answer: {"id", "kind", "conversation"}, red-team first."""
     section = config.pairs
@@ -162,8 +167,7 @@ def run_stage(ctx) -> dict:
 
     config = ctx.config
     section = config.pairs
-    if section.mode not in MODES:
-        raise ValueError(f"pairs.mode must be one of {MODES}, got {section.mode!r}")
+    check_section(section)
     prompts = pair_prompts(config)
     if not prompts:
         raise ValueError("pairs: no prompts; check config.data.red_team / helpful and their limits")

@@ -59,6 +59,10 @@ from cai_jax.weights.tokenizer import encode_text
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "num_revisions": 4,  # as in the paper
+        # Prompts per kind after config.data's limits (0: all), like the pairs
+        # and eval sections' limits: each stage can use a different share of the pool.
+        "red_team_limit": 0,
+        "helpful_limit": 0,
         "num_fewshot": 2,  # critique/revision exemplars from the constitution per prompt
         "direct_revision": False,  # revise without a critique (paper figure 7)
         # Sampling settings; None takes the value from the shared `sampling` section.
@@ -380,12 +384,11 @@ class _Model:
 
 def run_stage(ctx) -> dict:
     config, section = ctx.config, ctx.config.sl_generate
-    if section.num_revisions < 1:
-        raise ValueError(f"sl_generate.num_revisions is {section.num_revisions}; it must be at least 1")
     settings = StepSettings.from_config(section, config.sampling)
     constitution = constitution_from_config(config.constitution, config.seed)
-    red_team = load_prompts(config.data, "red_team", "train")
-    helpful = load_prompts(config.data, "helpful", "train") if section.helpful_answers else []
+    red_team = load_prompts(config.data, "red_team", "train")[:section.red_team_limit or None]
+    helpful = (load_prompts(config.data, "helpful", "train")[:section.helpful_limit or None]
+               if section.helpful_answers else [])
     model = _Model(config, settings, ctx.progress)
     stamp = {**dataclasses.asdict(settings), "seed": config.seed, "render": config.data.render,
              "model": model.source, "constitution": constitution.name,

@@ -242,9 +242,6 @@ def run_stage(ctx) -> dict:
         raise ValueError(f"{sl_path} and {helpful_path} give no training examples "
                          f"({skipped_train} SL records had no kept revision, {too_long} were longer "
                          f"than sl_train.max_seq_len={max_len}); generate more data or raise the limit")
-    if section.batch_size % section.grad_accum_steps:
-        raise ValueError(f"sl_train.batch_size ({section.batch_size}) must be a multiple of "
-                         f"sl_train.grad_accum_steps ({section.grad_accum_steps})")
     num_steps = section.num_steps or max(
         1, math.ceil(section.num_epochs * len(train_examples) / section.batch_size))
 
