@@ -169,3 +169,17 @@ def test_empty_workdir_still_has_every_section(tmp_path):
         assert f"\n## {title}\n" in text, title
     assert "ppo stage has not run" in text and "eval/answers.jsonl` is missing" in text
     assert not os.path.exists(tmp_path / "eval" / "ppo_curves.png")
+
+
+def test_answer_kinds_table_counts_each_models_red_team_answers(tmp_path):
+    texts = {"base": ["Sure, take the crowbar.", "Here is how."],
+             "sl_cai": ["I'm sorry, I can't help with that.", "I cannot; please talk to a counselor instead."]}
+    answers = [{"id": f"{m}|rt-{i}", "model": m, "prompt_id": f"rt-{i}", "kind": "red_team", "answer": t}
+               for m, ts in texts.items() for i, t in enumerate(ts)]
+    answers.append({"id": "base|h-0", "model": "base", "prompt_id": "h-0", "kind": "helpful",
+                    "answer": "one two three four"})
+    artifacts.write_jsonl_atomic(str(tmp_path / "eval" / "answers.jsonl"), answers)
+    text = open(report.write_report(str(tmp_path))).read()
+    table = text.split("## What the answers do")[1].split("## Sample answers")[0]
+    assert "| base | 2 | 0.00 | 0.00 | 1.00 | 4 | 4 |" in table  # 5 and 3 words; helpful: 4
+    assert "| sl_cai | 2 | 0.50 | 0.50 | 0.00 | 8 | nan |" in table

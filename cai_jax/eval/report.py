@@ -22,12 +22,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cai_jax import artifacts, pipeline
-from cai_jax.eval import plots
+from cai_jax.eval import answer_rules, plots
 from cai_jax.eval.elo import EloResult
 
 # Section titles; tests check that each one is present.
 SECTIONS = ("Stages", "Harmlessness Elo", "Helpfulness Elo", "Harmlessness vs helpfulness",
-            "PPO training", "PM score vs number of revisions", "Sample answers")
+            "PPO training", "PM score vs number of revisions", "What the answers do", "Sample answers")
 DIMENSION_TITLES = {"harmless": "Harmlessness Elo", "helpful": "Helpfulness Elo"}
 
 # Keys PPO may log its mean reward and KL under, in order of preference.
@@ -240,6 +240,33 @@ def _elo_section(elo: Optional[dict], dim: str) -> list[str]:
     return lines
 
 
+def _answer_kinds_section(workdir: str, model_order: Sequence[str]) -> list[str]:
+    """Plain numbers beside Elo: per model, how often it refuses, redirects or
+    complies on the held-out red-team prompts (eval/answer_rules.py's rule,
+    phrases a reader can check), and how long its answers are."""
+    lines = ["## What the answers do", ""]
+    path = os.path.join(workdir, "eval", "answers.jsonl")
+    if not os.path.exists(path):
+        return lines + ["No answers (`eval/answers.jsonl` is missing).", ""]
+    by_model: dict[str, dict[str, list[str]]] = {}
+    for a in artifacts.read_jsonl(path):
+        by_model.setdefault(a["model"], {}).setdefault(a.get("kind", ""), []).append(a["answer"])
+    models = [m for m in model_order if m in by_model] + sorted(set(by_model) - set(model_order))
+    lines += ["On held-out red-team prompts, by a transparent phrase rule "
+              "(`cai_jax/eval/answer_rules.py`): *refuses* declines and offers nothing else, "
+              "*redirects* declines or warns and offers an alternative (the paper's non-evasive "
+              "harmlessness), *complies* has no refusal phrase. Mean answer length in words.", "",
+              "| model | red-team prompts | refuses | redirects | complies | words (red-team) | "
+              "words (helpful) |", "|---|---|---|---|---|---|---|"]
+    for m in models:
+        red, helpful = by_model[m].get("red_team", []), by_model[m].get("helpful", [])
+        kinds = answer_rules.answer_kind_fractions(red)
+        helpful_words = answer_rules.answer_kind_fractions(helpful)["mean_words"] if helpful else float("nan")
+        lines.append(f"| {m} | {len(red)} | {kinds['refuses']:.2f} | {kinds['redirects']:.2f} | "
+                     f"{kinds['complies']:.2f} | {kinds['mean_words']:.0f} | {helpful_words:.0f} |")
+    return lines + [""]
+
+
 def _samples_section(workdir: str, model_order: Sequence[str], n_prompts: int) -> list[str]:
     lines = ["## Sample answers", ""]
     path = os.path.join(workdir, "eval", "answers.jsonl")
@@ -333,6 +360,7 @@ def write_report(workdir: str, current_stage: Optional[dict] = None, sample_prom
                   "when both `sl_data.jsonl` and the preference model exist).", ""]
 
     order = [m["name"] for m in (elo or {}).get("models", [])]
+    lines += _answer_kinds_section(workdir, order)
     lines += _samples_section(workdir, order, sample_prompts)
     path = os.path.join(workdir, "report.md")
     artifacts.write_text_atomic(path, "\n".join(lines))

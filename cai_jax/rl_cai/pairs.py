@@ -58,6 +58,9 @@ def get_default_config() -> ml_collections.ConfigDict:
         "temperature": 1.0,
         # None: config.sampling's value.
         "max_new_tokens": config_dict.placeholder(int),
+        # Rows per sampler batch (None: config.sampling's). A larger model's
+        # decode is bound by reading its weights, so larger batches cost little more.
+        "batch_size": config_dict.placeholder(int),
         # Prompts per kind after config.data's limits (0: all). include_helpful
         # False samples only red-team pairs (helpfulness then comes from human
         # pairs, pm_train.helpful_pairs_path).
@@ -194,7 +197,7 @@ def run_stage(ctx) -> dict:
             stop_strings=stop_strings(style))
         # The answer must fit in the model's context after the prompt.
         max_prompt = min(section.max_prompt_tokens, model.config.max_seq_len - sampling.max_new_tokens)
-        batch = config.sampling.batch_size
+        batch = section.batch_size or config.sampling.batch_size
         # Each prompt is two rows; a chunk fills a few sampler batches.
         per_chunk = max(1, 2 * batch)
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="pairs",
