@@ -183,3 +183,25 @@ def test_answer_kinds_table_counts_each_models_red_team_answers(tmp_path):
     table = text.split("## What the answers do")[1].split("## Sample answers")[0]
     assert "| base | 2 | 0.00 | 0.00 | 1.00 | 4 | 4 |" in table  # 5 and 3 words; helpful: 4
     assert "| sl_cai | 2 | 0.50 | 0.50 | 0.00 | 8 | nan |" in table
+
+
+def test_heldout_reward_gain_is_paired_by_prompt(tmp_path):
+    from cai_jax.rl_cai import ppo
+
+    first = [{"id": f"p{i}", "reward": r} for i, r in enumerate([0.0, 1.0, 2.0])]
+    last = [{"id": f"p{i}", "reward": r} for i, r in enumerate([0.5, 1.7, 2.3])]
+    artifacts.write_jsonl_atomic(str(tmp_path / "ppo" / "eval" / "step_0.jsonl"), first)
+    artifacts.write_jsonl_atomic(str(tmp_path / "ppo" / "eval" / "step_4.jsonl"), last)
+    artifacts.write_jsonl_atomic(str(tmp_path / "ppo" / "metrics.jsonl"), [
+        {"step": 0, "eval_reward": 1.0},
+        {"step": 4, "reward_mean": 0.3, "kl_k1": -0.01, "kl_k3": 0.02, "beta": 0.1, "eval_reward": 1.5}])
+    summary = ppo.summarize(str(tmp_path / "ppo" / "metrics.jsonl"))
+    diff = np.array([0.5, 0.7, 0.3])  # by hand
+    assert summary["eval_reward_gain"] == pytest.approx(diff.mean())
+    assert summary["eval_reward_gain_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(3))
+
+    artifacts.write_json_atomic(str(tmp_path / "stages" / "ppo.json"), {"stage": "ppo", "summary": summary})
+    text = open(report.write_report(str(tmp_path))).read()
+    assert "`eval_reward`, `kl_k3`" in text
+    assert "changed by +0.5 from the first evaluation to the last (standard error 0.12" in text
+    assert "more than twice its standard error" in text

@@ -226,12 +226,17 @@ def plot_ppo_curves(
     reward_key: str = "reward_mean",
     kl_key: str = "kl",
     title: str | None = None,
+    extra_keys: Sequence[str] = (),
 ) -> str:
     """Reward (top) and KL (bottom) per PPO iteration.
 
     ``history`` is a list of per-iteration metric dicts; the x value is
     ``iteration`` when present, else the list position.  Entries missing a
     metric leave a gap.  ``kl_target`` draws a dashed horizontal line.
+    ``extra_keys`` are drawn too, on the reward panel if they name a reward
+    and on the KL panel if they name a KL (e.g. the held-out reward, and the
+    non-negative k3 KL estimate beside k1, whose single-sample values can be
+    negative).
     """
     if not history:
         raise ValueError("plot_ppo_curves: empty history")
@@ -240,11 +245,17 @@ def plot_ppo_curves(
             raise ValueError(f"plot_ppo_curves: no history entry has key {key!r}")
     x = np.array([float(h.get("iteration", i)) for i, h in enumerate(history)])
     fig, axes = _new_figure(nrows=2, size=(6.0, 6.0), sharex=True)
-    for ax, key, label in [(axes[0, 0], reward_key, "Reward"), (axes[1, 0], kl_key, "KL")]:
-        y = np.array([float(h.get(key, np.nan)) for h in history])
-        ax.plot(x, y, marker="." if len(x) < 50 else None, label=key)
+    panels = [(axes[0, 0], [reward_key] + [k for k in extra_keys if "reward" in k], "Reward"),
+              (axes[1, 0], [kl_key] + [k for k in extra_keys if "kl" in k], "KL")]
+    for ax, keys, label in panels:
+        for key in keys:
+            y = np.array([float(h[key]) if h.get(key) is not None else np.nan for h in history])
+            seen = ~np.isnan(y)
+            ax.plot(x[seen], y[seen], marker="." if seen.sum() < 50 else None, label=key)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
     if kl_target is not None:
         axes[1, 0].axhline(kl_target, color="gray", linestyle="--", label="KL target")
         axes[1, 0].legend(fontsize=8)

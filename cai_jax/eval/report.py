@@ -191,8 +191,20 @@ def ppo_plot(workdir: str, out_path: str) -> tuple[Optional[str], str]:
                       f"{sorted(set().union(*(h.keys() for h in history)))}).")
     # MetricWriter logs "step"; the plot's x axis reads "iteration".
     history = [{"iteration": h.get("iteration", h.get("step", i)), **h} for i, h in enumerate(history)]
-    plots.plot_ppo_curves(history, out_path, reward_key=reward_key, kl_key=kl_key)
-    return out_path, f"Mean reward (`{reward_key}`) and KL (`{kl_key}`) over {len(history)} logged steps."
+    present = set().union(*(h.keys() for h in history))
+    extra = [k for k in ("eval_reward", "kl_k3") if k in present and k not in (reward_key, kl_key)]
+    plots.plot_ppo_curves(history, out_path, reward_key=reward_key, kl_key=kl_key, extra_keys=extra)
+    sentence = (f"Mean reward (`{reward_key}`) and KL (`{kl_key}`) over {len(history)} logged steps"
+                + (f", with {', '.join(f'`{k}`' for k in extra)}" if extra else "") + ".")
+    gain = _read_json(os.path.join(workdir, "stages", "ppo.json"))
+    summary = (gain or {}).get("summary", {})
+    if "eval_reward_gain" in summary:
+        d, se = summary["eval_reward_gain"], summary["eval_reward_gain_se"]
+        verdict = "more than" if d > 2 * se else "not more than"
+        sentence += (f" The held-out PM reward changed by {d:+.4g} from the first evaluation to the "
+                     f"last (standard error {se:.2g} across prompts, paired): {verdict} twice its "
+                     "standard error.")
+    return out_path, sentence
 
 
 def revision_score_series(records: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -447,7 +447,24 @@ def summarize(metrics_path: str) -> dict:
     if evals:
         out.update(eval_reward_first=evals[0]["eval_reward"],
                    eval_reward_last=evals[-1]["eval_reward"])
+        out.update(heldout_reward_gain(os.path.join(os.path.dirname(metrics_path), "eval"),
+                                       evals[0]["step"], evals[-1]["step"]))
     return out
+
+
+def heldout_reward_gain(eval_dir: str, first: int, last: int) -> dict:
+    """The held-out reward's change from the first evaluation to the last,
+    paired by prompt (the same prompts each time), with its standard error
+    across prompts: whether PPO climbed more than the prompts' noise."""
+    paths = [os.path.join(eval_dir, f"step_{s}.jsonl") for s in (first, last)]
+    if first == last or not all(os.path.exists(p) for p in paths):
+        return {}
+    before, after = ({r["id"]: r["reward"] for r in artifacts.read_jsonl(p)} for p in paths)
+    diff = np.asarray([after[i] - before[i] for i in before if i in after], np.float64)
+    if len(diff) < 2:
+        return {}
+    return {"eval_reward_gain": float(diff.mean()),
+            "eval_reward_gain_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
 
 
 # ------------------------------------------------------------------ stage
