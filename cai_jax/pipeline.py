@@ -121,11 +121,23 @@ def _made(workdir: str, name: str) -> Optional[str]:
     return artifacts.fingerprint({k: manifest.get(k) for k in ("fingerprint", "outputs")})
 
 
+def _constitution_content(config) -> str:
+    """The constitution's text, not just its path: "default" is package data
+    that changes with the code, and a JSON file can be edited in place."""
+    from cai_jax.constitution import constitution_from_config
+
+    return artifacts.fingerprint(dataclasses.asdict(constitution_from_config(config.constitution, config.seed)))
+
+
 def stage_fingerprint(config, workdir: str, name: str) -> dict:
-    """What a stage's result depends on: its config sections, its inputs'
-    content, and what every earlier stage made (a rerun upstream invalidates it)."""
+    """What a stage's result depends on: its config sections (the constitution
+    by content), its inputs' content, and what every earlier stage made (a
+    rerun upstream invalidates it)."""
     stage = STAGES[name]
-    return {"config": {k: artifacts.fingerprint(v) for k, v in _sections(config, stage.config).items()},
+    sections = {k: artifacts.fingerprint(v) for k, v in _sections(config, stage.config).items()}
+    if "constitution" in sections:
+        sections["constitution"] = artifacts.fingerprint([sections["constitution"], _constitution_content(config)])
+    return {"config": sections,
             "inputs": {rel: artifacts.path_fingerprint(os.path.join(workdir, rel)) for rel in stage.inputs},
             "upstream": {s: _made(workdir, s) for s in ORDER[:ORDER.index(name)]}}
 

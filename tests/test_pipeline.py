@@ -174,3 +174,19 @@ def test_tiny_pipeline_killed_mid_stage_resumes_to_completion(tmp_path):
     ppo_rows = [json.loads(line) for line in open(workdir / "ppo" / "metrics.jsonl")]
     iterations = [r["step"] for r in ppo_rows if "reward_mean" in r]
     assert iterations == sorted(set(iterations)), "a resumed PPO logs each iteration once"
+
+
+def test_a_constitution_edited_in_place_changes_the_fingerprint_of_stages_that_read_it(tmp_path):
+    from cai_jax.config import load_config
+    from cai_jax.constitution import default_constitution_path
+
+    path = tmp_path / "mine.json"
+    path.write_text(open(default_constitution_path()).read())
+    config = load_config("configs/tiny.py", [f"constitution.path={path}"])
+    before = {s: pipeline.stage_fingerprint(config, str(tmp_path), s)["config"] for s in ("pairs", "pm_train")}
+    data = json.loads(path.read_text())
+    data["contrastive_framings"] = data["contrastive_framings"][:1]
+    path.write_text(json.dumps(data))  # same path, same config, new content
+    after = {s: pipeline.stage_fingerprint(config, str(tmp_path), s)["config"] for s in ("pairs", "pm_train")}
+    assert before["pairs"]["constitution"] != after["pairs"]["constitution"]
+    assert before["pm_train"] == after["pm_train"]  # pm_train does not read the constitution
