@@ -1,0 +1,255 @@
+"""The labels bench: which source of AI labels gives a preference model that
+agrees with people, measured on HH-RLHF harmless-base test pairs no stage used.
+
+    python benchmarks/bench_labels.py                     # SmolLM2 and Qwen 0.5B judges
+    python benchmarks/bench_labels.py --labelers smollm2,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct
+
+Cells (each saved to --out/results.json as it finishes; a rerun skips what is
+there, so a killed bench resumes):
+
+* baselines: the trivial judges of cai_jax/eval/answer_rules.py on the first
+  --limit HH pairs (ties count one half).
+* direct/<labeler>: the labeler as a multiple-choice judge (the feedback
+  stage's labeler with configs/default.py's feedback settings) on the first
+  --judge_limit HH pairs: agreement with the human label, option mass, seconds
+  per label.
+* pm/construction: the pipeline's own stages in a work directory: pairs
+  (pairs.mode=contrastive, --generator answering --prompts red-team training
+  prompts under the constitution's framings), feedback (source=construction),
+  pm_train (soft Bradley-Terry, configs/default.py's settings); the PM is then
+  scored on the first --limit HH pairs.
+* pm/<labeler>: the same pairs labelled by the labeler's multiple choice, the
+  same PM training and scoring; also the labels' agreement with the
+  construction and their option mass.
+
+Writes results.json, table.md and figure.png (accuracy against labeler
+parameters, a line per method: the paper's figure 4 in miniature) to --out.
+Intervals are 95% normal intervals over pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
+SHARED = os.environ.get("CAI_JAX_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+HH_TEST = os.path.join(SHARED, "hh-rlhf", "harmless-base-test.jsonl.gz")
+# Parameters of the offline models, for the figure's x axis.
+PARAMETERS = {"smollm2": 135e6, "qwen2.5-coder-0.5b-instruct": 494e6, "qwen2.5-coder-1.5b-instruct": 1.54e9}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labelers", default="smollm2,qwen2.5-coder-0.5b-instruct",
+                   help="comma-separated model references judging by multiple choice")
+    p.add_argument("--generator", default="qwen2.5-coder-0.5b-instruct",
+                   help="the model answering under the contrastive framings")
+    p.add_argument("--prompts", type=int, default=200, help="red-team training prompts made into pairs")
+    p.add_argument("--limit", type=int, default=1000, help="HH test pairs the PMs and baselines are scored on")
+    p.add_argument("--judge_limit", type=int, default=100, help="HH test pairs each labeler judges directly")
+    p.add_argument("--pm_labelers", default="smollm2",
+                   help="labelers whose multiple-choice labels of the contrastive pairs train a PM ('' for none)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="experiment config whose sections are used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every cell, e.g. --set pm_train.num_epochs=3")
+    p.add_argument("--pairs", default=HH_TEST, help="HH-format test pairs")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "labels"))
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------ numbers
+
+def accuracy_interval(p_chosen) -> dict:
+    """Agreement with the human label (p > 0.5 right, a tie one half) and its
+    95% normal interval over pairs."""
+    p = np.asarray(p_chosen, np.float64)
+    right = np.where(p == 0.5, 0.5, (p > 0.5).astype(np.float64))
+    acc = float(right.mean())
+    half = 1.96 * float(right.std(ddof=1)) / math.sqrt(len(right)) if len(right) > 1 else float("nan")
+    return {"n": int(len(p)), "accuracy": acc, "low": acc - half, "high": acc + half}
+
+
+class Results:
+    """results.json: one entry per finished cell, written atomically."""
+
+    def __init__(self, out: str):
+        from cai_jax import artifacts
+
+        self.path, self._write = os.path.join(out, "results.json"), artifacts.write_json_atomic
+        self.cells = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    def run(self, key: str, compute) -> dict:
+        if key not in self.cells:
+            print(f"== {key}", flush=True)
+            start = time.time()
+            cell = compute()
+            cell["seconds"] = time.time() - start
+            self.cells[key] = cell
+            self._write(self.path, self.cells)
+        print(f"{key}: {json.dumps(self.cells[key])}", flush=True)
+        return self.cells[key]
+
+
+def bench_config(args, *overrides: str):
+    from cai_jax.config import load_config
+
+    return load_config(args.config, [*args.set, *overrides])
+
+
+# ------------------------------------------------------------ cells
+
+def baselines(hh_pairs) -> dict:
+    from cai_jax.eval.answer_rules import TRIVIAL_JUDGES
+
+    return {name: accuracy_interval([judge(p.chosen, p.rejected) for p in hh_pairs])
+            for name, judge in TRIVIAL_JUDGES.items()}
+
+
+def direct(args, labeler: str, hh_pairs) -> dict:
+    """The labeler judging HH pairs itself (chosen shown first; both orders cancel the slot)."""
+    from cai_jax.rl_cai import feedback
+
+    config = bench_config(args, f"feedback.model_source={labeler}")
+    judge = feedback.labeler_from_config(config)
+    comparisons = [feedback.FeedbackComparison(f"hh:{p.line}", "harmless", p.context, p.chosen, p.rejected)
+                   for p in hh_pairs]
+    start = time.time()
+    records = judge.label(comparisons, progress=True)
+    seconds = time.time() - start
+    return {**accuracy_interval([r["p_a"] for r in records]),
+            "option_mass": float(np.mean([r["option_mass"] for r in records])),
+            "seconds_per_label": seconds / len(records)}
+
+
+def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
+    """feedback and pm_train stages on the pairs in `workdir`, then the PM on HH pairs."""
+    from cai_jax import pipeline
+    from cai_jax.tools.score_pairs import pm_judge
+
+    config = bench_config(args, *overrides)
+    start = time.time()
+    [labels] = pipeline.run_pipeline(config, workdir, ["feedback"], progress=True)
+    label_seconds = time.time() - start
+    [trained] = pipeline.run_pipeline(config, workdir, ["pm_train"], progress=True)
+    p = pm_judge(os.path.join(workdir, "models", "pm"), batch_size=8)(hh_pairs)
+    cell = {**accuracy_interval(p), "labels": labels["labels"],
+            "seconds_per_label": label_seconds / max(1, labels["labels"]),
+            "pm_eval_accuracy": trained.get("eval_accuracy")}
+    for key in ("option_mass", "agreement_with_construction", "position_bias", "label_entropy_bits"):
+        if key in labels:
+            cell[key] = labels[key]
+    return cell
+
+
+def contrastive_pairs(args, workdir: str) -> dict:
+    from cai_jax import pipeline
+
+    config = bench_config(args, "pairs.mode=contrastive", f"pairs.model_source={args.generator}",
+                          "pairs.include_helpful=False", f"pairs.red_team_limit={args.prompts}",
+                          f"data.red_team_limit={args.prompts}")
+    [row] = pipeline.run_pipeline(config, workdir, ["pairs"], progress=True)
+    return {k: v for k, v in row.items() if k != "stage"}
+
+
+# ------------------------------------------------------------ report
+
+def table(cells: dict, args) -> str:
+    rows = ["| method | labeler | pairs | accuracy [95% interval] | option mass | agrees with construction | "
+            "s / label |", "|---|---|---|---|---|---|---|"]
+
+    def fmt(cell, key, spec=".2f"):
+        return format(cell[key], spec) if cell.get(key) is not None else ""
+
+    def row(method, who, cell):
+        rows.append(f"| {method} | {who} | {cell['n']} | {cell['accuracy']:.3f} [{cell['low']:.3f}, "
+                    f"{cell['high']:.3f}] | {fmt(cell, 'option_mass')} | "
+                    f"{fmt(cell, 'agreement_with_construction')} | {fmt(cell, 'seconds_per_label')} |")
+
+    for name, cell in cells.get("baselines", {}).items():
+        row("trivial baseline", name, cell)
+    for key, cell in cells.items():
+        if key.startswith("direct/"):
+            row("labeler judges HH pairs directly", key.split("/", 1)[1], cell)
+    if "pm/construction" in cells:
+        row("PM on labels by construction (contrastive framings)", f"generator {args.generator}",
+            cells["pm/construction"])
+    for key, cell in cells.items():
+        if key.startswith("pm/") and key != "pm/construction":
+            row("PM on multiple-choice labels of the same pairs", key.split("/", 1)[1], cell)
+    return "\n".join(rows)
+
+
+def figure(cells: dict, args, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for prefix, label, marker in (("direct/", "labeler judging HH pairs directly", "o"),
+                                  ("pm/", "PM on the labeler's multiple-choice labels", "s")):
+        points = sorted((PARAMETERS[k[len(prefix):]], c) for k, c in cells.items()
+                        if k.startswith(prefix) and k[len(prefix):] in PARAMETERS)
+        if points:
+            xs = [x for x, _ in points]
+            ax.errorbar(xs, [c["accuracy"] for _, c in points],
+                        yerr=[[c["accuracy"] - c["low"] for _, c in points],
+                              [c["high"] - c["accuracy"] for _, c in points]],
+                        marker=marker, capsize=3, label=label)
+    if "pm/construction" in cells and args.generator in PARAMETERS:
+        c = cells["pm/construction"]
+        ax.errorbar([PARAMETERS[args.generator]], [c["accuracy"]],
+                    yerr=[[c["accuracy"] - c["low"]], [c["high"] - c["accuracy"]]], marker="*",
+                    markersize=12, capsize=3, linestyle="none", label="PM on labels by construction (generator size)")
+    best = max(cells.get("baselines", {}).items(), key=lambda kv: kv[1]["accuracy"], default=None)
+    if best:
+        ax.axhline(best[1]["accuracy"], color="grey", linestyle="--", label=f"best trivial: {best[0]}")
+    ax.axhline(0.5, color="black", linewidth=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("labeler parameters")
+    ax.set_ylabel("agreement with human labels (HH harmless-base test)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from cai_jax.data.hh_rlhf import read_pairs
+
+    os.makedirs(args.out, exist_ok=True)
+    results = Results(args.out)
+    hh = read_pairs(args.pairs, on_error="skip", limit=args.limit)
+    results.run("baselines", lambda: baselines(hh))
+    for labeler in filter(None, args.labelers.split(",")):
+        results.run(f"direct/{labeler}", lambda: direct(args, labeler, hh[:args.judge_limit]))
+    work = os.path.join(args.out, "work")
+    made = os.path.join(work, "construction")
+    results.run("pairs", lambda: contrastive_pairs(args, made))
+    results.run("pm/construction", lambda: pm_cell(args, made, hh, "feedback.source=construction"))
+    for labeler in filter(None, args.pm_labelers.split(",")):
+        workdir = os.path.join(work, labeler)
+        os.makedirs(workdir, exist_ok=True)
+        shutil.copyfile(os.path.join(made, "pairs.jsonl"), os.path.join(workdir, "pairs.jsonl"))
+        results.run(f"pm/{labeler}", lambda: pm_cell(args, workdir, hh, "feedback.source=multiple_choice",
+                                                      f"feedback.model_source={labeler}"))
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table(results.cells, args) + "\n")
+    figure(results.cells, args, os.path.join(args.out, "figure.png"))
+    print(table(results.cells, args))
+    print(f"wrote {args.out}/table.md and figure.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

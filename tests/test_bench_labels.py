@@ -1,0 +1,33 @@
+"""The labels bench's arithmetic and report, without running any model."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_labels.py")
+spec = importlib.util.spec_from_file_location("bench_labels", _PATH)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_accuracy_counts_ties_as_half_with_a_normal_interval():
+    cell = bench.accuracy_interval([0.9, 0.2, 0.5, 0.7])
+    assert cell["n"] == 4 and cell["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    right = np.array([1, 0, 0.5, 1])
+    half = 1.96 * right.std(ddof=1) / 2
+    assert cell["low"] == pytest.approx(0.625 - half) and cell["high"] == pytest.approx(0.625 + half)
+
+
+def test_table_and_figure_from_saved_cells(tmp_path):
+    interval = {"n": 10, "accuracy": 0.6, "low": 0.5, "high": 0.7}
+    cells = {"baselines": {"prefer the shorter answer": {**interval, "accuracy": 0.55}},
+             "direct/smollm2": {**interval, "option_mass": 0.4, "seconds_per_label": 0.2},
+             "pm/construction": {**interval, "labels": 200},
+             "pm/smollm2": {**interval, "agreement_with_construction": 0.52, "option_mass": 0.4}}
+    args = bench.parse_args([])
+    text = bench.table(cells, args)
+    assert "| labeler judges HH pairs directly | smollm2 | 10 | 0.600 [0.500, 0.700] | 0.40 |  | 0.20 |" in text
+    assert "PM on labels by construction" in text and "| 0.52 |" in text
+    bench.figure(cells, args, str(tmp_path / "f.png"))
+    assert os.path.getsize(tmp_path / "f.png") > 1000
