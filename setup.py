@@ -39,8 +39,8 @@ setup(
         # torch is only the reference implementation the tests compare logits with.
         "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "pytest-xdist>=3"],
         "tpu": ["jax[tpu]==0.10.2"],
-        "qwen-0.5b": QWEN_05B,  # qwen2.5-coder-0.5b-instruct
-        "qwen-1.5b": QWEN_15B,  # qwen2.5-coder-1.5b-instruct
+        "qwen-05b": QWEN_05B,  # qwen2.5-coder-0.5b-instruct
+        "qwen-15b": QWEN_15B,  # qwen2.5-coder-1.5b-instruct
         "qwen": QWEN_05B + QWEN_15B,
     },
 )

