@@ -43,7 +43,8 @@ def option_token_ids(tokenizer, options: Sequence[str]) -> tuple[list[int], int,
 
 
 class OptionScorer:
-    """p(option A) at the end of each prompt, from one forward pass per batch.
+    """Log-probs of the two option tokens at the end of each prompt, from one
+    forward pass per batch (`p_first_and_mass` turns them into a label).
 
     Prompts are token ids that already end with the options' shared prefix.
     Rows are left-padded so the last position is the answer position and the
@@ -78,10 +79,6 @@ class OptionScorer:
                                     mesh=self.mesh, on_batch=bar.update)
         bar.close()
         return np.asarray(logp_rows, np.float64).reshape(len(prompts), 2)
-
-    def p_first(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
-        """Softmax over the two option log-probs: p(option A) per prompt."""
-        return p_first_and_mass(self.option_logprobs(prompts, progress))[0]
 
 
 def p_first_and_mass(logp_n2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
