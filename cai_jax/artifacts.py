@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from typing import Any, Iterable, Iterator
+
+log = logging.getLogger(__name__)
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -34,17 +37,22 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Reads a JSONL artifact; a malformed line is an error naming file and line."""
-    out = []
+def read_jsonl(path: str, drop_torn_tail: bool = False) -> list[dict]:
+    """Reads a JSONL artifact; a malformed line is an error naming file and line.
+
+    `drop_torn_tail`: a malformed last line is dropped with a warning instead,
+    for logs appended to while running (a writer killed mid-line leaves one).
+    """
     with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    out = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if not (drop_torn_tail and i == len(lines) - 1):
                 raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from e
+            log.warning("%s line %d: dropped a torn last line (a writer killed mid-line)", path, number)
     return out
 
 

@@ -6,13 +6,12 @@ warning naming the file (the resumed run rewrites that step).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Mapping
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from cai_jax import artifacts
 
 
 def _plain(value):
@@ -61,14 +60,4 @@ class MetricWriter:
 def read_metrics(path: str) -> list[dict]:
     """The records of a JSONL log; a torn last line is dropped (with a warning),
     a bad line before it is an error naming the file and line."""
-    with open(path) as f:
-        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
-    records = []
-    for i, (number, line) in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            log.warning("%s line %d: dropped a torn last line (a writer killed mid-line)", path, number)
-    return records
+    return artifacts.read_jsonl(path, drop_torn_tail=True)
