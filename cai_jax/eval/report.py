@@ -273,7 +273,8 @@ def _answer_kinds_section(workdir: str, model_order: Sequence[str]) -> list[str]
     for m in models:
         red, helpful = by_model[m].get("red_team", []), by_model[m].get("helpful", [])
         kinds = answer_rules.answer_kind_fractions(red)
-        helpful_words = answer_rules.answer_kind_fractions(helpful)["mean_words"] if helpful else float("nan")
+        helpful_words = (float(np.mean([answer_rules.word_count(t) for t in helpful])) if helpful
+                         else float("nan"))
         lines.append(f"| {m} | {len(red)} | {kinds['refuses']:.2f} | {kinds['redirects']:.2f} | "
                      f"{kinds['complies']:.2f} | {kinds['mean_words']:.0f} | {helpful_words:.0f} |")
     return lines + [""]

@@ -431,7 +431,12 @@ class PPORunner:
 
     @staticmethod
     def _write_eval(out_dir, step, records):
-        artifacts.write_jsonl_atomic(os.path.join(out_dir, "eval", f"step_{step}.jsonl"), records)
+        artifacts.write_jsonl_atomic(eval_records_path(out_dir, step), records)
+
+
+def eval_records_path(out_dir: str, step: int) -> str:
+    """Where the held-out evaluation after `step` iterations keeps its per-prompt rewards."""
+    return os.path.join(out_dir, "eval", f"step_{step}.jsonl")
 
 
 def summarize(metrics_path: str) -> dict:
@@ -447,16 +452,15 @@ def summarize(metrics_path: str) -> dict:
     if evals:
         out.update(eval_reward_first=evals[0]["eval_reward"],
                    eval_reward_last=evals[-1]["eval_reward"])
-        out.update(heldout_reward_gain(os.path.join(os.path.dirname(metrics_path), "eval"),
-                                       evals[0]["step"], evals[-1]["step"]))
+        out.update(heldout_reward_gain(os.path.dirname(metrics_path), evals[0]["step"], evals[-1]["step"]))
     return out
 
 
-def heldout_reward_gain(eval_dir: str, first: int, last: int) -> dict:
+def heldout_reward_gain(out_dir: str, first: int, last: int) -> dict:
     """The held-out reward's change from the first evaluation to the last,
     paired by prompt (the same prompts each time), with its standard error
     across prompts: whether PPO climbed more than the prompts' noise."""
-    paths = [os.path.join(eval_dir, f"step_{s}.jsonl") for s in (first, last)]
+    paths = [eval_records_path(out_dir, s) for s in (first, last)]
     if first == last or not all(os.path.exists(p) for p in paths):
         return {}
     before, after = ({r["id"]: r["reward"] for r in artifacts.read_jsonl(p)} for p in paths)
