@@ -159,6 +159,15 @@ def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_pa
     np.testing.assert_allclose(p, 1 / (1 + np.exp(-(scores - scorer.score(convs, others)))), atol=1e-9)
 
 
+def test_scorer_refuses_a_policy_directory(tmp_path):
+    # Eval's "pm:DIR" judge reads through from_dir too: a policy must not
+    # become a PM with a zero head that calls every pair a tie.
+    policy = load_model("init:tiny", seed=0, to_device=False)
+    save_model_dir(str(tmp_path / "policy"), policy.config, policy.params, policy.tokenizer)
+    with pytest.raises(ValueError, match=r"a preference model needs heads=\('scalar',\), got \('lm',\)"):
+        ps.PreferenceScorer.from_dir(str(tmp_path / "policy"))
+
+
 def _label(id_, kind, p_a, a="1", b="2", complete_a=True):
     return {"id": id_, "kind": kind, "p_a": p_a, "conversation": [{"role": "user", "content": "q"}],
             "answer_a": a, "answer_b": b, "complete_a": complete_a, "complete_b": True}

@@ -111,7 +111,9 @@ class PreferenceScorer:
     def from_dir(cls, directory: str, *, style: Optional[str] = None, max_len: Optional[int] = None,
                  batch_size: int = 8, mesh=None) -> "PreferenceScorer":
         directory = directory[len("ckpt:"):] if directory.startswith("ckpt:") else directory
-        model = load_model("ckpt:" + directory, SCALAR_HEAD)
+        # Loaded with the heads it was saved with: forcing a scalar head here made
+        # a policy directory a PM with a zero head (p = 0.5 for every pair).
+        model = load_model("ckpt:" + directory)
         return cls(model, style=style or model.about.get("render", "chat"),
                    max_len=max_len or model.about.get("max_seq_len", 512), batch_size=batch_size, mesh=mesh)
 
