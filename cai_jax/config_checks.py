@@ -149,6 +149,11 @@ def _check_stage_rules(config, mesh) -> None:
     if _get(config, "pairs") is not None:
         from cai_jax.rl_cai import pairs
         _reuse("pairs", pairs.check_section, config.pairs)
+    if _get(config, "feedback.source") == "construction" and _get(config, "pairs.mode") != "contrastive":
+        # Only contrastive pairs record how they were made; found here, not
+        # after the pairs stage has run.
+        raise UserError(f"config.feedback.source is 'construction', which needs "
+                        f"config.pairs.mode='contrastive' (it is {_get(config, 'pairs.mode')!r})")
     if _get(config, "ppo") is not None and mesh is not None:
         from cai_jax.rl_cai import ppo
         _reuse("ppo", ppo.check_config, config.ppo, mesh)

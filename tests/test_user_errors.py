@@ -57,6 +57,8 @@ def _main(tmp_path, *overrides):
     ("pairs.mode=judged", r"config.pairs: pairs.mode must be one of \('sampled', 'contrastive'\), got 'judged'"),
     ("feedback.source=human", "config.feedback: feedback.source must be one of"),
     ("feedback.construction_confidence=0.3", r"feedback.construction_confidence must be in \[0.5, 1\], got 0.3"),
+    ("feedback.source=construction", "config.feedback.source is 'construction', which needs "
+                                     "config.pairs.mode='contrastive' \\(it is 'sampled'\\)"),
     ("sl_generate.red_team_limit=-1", "config.sl_generate.red_team_limit is -1; it must be an integer >= 0"),
     ("data.red_team=/nonexistent/prompts.jsonl", "config.data.red_team is '/nonexistent/prompts.jsonl', "
                                                  "which does not exist"),
