@@ -32,6 +32,7 @@ MINIMUM = {
     "sl_generate.num_revisions": 1, "sl_generate.num_fewshot": 0, "sl_generate.prompts_per_chunk": 1,
     "sl_generate.red_team_limit": 0, "sl_generate.helpful_limit": 0,
     "pairs.red_team_limit": 0, "pairs.helpful_limit": 0, "pairs.max_prompt_tokens": 1, "pairs.batch_size": 1,
+    "pairs.pairs_per_prompt": 1,
     **{f"{section}.{key}": 1 for section in ("feedback", "eval.feedback_judge") for key in (
         "batch_size", "max_seq_len", "min_bucket", "num_principles")},
     "feedback.limit": 0,

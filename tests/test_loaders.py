@@ -97,6 +97,15 @@ def test_heldout_split_is_by_id_and_never_empty_or_total():
     assert split_heldout(examples, 0.0, salt="s") == (examples, [])
 
 
+def test_heldout_split_keeps_a_group_together():
+    # Three pairs per prompt: a prompt's pairs are all trained on or all held out.
+    examples = [{"id": f"p{i}" + (f"#{k + 1}" if k else "")} for i in range(10) for k in range(3)]
+    train, held = split_heldout(examples, 0.2, salt="s", group=lambda i: i.split("#")[0])
+    held_prompts = {e["id"].split("#")[0] for e in held}
+    assert len(held_prompts) == 2 and len(held) == 6
+    assert not held_prompts & {e["id"].split("#")[0] for e in train}
+
+
 # ------------------------------------------------------------------ TFDS
 
 @pytest.fixture(scope="module")

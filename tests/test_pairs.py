@@ -53,6 +53,18 @@ def test_pair_prompts_follow_the_limits():
     assert [p["kind"] for p in pairs.pair_prompts(config)] == ["harmless", "harmless"]
 
 
+def test_several_pairs_per_prompt_get_their_own_ids():
+    config = make_config()
+    config.pairs.include_helpful = False
+    config.pairs.red_team_limit = 2
+    config.pairs.pairs_per_prompt = 3
+    red = embedded_prompts("red_team", "train")[:2]
+    ids = [p["id"] for p in pairs.pair_prompts(config)]
+    # The first pair keeps the prompt's id, so one pair per prompt is unchanged.
+    assert ids == [f"harmless:{p.id}" + suffix for p in red for suffix in ("", "#2", "#3")]
+    assert {pairs.prompt_key(i) for i in ids} == {f"harmless:{p.id}" for p in red}
+
+
 def test_answers_are_cut_at_the_next_turn():
     stops = pairs.stop_strings("hh")
     assert cut_at_stops(" Sure thing.\n\nHuman: and more", stops).strip() == "Sure thing."

@@ -18,7 +18,7 @@ produced next.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import grain
 
@@ -80,15 +80,23 @@ def _hash_fraction(key: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_heldout(examples: Sequence[dict], fraction: float, *,
-                  salt: str) -> tuple[list[dict], list[dict]]:
+def split_heldout(examples: Sequence[dict], fraction: float, *, salt: str,
+                  group: Optional[Callable[[str], str]] = None) -> tuple[list[dict], list[dict]]:
     """(train, held out), both in the given order: the examples whose "id" hashes
     lowest, `fraction` of them but at least one and never all (when there are two
     or more). Each stage salts the hash, so its held-out slice is unrelated to
-    other stages' (and to the prompt sets' own train/test split)."""
+    other stages' (and to the prompt sets' own train/test split).
+
+    `group` maps an id to its group (e.g. the prompt a pair was made from):
+    examples of one group are held out together, so nothing held out shares
+    a prompt with training; `fraction` then counts groups."""
     if fraction <= 0 or len(examples) < 2:
         return list(examples), []
-    count = min(max(1, round(fraction * len(examples))), len(examples) - 1)
-    by_hash = sorted(examples, key=lambda e: _hash_fraction(e["id"], salt))
-    held = {e["id"] for e in by_hash[:count]}
-    return [e for e in examples if e["id"] not in held], [e for e in examples if e["id"] in held]
+    group = group or (lambda example_id: example_id)
+    keys = sorted({group(e["id"]) for e in examples}, key=lambda k: _hash_fraction(k, salt))
+    if len(keys) < 2:
+        return list(examples), []
+    count = min(max(1, round(fraction * len(keys))), len(keys) - 1)
+    held = set(keys[:count])
+    return ([e for e in examples if group(e["id"]) not in held],
+            [e for e in examples if group(e["id"]) in held])

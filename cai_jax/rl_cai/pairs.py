@@ -16,6 +16,9 @@ Two ways to make a pair, chosen by `pairs.mode`:
   be a chat model that follows system messages: SmolLM2-135M answers alike
   under both.
 
+`pairs.pairs_per_prompt` > 1 answers each prompt several times, one pair
+each (ids "<prompt>#2", ...).
+
 Red-team prompts give the "harmless" pairs; helpful prompts give the
 "helpful" pairs for the helpfulness part of the preference-model mix.
 
@@ -67,6 +70,10 @@ def get_default_config() -> ml_collections.ConfigDict:
         "red_team_limit": 0,
         "helpful_limit": 0,
         "include_helpful": True,
+        # Pairs made from each prompt, each sampled (and, if contrastive, given
+        # its better slot) independently. More pairs from the same prompts:
+        # there are only so many red-team prompts to train on.
+        "pairs_per_prompt": 1,
         # Prompts whose rendering is longer than this many tokens are skipped.
         "max_prompt_tokens": 512,
     })
@@ -87,8 +94,20 @@ def pair_prompts(config) -> list[dict]:
         limit = section[f"{source_kind}_limit"]
         pool = pool[:limit] if limit else pool
         kind = KIND_OF_SOURCE[source_kind]
-        out += [{"id": f"{kind}:{p.id}", "kind": kind, "conversation": p.conversation()} for p in pool]
+        out += [{"id": pair_id(f"{kind}:{p.id}", k), "kind": kind, "conversation": p.conversation()}
+                for p in pool for k in range(section.pairs_per_prompt)]
     return out
+
+
+def pair_id(prompt_key: str, k: int) -> str:
+    """The id of a prompt's k-th pair (0-based): the prompt's own key for the
+    first, so one pair per prompt keeps the ids it always had."""
+    return prompt_key if k == 0 else f"{prompt_key}#{k + 1}"
+
+
+def prompt_key(pair_id_: str) -> str:
+    """The prompt a pair was made from (pairs of one prompt share it)."""
+    return pair_id_.split("#", 1)[0]
 
 
 def stop_strings(style: str) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ from cai_jax.data.loaders import make_dataset, split_heldout
 from cai_jax.models.transformer import Transformer
 from cai_jax.model_ref import resolve
 from cai_jax.inference.preference_scorer import SCALAR_HEAD, encode_answer, make_score_fn
+from cai_jax.rl_cai.pairs import prompt_key
 from cai_jax.rl_cai.bt_loss import preference_accuracy, soft_bt_loss
 from cai_jax.training.metrics import MetricWriter
 from cai_jax.training.trainer import Trainer, eval_hook
@@ -333,7 +334,8 @@ def run_stage(ctx) -> dict:
     examples, cut = tokenize_pairs(training_pairs(config, ctx.workdir), tokenizer, style, max_len)
     if not examples:
         raise ValueError(f"{ctx.path('labels.jsonl')} holds no usable pairs; run the pairs and feedback stages")
-    train, held_out = split_heldout(examples, section.eval_fraction, salt=HELDOUT_SALT)
+    # Pairs made from one prompt stay on one side of the split.
+    train, held_out = split_heldout(examples, section.eval_fraction, salt=HELDOUT_SALT, group=prompt_key)
     steps = _steps(section.num_steps, section.num_epochs, len(train), section.batch_size)
     params, metrics = train_phase(
         name="pm", model_config=cfg, params=params, train=train, held_out=held_out, num_steps=steps,
