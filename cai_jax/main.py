@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cai_jax import config_checks, distributed, errors, pipeline
+from cai_jax.compile_cache import enable_compilation_cache
 from cai_jax.config import parse_config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
@@ -36,6 +37,7 @@ def run(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
     config = _CONFIG.value
+    enable_compilation_cache()  # before anything compiles
     distributed.maybe_initialize(config)
     config_checks.check_config(config)  # after initialize: the mesh check counts all devices
     rows = pipeline.run_pipeline(config, _WORKDIR.value, _STAGES.value, progress=_PROGRESS.value,

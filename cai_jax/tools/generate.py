@@ -88,8 +88,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
 
     # Heavy imports after parsing, so --help and usage errors are instant.
+    from cai_jax.compile_cache import enable_compilation_cache
     from cai_jax.inference.sampling import Sampler, SamplingParams
     from cai_jax.weights.loader import load_model
+
+    enable_compilation_cache()
 
     loaded = load_model(MODEL_ALIASES.get(args.model, args.model))
     if loaded.tokenizer is None:

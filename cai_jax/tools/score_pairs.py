@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts
+from cai_jax.compile_cache import enable_compilation_cache
 from cai_jax.data.hh_rlhf import ReadStats, read_pairs
 from cai_jax.errors import UserError, exit_on_user_error
 from cai_jax.eval.plots import plot_reliability, reliability_bins
@@ -172,6 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise UserError(f"--limit is {args.limit}; use 0 for all pairs or a positive count")
     if not os.path.exists(args.pairs):
         parser.error(f"--pairs {args.pairs}: file not found")
+    enable_compilation_cache()
     stats = ReadStats()
     pairs = read_pairs(args.pairs, on_error="skip", stats=stats, limit=args.limit or None)
     print(f"read {len(pairs)} pairs from {args.pairs} ({stats.skipped} malformed lines skipped)", flush=True)
