@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from cai_jax.models.config import MODEL_LADDER, TransformerConfig, model_config_from_dict
-from cai_jax.weights import gguf_import, layout, model_dir, tokenizer as tok_lib
+from cai_jax.weights import converted_cache, layout, model_dir, tokenizer as tok_lib
 from cai_jax.weights.packaged import PACKAGED_MODELS, packaged_gguf_path
 
 # Fields that may differ from the stored weights without changing any shape.
@@ -84,8 +84,7 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
     tokenizer, about = None, {}
     if source in PACKAGED_MODELS or source.startswith("gguf:"):
         path = packaged_gguf_path(source) if source in PACKAGED_MODELS else source[5:]
-        cfg, tensors = gguf_import.read_gguf(path)
-        params = layout.from_hf(tensors, cfg, source=path)
+        cfg, params = converted_cache.load_gguf(path)
         tokenizer = tok_lib.tokenizer_from_gguf(path)
     elif source.startswith("hf:"):
         from cai_jax.weights import hf
