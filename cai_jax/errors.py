@@ -19,6 +19,12 @@ class UserError(Exception):
     """Bad input from the user; the message alone says what to fix."""
 
 
+class DivergenceError(UserError):
+    """Training produced a non-finite loss, gradient or update. Raised before
+    anything from that step is saved, so the last good checkpoint stays the
+    latest; the usual cause is a setting (learning rate), hence a user error."""
+
+
 def exit_on_user_error(fn: Callable[..., T], *args, debug: bool = False) -> T:
     """fn(*args), with a UserError turned into one line on stderr and exit status 2
     (re-raised with its traceback when `debug`)."""

@@ -308,7 +308,8 @@ class PPORunner:
                  "advantages": advantages, "returns": returns}
         update_start = time.perf_counter()
         policy_state, value_state, update_metrics = ppo_update.ppo_update(
-            self.steps, policy_state, value_state, batch, jax.random.fold_in(key, it))
+            self.steps, policy_state, value_state, batch, jax.random.fold_in(key, it),
+            where=f"ppo iteration {it + 1}")
         update_seconds = time.perf_counter() - update_start
         new_beta = float(self.controller.update(np.float32(beta), np.float32(kl_k1.mean()),
                                                 len(prompts)))

@@ -31,7 +31,7 @@ import numpy as np
 from cai_jax import sharding as shd
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.rl_cai import ppo_math
-from cai_jax.training.trainer import Trainer
+from cai_jax.training.trainer import Trainer, check_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,10 +196,13 @@ def _weighted_mean(history: list[tuple[float, dict]]) -> dict:
     return {k: sum(w * m[k] for w, m in history) / max(total, 1e-9) for k in keys}
 
 
-def ppo_update(steps: PPOSteps, policy_state, value_state, batch: dict, rng: jax.Array):
+def ppo_update(steps: PPOSteps, policy_state, value_state, batch: dict, rng: jax.Array,
+               where: str = "ppo update"):
     """`hyper.epochs` passes over the rollout batch in shuffled minibatches
     (a fresh permutation per epoch from `rng`). Returns (policy_state,
-    value_state, metrics averaged over all minibatches)."""
+    value_state, metrics averaged over all minibatches). A non-finite loss,
+    gradient or update raises DivergenceError naming `where` (the iteration),
+    the minibatch and the model; the caller has saved nothing of it yet."""
     hyper = steps.hyper
     batch = {k: np.asarray(batch[k]) for k in UPDATE_KEYS}
     size = batch["tokens"].shape[0]
@@ -217,15 +220,17 @@ def ppo_update(steps: PPOSteps, policy_state, value_state, batch: dict, rng: jax
             step_key = jax.random.fold_in(epoch_key, i + 1)
             policy_state, pm = steps.policy.train_step(policy_state, mb, step_key)
             pm = {k: float(v) for k, v in pm.items()}
+            check_finite(pm, f"{where}, epoch {epoch + 1}, minibatch {i + 1}, policy")
             policy_hist.append((pm["denominator"], pm))
             if steps.value is not None:
                 value_state, vm = steps.value.train_step(value_state, mb, step_key)
                 vm = {k: float(v) for k, v in vm.items()}
+                check_finite(vm, f"{where}, epoch {epoch + 1}, minibatch {i + 1}, value model")
                 value_hist.append((vm["denominator"], vm))
     metrics = {}
     policy_mean = _weighted_mean(policy_hist)
     for key, value in policy_mean.items():
-        if key in ("loss", "denominator"):
+        if key in ("loss", "denominator", "update_norm"):
             continue
         metrics["policy_grad_norm" if key == "grad_norm" else key] = value
     if value_hist:

@@ -92,7 +92,10 @@ def build_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, m
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        out = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "denominator": denom}
+        # update_norm: a finite loss and gradient can still give NaN parameters
+        # (a NaN learning rate); the divergence guard reads all three.
+        out = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "denominator": denom,
+               "update_norm": optax.tree.norm(updates)}
         out.update({k: v / denom for k, v in metrics.items()})
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
 

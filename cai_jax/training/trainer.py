@@ -35,6 +35,7 @@ stage runs, for a TPU topology.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -43,6 +44,7 @@ import optax
 from tqdm.auto import tqdm
 
 from cai_jax import sharding as shd
+from cai_jax.errors import DivergenceError
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import Transformer, abstract_params
 from cai_jax.training import optimizers, train_step as ts
@@ -62,6 +64,22 @@ def eval_hook(evaluate: Callable[[Any], Mapping], every: int) -> Hook:
     """Held-out evaluation of the parameters, logged as eval_<name>."""
     return Hook(lambda state, step: {f"eval_{k}": float(v) for k, v in evaluate(state.params).items()},
                 every)
+
+
+# What the divergence guard reads of each step's metrics (train_step's names).
+GUARDED = ("loss", "grad_norm", "update_norm")
+
+
+def check_finite(metrics: Mapping[str, float], where: str) -> None:
+    """Raises DivergenceError naming `where` (the step) and the first non-finite
+    guarded quantity. The metrics are the host floats already fetched for
+    logging, so the guard costs no extra device sync."""
+    for key in GUARDED:
+        value = metrics.get(key)
+        if value is not None and not math.isfinite(value):
+            raise DivergenceError(
+                f"{where}: {key} is {value}; stopped before saving anything from this step "
+                "(the last good checkpoint is kept); check the learning rate and the data")
 
 
 @dataclasses.dataclass
@@ -137,7 +155,9 @@ class Trainer:
               progress: bool = True, stop_after: Optional[int] = None):
         """Runs steps start.step..num_steps. `data_iter` has get_state() and
         set_state() (its state is checkpointed). `stop_after` (tests) ends early,
-        as a kill would, after that step. Returns (state, last step's logged metrics)."""
+        as a kill would, after that step. A non-finite loss, gradient or update
+        raises DivergenceError before that step's hooks, log line or checkpoint.
+        Returns (state, last step's logged metrics)."""
         state, rng = start.state, start.rng
         if "data" in start.extra:
             data_iter.set_state(start.extra["data"])
@@ -149,6 +169,7 @@ class Trainer:
             state, metrics = self.train_step(state, next(data_iter), step_rng)
             done = step + 1
             logged = {k: float(v) for k, v in metrics.items()}
+            check_finite(logged, f"{desc} step {done}")
             for hook in hooks:
                 if hook.every and (done % hook.every == 0 or done == num_steps):
                     logged.update(hook.fn(state, done) or {})
