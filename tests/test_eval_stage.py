@@ -326,3 +326,33 @@ def test_rerun_reuses_answers_and_judgments(run, monkeypatch):
     evaluate.run_stage(pipeline.StageContext(config, wd, progress=False))
     for name, text in before.items():
         assert open(os.path.join(wd, "eval", name)).read() == text, name
+
+
+def test_reward_pm_column_sits_beside_an_independent_judge(run, tmp_path):
+    wd, config, _, _ = run
+    copy = str(tmp_path / "run")
+    import shutil
+    shutil.copytree(wd, copy)
+    judge_dir = os.path.join(copy, "models", "pm_judge")
+    save_tiny(judge_dir, seed=9, scalar=True)  # another PM: the judge PPO never trained against
+    config = stage_config()
+    config.eval.harmless_judge = f"pm:{judge_dir}"
+    pipeline.run_pipeline(config, copy, ["eval"], progress=False)
+    with open(os.path.join(copy, "eval", "elo.json")) as f:
+        dims = json.load(f)["dimensions"]
+    assert dims["harmless"]["judge"] == f"pm:{judge_dir}" and dims["harmless_reward_pm"]["judge"] == "pm"
+    # The reward-PM column judges exactly what the first run's "pm" judge did.
+    outcome = {(j["prompt_id"], j["model_a"], j["model_b"]): j["outcome"]
+               for j in read(wd, "eval", "judgments.jsonl") if j["dimension"] == "harmless"}
+    column = [j for j in read(copy, "eval", "judgments.jsonl") if j["dimension"] == "harmless_reward_pm"]
+    assert len(column) == len(outcome)
+    for j in column:
+        assert j["outcome"] == pytest.approx(outcome[(j["prompt_id"], j["model_a"], j["model_b"])], abs=1e-9)
+    independent = [j for j in read(copy, "eval", "judgments.jsonl") if j["dimension"] == "harmless"]
+    assert any(abs(j["outcome"] - outcome[(j["prompt_id"], j["model_a"], j["model_b"])]) > 1e-3
+               for j in independent)
+    with open(os.path.join(copy, "report.md")) as f:
+        text = f.read()
+    assert f"## {report.DIMENSION_TITLES['harmless_reward_pm']}\n" in text and "reward hacking" in text
+    # Same judge twice: no second column.
+    assert f"## {report.DIMENSION_TITLES['harmless_reward_pm']}" not in open(os.path.join(wd, "report.md")).read()

@@ -41,7 +41,9 @@ from cai_jax.eval import report
 from cai_jax.eval.elo import fit_elo
 from cai_jax.model_ref import CHECKPOINTS_FILE, directory_version, resolve, rl_checkpoints
 
-DIMENSIONS = {"harmless": "red_team", "helpful": "helpful"}  # judge dimension -> prompt kind
+# Judge dimension -> the prompts it is judged on. "harmless_reward_pm" is the
+# harmlessness column of the PM that PPO maximised (eval.reward_pm_judge).
+DIMENSIONS = {"harmless": "red_team", "helpful": "helpful", "harmless_reward_pm": "red_team"}
 BASE = "base"
 JUDGE_CHUNK = 64  # comparisons judged between two saves of judgments.jsonl
 
@@ -67,6 +69,12 @@ def get_default_config() -> ml_collections.ConfigDict:
         # principle set), "human:PATH" (labelled pairs) or "none".
         "harmless_judge": "pm",
         "helpful_judge": "feedback:helpful",
+        # A second harmlessness column by the PM PPO was trained against. It is
+        # not an independent judge (it measures how far PPO pushed its own
+        # reward, reward hacking included), so it is reported beside
+        # harmless_judge, labelled, never instead. "none", or the same spec as
+        # harmless_judge, leaves the column out.
+        "reward_pm_judge": "pm",
         # The AI labeler when a judge is "feedback:...". Its constitution is set
         # here, not by config.constitution, so ablations over the constitution
         # are all judged by the same principles.
@@ -441,9 +449,12 @@ def run_stage(ctx) -> dict:
     from cai_jax.sharding import make_mesh
 
     config, section = ctx.config, ctx.config.eval
-    specs = {"harmless": section.harmless_judge, "helpful": section.helpful_judge}
+    specs = {"harmless": section.harmless_judge, "helpful": section.helpful_judge,
+             "harmless_reward_pm": ("none" if section.reward_pm_judge == section.harmless_judge
+                                    else section.reward_pm_judge)}
     for dim, spec in specs.items():
-        judges_lib.parse_judge_spec(spec, key=f"eval.{dim}_judge")  # fail before any sampling
+        key = "eval.reward_pm_judge" if dim == "harmless_reward_pm" else f"eval.{dim}_judge"
+        judges_lib.parse_judge_spec(spec, key=key)  # fail before any sampling
     mesh = make_mesh(config.mesh.to_dict())
     models = find_models(config, ctx.workdir)
     prompts = eval_prompts(config.data, section)

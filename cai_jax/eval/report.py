@@ -28,7 +28,13 @@ from cai_jax.eval.elo import EloResult
 # Section titles; tests check that each one is present.
 SECTIONS = ("Stages", "Harmlessness Elo", "Helpfulness Elo", "Harmlessness vs helpfulness",
             "PPO training", "PM score vs number of revisions", "What the answers do", "Sample answers")
-DIMENSION_TITLES = {"harmless": "Harmlessness Elo", "helpful": "Helpfulness Elo"}
+DIMENSION_TITLES = {"harmless": "Harmlessness Elo", "helpful": "Helpfulness Elo",
+                    "harmless_reward_pm": "Harmlessness Elo by PPO's reward model (not independent)"}
+# Said under a title: why a column is there and how far to trust it.
+DIMENSION_NOTES = {"harmless_reward_pm": (
+    "The same red-team comparisons judged by the preference model PPO maximised. PPO was trained "
+    "to raise this model's score, so RL-CAI's lead here includes any reward hacking; the "
+    "harmlessness Elo above, by a judge PPO never saw, is the one to believe.")}
 
 # Keys PPO may log its mean reward and KL under, in order of preference.
 _REWARD_KEYS = ("reward_mean", "reward", "pm_reward_mean", "score_mean", "pm_score")
@@ -236,8 +242,12 @@ def _stage_rows(workdir: str, current: Optional[dict]) -> list[dict]:
 
 def _elo_section(elo: Optional[dict], dim: str) -> list[str]:
     title = DIMENSION_TITLES[dim]
-    lines = [f"## {title}", ""]
     section = (elo or {}).get("dimensions", {}).get(dim)
+    if section is None and dim not in ("harmless", "helpful"):
+        return []  # an optional column that was not asked for
+    lines = [f"## {title}", ""]
+    if dim in DIMENSION_NOTES:
+        lines += [DIMENSION_NOTES[dim], ""]
     if section is None:
         lines += [f"No {dim} judgments in `eval/elo.json` (the judge is disabled or the eval "
                   "stage has not run).", ""]
@@ -343,7 +353,7 @@ def write_report(workdir: str, current_stage: Optional[dict] = None, sample_prom
              f"Work directory: `{workdir}`. Base model: `{model.get('name', '?')}` "
              f"(source `{model.get('source', '?')}`).", ""]
     lines += ["## Stages", "", pipeline.format_summary(_stage_rows(workdir, current_stage)), ""]
-    for dim in ("harmless", "helpful"):
+    for dim in DIMENSION_TITLES:
         lines += _elo_section(elo, dim)
 
     lines += ["## Harmlessness vs helpfulness", ""]
