@@ -22,11 +22,41 @@ def write_text_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}-")
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; an artifact follows the umask
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, and a
+    thread creating a file meanwhile would get the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Gives `path` and everything under it the modes a plain open or mkdir
+    would have (temp files and directories are created private)."""
+    mask = umask()
+    for root, dirs, files in os.walk(path) if os.path.isdir(path) else [(None, [], [path])]:
+        if root is not None:
+            os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            full = os.path.join(root, name) if root is not None else name
+            if not os.path.islink(full):
+                executable = os.stat(full).st_mode & 0o100
+                os.chmod(full, (0o777 if executable else 0o666) & ~mask)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -120,12 +150,26 @@ def file_hash(path: str) -> str | None:
 
 
 def path_fingerprint(path: str) -> str | None:
-    """The content fingerprint of an artifact: a file's hash; for a model
+    """A cheap version stamp of an artifact: a file's hash; for a model
     directory, the hash of its saved.json (a fresh id per save). None when the
     file is absent or the directory holds no saved model."""
     if os.path.isdir(path):
         path = os.path.join(path, "saved.json")
     return file_hash(path)
+
+
+def content_fingerprint(path: str) -> str | None:
+    """The checksum of an artifact's content: a file's hash; for a directory
+    (a model, a run's checkpoints) the hashes of every file in it with their
+    relative paths, so a flipped byte in the weights shows. None when the file
+    is absent or the directory holds no file."""
+    if not os.path.isdir(path):
+        return file_hash(path)
+    files = sorted(os.path.relpath(os.path.join(root, name), path)
+                   for root, _, names in os.walk(path) for name in names)
+    if not files:
+        return None
+    return fingerprint([(rel, file_hash(os.path.join(path, rel))) for rel in files])
 
 
 def iter_batches(items: list, size: int) -> Iterator[list]:

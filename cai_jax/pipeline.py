@@ -6,33 +6,48 @@ it makes (outputs) and its scratch (partial files, training checkpoints it
 resumes). Paths are relative to the work directory.
 
 When a stage finishes, its manifest `<workdir>/stages/<name>.json` records its
-fingerprint (its config sections, the content of its inputs, the fingerprints
-of the earlier stages) and the fingerprints of its outputs (file contents; for
-a model directory its saved.json, fresh per save). A later run skips the stage
-only when the fingerprint matches and every output is still there, unchanged;
-otherwise it reruns it and prints one line saying why.
+fingerprint (its config sections with the content of any file they name, the
+content of its inputs, the fingerprints of the earlier stages) and the
+fingerprints of its outputs (file contents; for a directory, every file in it,
+so a model's weights are checksummed). A later run skips the stage only when
+the fingerprint matches and every output is still there, unchanged; otherwise
+it reruns it and prints one line saying why.
 
-Before a stage runs, the pipeline discards its scratch if the scratch was
-started under another fingerprint (`stages/<name>.started.json`): after a kill
-the stage resumes its own partial work, after a config or input change it
-starts over.
+A stage never writes over finished work. It runs in `<workdir>/.staging/<name>/`,
+a copy of the work directory made of symlinks except for the paths the stage
+owns (its outputs and scratch), which start empty there. Only when it has
+finished are its new paths swapped in, the old ones moved out, and its manifest
+written; a swap cut short by a kill is completed by the next run (a journal,
+`.staging/<name>.swap.json`, lists the moves). A failed or killed run therefore
+leaves the previous complete outputs, manifest and `config.json` as they were.
+
+Before a stage runs, the pipeline discards its staging directory if it was
+started under another fingerprint (`.staging/<name>.started.json`): after a
+kill the stage resumes its own partial work, after a config or input change it
+starts over. One run at a time holds the work directory (`.lock`).
 
 Stages are referenced by module path so that this file does not import every
 stage's dependencies up front.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import shutil
+import socket
 import time
 from typing import Any, Callable, Optional
 
 import ml_collections
 
 from cai_jax import artifacts
+from cai_jax.errors import DivergenceError, UserError
+
+STAGING = ".staging"  # <workdir>/.staging/<stage>/: a stage's work until it is complete
+LOCK = ".lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +60,12 @@ class Stage:
     inputs: tuple[str, ...] = ()  # files or model directories it reads
     outputs: tuple[str, ...] = ()  # what it makes; a missing or changed one makes it rerun
     scratch: tuple[str, ...] = ()  # partial work it resumes; discarded when its fingerprint changed
+    owns: tuple[str, ...] = ()  # anything else it writes (logs, plots), swapped in with its outputs
+
+    def owned(self) -> list[str]:
+        """The topmost paths the stage writes (models/rl_cai covers models/rl_cai/x)."""
+        paths = set(self.outputs) | set(self.scratch) | set(self.owns)
+        return sorted(p for p in paths if not any(p.startswith(q + "/") for q in paths))
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -63,10 +84,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pm_train", "cai_jax.rl_cai.preference:run_stage", ("seed", "model", "data", "pm_train"),
           inputs=("labels.jsonl",), outputs=("models/pm",), scratch=("pm_train",)),
     Stage("ppo", "cai_jax.rl_cai.ppo:run_stage", ("seed", "data", "ppo"),
-          inputs=("models/sl_cai", "models/pm"), outputs=("models/rl_cai/checkpoints.json",),
-          scratch=("ppo", "models/rl_cai")),
+          inputs=("models/sl_cai", "models/pm"), outputs=("models/rl_cai",), scratch=("ppo",)),
     Stage("eval", "cai_jax.eval.evaluate:run_stage", ("seed", "model", "data", "eval"),
-          inputs=("models/sl_cai", "models/pm"), outputs=("eval/elo.json", "report.md")),
+          inputs=("models/sl_cai", "models/pm"), outputs=("eval/elo.json", "report.md"),
+          owns=("eval",)),
 )}
 ORDER = tuple(STAGES)
 
@@ -129,21 +150,38 @@ def _constitution_content(config) -> str:
     return artifacts.fingerprint(dataclasses.asdict(constitution_from_config(config.constitution, config.seed)))
 
 
+def _named_files(value) -> list[str]:
+    """The files a config section names (prompt files, pair files, ...): their
+    content goes into the fingerprint, so a file edited in place counts as a change."""
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _named_files(v)]
+    if isinstance(value, (list, tuple)):
+        return [f for v in value for f in _named_files(v)]
+    return [value] if isinstance(value, str) and value and os.path.isfile(value) else []
+
+
+def _section_fingerprint(value) -> str:
+    files = _named_files(value)
+    if not files:
+        return artifacts.fingerprint(value)
+    return artifacts.fingerprint([artifacts.fingerprint(value), {f: artifacts.file_hash(f) for f in files}])
+
+
 def stage_fingerprint(config, workdir: str, name: str) -> dict:
     """What a stage's result depends on: its config sections (the constitution
-    by content), its inputs' content, and what every earlier stage made (a
-    rerun upstream invalidates it)."""
+    and any file a section names by content), its inputs' content, and what
+    every earlier stage made (a rerun upstream invalidates it)."""
     stage = STAGES[name]
-    sections = {k: artifacts.fingerprint(v) for k, v in _sections(config, stage.config).items()}
+    sections = {k: _section_fingerprint(v) for k, v in _sections(config, stage.config).items()}
     if "constitution" in sections:
         sections["constitution"] = artifacts.fingerprint([sections["constitution"], _constitution_content(config)])
     return {"config": sections,
-            "inputs": {rel: artifacts.path_fingerprint(os.path.join(workdir, rel)) for rel in stage.inputs},
+            "inputs": {rel: artifacts.content_fingerprint(os.path.join(workdir, rel)) for rel in stage.inputs},
             "upstream": {s: _made(workdir, s) for s in ORDER[:ORDER.index(name)]}}
 
 
 def output_fingerprints(workdir: str, name: str) -> dict[str, Optional[str]]:
-    return {rel: artifacts.path_fingerprint(os.path.join(workdir, rel)) for rel in STAGES[name].outputs}
+    return {rel: artifacts.content_fingerprint(os.path.join(workdir, rel)) for rel in STAGES[name].outputs}
 
 
 def rerun_reason(workdir: str, name: str, fingerprint: dict) -> Optional[str]:
@@ -168,75 +206,266 @@ def rerun_reason(workdir: str, name: str, fingerprint: dict) -> Optional[str]:
     return None
 
 
+# ------------------------------------------------------------------ staging and swap-in
+
+def staging_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, STAGING, name)
+
+
+def started_path(workdir: str, name: str) -> str:
+    return os.path.join(workdir, STAGING, f"{name}.started.json")
+
+
+def _journal_path(workdir: str, name: str) -> str:
+    return os.path.join(workdir, STAGING, f"{name}.swap.json")
+
+
 def discard_stale_scratch(workdir: str, name: str, fingerprint: dict) -> bool:
-    """Removes the stage's scratch when it was started under another fingerprint.
+    """Removes the stage's staging directory when it was started under another
+    fingerprint.
 
     Resuming is right after a kill, wrong after the config or inputs changed:
     the old checkpoints would be restored into the new run. The fingerprint the
-    scratch was started under is kept in `stages/<name>.started.json`. Returns
-    whether anything was discarded.
+    staging directory was started under is kept beside it. Returns whether
+    anything was discarded.
     """
-    marker = os.path.join(workdir, "stages", f"{name}.started.json")
+    marker = started_path(workdir, name)
     started = _read_json(marker)
-    stale = started is not None and started != fingerprint
+    # Without a marker the staging directory's origin is unknown: also stale.
+    stale = started != fingerprint and os.path.exists(staging_dir(workdir, name))
     if stale:
-        for rel in STAGES[name].scratch:
-            path = os.path.join(workdir, rel)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        shutil.rmtree(staging_dir(workdir, name), ignore_errors=True)
     if started != fingerprint:
         artifacts.write_json_atomic(marker, fingerprint)
     return stale
 
 
+def _mirror(src: str, dst: str, owned: list[str]) -> None:
+    """Fills `dst` with symlinks to what `src` holds, except the owned paths
+    (relative), which start absent; a directory holding an owned path is a real
+    directory in `dst`, mirrored the same way one level down."""
+    os.makedirs(dst, exist_ok=True)
+    below: dict[str, list[str]] = {}
+    for rel in owned:
+        head, _, rest = rel.partition("/")
+        below.setdefault(head, []).append(rest)
+    for entry in sorted(os.listdir(src)) if os.path.isdir(src) else []:
+        target, link, rests = os.path.join(src, entry), os.path.join(dst, entry), below.get(entry)
+        if entry in (STAGING, LOCK) or (rests is not None and "" in rests):
+            continue  # the pipeline's, or the stage's own: it writes that afresh
+        if rests is None:
+            if not os.path.lexists(link):
+                with contextlib.suppress(FileExistsError):  # another process of the run made it
+                    os.symlink(target, link)
+        elif os.path.isdir(target):
+            _mirror(target, link, rests)
+
+
+def _made_in_staging(staging: str, owned: list[str]) -> list[str]:
+    """Every path the stage wrote in its staging directory: whatever there is
+    not a symlink, below the directories that hold an owned path."""
+    holders = {"/".join(rel.split("/")[:i]) for rel in owned for i in range(1, rel.count("/") + 1)}
+    made = []
+
+    def walk(rel: str) -> None:
+        for entry in sorted(os.listdir(os.path.join(staging, rel))):
+            path = f"{rel}/{entry}" if rel else entry
+            full = os.path.join(staging, path)
+            if os.path.islink(full):
+                continue
+            if path in holders and os.path.isdir(full):
+                walk(path)
+            else:
+                made.append(path)
+    if os.path.isdir(staging):
+        walk("")
+    return made
+
+
+def _swap_in(workdir: str, name: str, manifest: dict) -> None:
+    """Moves a finished stage's paths from staging into the work directory
+    (the old ones aside) and writes its manifest, through a journal so that a
+    kill in between is completed by the next run (finish_swap)."""
+    staging, owned = staging_dir(workdir, name), STAGES[name].owned()
+    shutil.rmtree(os.path.join(workdir, STAGING, f"{name}.old"), ignore_errors=True)
+    made = _made_in_staging(staging, owned)
+    paths = owned + [p for p in made if p not in owned]
+    artifacts.write_json_atomic(_journal_path(workdir, name),
+                                {"paths": paths, "made": made, "manifest": manifest})
+    finish_swap(workdir, name)
+
+
+def finish_swap(workdir: str, name: str) -> bool:
+    """Completes the swap its journal describes, if there is one; each move is
+    done once, so this is safe to repeat after a kill. Returns whether it swapped."""
+    journal = _read_json(_journal_path(workdir, name))
+    if not journal or not isinstance(journal.get("paths"), list):
+        return False
+    staging, aside = staging_dir(workdir, name), os.path.join(workdir, STAGING, f"{name}.old")
+    for rel in journal["paths"]:
+        new, real = os.path.join(staging, rel), os.path.join(workdir, rel)
+        made = rel in journal["made"]
+        if made and not os.path.lexists(new):
+            continue  # moved in before the kill
+        if os.path.lexists(real):
+            os.makedirs(os.path.dirname(os.path.join(aside, rel)), exist_ok=True)
+            os.replace(real, os.path.join(aside, rel))
+        if made:
+            os.makedirs(os.path.dirname(real), exist_ok=True)
+            os.replace(new, real)
+            artifacts.follow_umask(real)  # temp files and dirs are made private
+    artifacts.write_json_atomic(_manifest_path(workdir, name), journal["manifest"])
+    os.remove(_journal_path(workdir, name))
+    for leftover in (staging, aside):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if os.path.exists(started_path(workdir, name)):
+        os.remove(started_path(workdir, name))
+    return True
+
+
 def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
-    """Runs one stage (its scratch checked first) and writes its manifest; returns the row."""
+    """Runs one stage in its staging directory (resuming its partial work when
+    started under the same fingerprint), then swaps its paths in and writes its
+    manifest; returns the row."""
     missing = [rel for rel, value in fingerprint["inputs"].items() if value is None]
     if missing:
-        raise FileNotFoundError(f"stage {name} needs {missing} in {ctx.workdir}; run the earlier "
-                                "stages first (or all stages)")
+        raise UserError(f"stage {name} needs {', '.join(missing)} in {ctx.workdir}; run the earlier "
+                        "stages first (or all stages)")
     if discard_stale_scratch(ctx.workdir, name, fingerprint):
         print(f"{name}: discarded partial work started under another config or inputs", flush=True)
+    staging = staging_dir(ctx.workdir, name)
+    _mirror(ctx.workdir, staging, STAGES[name].owned())
     start = time.time()
     print(f"== stage {name}", flush=True)
-    summary = _resolve(STAGES[name].run)(ctx) or {}
+    try:
+        summary = _resolve(STAGES[name].run)(dataclasses.replace(ctx, workdir=staging)) or {}
+    except DivergenceError as e:
+        raise DivergenceError(f"stage {name}: {e}") from e
     seconds = round(time.time() - start, 1)
-    outputs = output_fingerprints(ctx.workdir, name)
+    outputs = output_fingerprints(staging, name)
     absent = [rel for rel, value in outputs.items() if value is None]
     if absent:
-        raise RuntimeError(f"stage {name} finished without writing {absent} in {ctx.workdir}")
+        raise RuntimeError(f"stage {name} finished without writing {absent} in {staging}")
     manifest = {"stage": name, "fingerprint": fingerprint, "outputs": outputs, "seconds": seconds,
                 "summary": summary}
-    artifacts.write_json_atomic(_manifest_path(ctx.workdir, name), manifest)
+    if _main_process(ctx.config):
+        _swap_in(ctx.workdir, name, manifest)
+    _barrier(ctx.config, f"swap-in {name}")  # the other processes read what was swapped in
     return {"stage": name, "status": f"done in {seconds}s", **summary}
+
+
+# ------------------------------------------------------------------ the work directory's lock
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _take(path: str, holder: dict) -> bool:
+    """Creates the lock file with its content in one step (a link of a complete
+    temp file); False when it exists."""
+    tmp = f"{path}.{holder['pid']}.tmp"
+    artifacts.write_json_atomic(tmp, holder)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds `<workdir>/.lock` (this pid and host) while the block runs. A lock
+    whose pid is dead on this host is stale and taken over; a live one is a
+    UserError naming its pid and host."""
+    path = os.path.join(workdir, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    while not _take(path, me):
+        holder = _read_json(path)
+        if holder is None:
+            continue  # released meanwhile
+        pid, host = holder.get("pid"), holder.get("host")
+        if isinstance(pid, int) and host and (host != me["host"] or _alive(pid)):
+            raise UserError(f"work directory {workdir} is in use by pid {pid} on {host} (lock {path}); "
+                            "wait for that run to end, or delete the lock if it is gone")
+        print(f"taking over the stale lock {path} of pid {pid} on {host} (no longer running)", flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    try:
+        yield
+    finally:
+        if _read_json(path) == me:
+            os.remove(path)
+
+
+def _distributed(config) -> bool:
+    section = config.get("distributed") if hasattr(config, "get") else None
+    return bool(section and section.get("enabled", False))
+
+
+def _main_process(config) -> bool:
+    """Whether this process owns the work directory's bookkeeping (lock,
+    swap-in): always, except in a multi-process run, where process 0 does."""
+    if not _distributed(config):
+        return True
+    import jax
+    return jax.process_index() == 0
+
+
+def _barrier(config, tag: str) -> None:
+    if _distributed(config):
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(tag)
 
 
 def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progress: bool = True,
                  force: bool = False) -> list[dict[str, Any]]:
-    """Runs the named stages (default: all, in recipe order); returns one summary
-    row per stage."""
+    """Runs the named stages (default: all, in recipe order) holding the work
+    directory's lock; returns one summary row per stage. `config.json` is
+    written when they have all finished."""
     stages = list(stages or ORDER)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; known: {list(ORDER)}")
+        raise UserError(f"--stages: unknown stage {', '.join(map(repr, unknown))}; "
+                        f"known: {','.join(ORDER)}")
     stages.sort(key=ORDER.index)
     os.makedirs(workdir, exist_ok=True)
-    artifacts.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-    ctx = StageContext(config, os.path.abspath(workdir), progress)
-    rows = []
-    for name in stages:
-        fingerprint = stage_fingerprint(config, ctx.workdir, name)
-        if os.path.exists(_manifest_path(ctx.workdir, name)):
-            reason = "forced (--force)" if force else rerun_reason(ctx.workdir, name, fingerprint)
-            if reason is None:
-                summary = _read_json(_manifest_path(ctx.workdir, name))["summary"]
-                rows.append({"stage": name, "status": "skipped (complete)", **summary})
-                continue
-            print(f"{name}: {reason}; rerunning", flush=True)
-        rows.append(_run_stage(ctx, name, fingerprint))
+    workdir = os.path.abspath(workdir)
+    lock = workdir_lock(workdir) if _main_process(config) else contextlib.nullcontext()
+    with lock:
+        for name in ORDER if _main_process(config) else ():
+            if finish_swap(workdir, name):
+                print(f"{name}: completed the swap-in a kill had cut short", flush=True)
+        _barrier(config, "pipeline start")
+        rows = [_stage_row(StageContext(config, workdir, progress), name, force) for name in stages]
+        if _main_process(config):
+            artifacts.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(workdir, STAGING))  # only when empty: nothing left in progress
     return rows
+
+
+def _stage_row(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
+    """Skips the stage when complete (discarding a rerun's leftovers), else runs it."""
+    fingerprint = stage_fingerprint(ctx.config, ctx.workdir, name)
+    if os.path.exists(_manifest_path(ctx.workdir, name)):
+        reason = "forced (--force)" if force else rerun_reason(ctx.workdir, name, fingerprint)
+        if reason is None:
+            # A failed rerun under another config left its staging: not ours any more.
+            if _read_json(started_path(ctx.workdir, name)) not in (None, fingerprint):
+                shutil.rmtree(staging_dir(ctx.workdir, name), ignore_errors=True)
+                os.remove(started_path(ctx.workdir, name))
+            summary = _read_json(_manifest_path(ctx.workdir, name))["summary"]
+            return {"stage": name, "status": "skipped (complete)", **summary}
+        print(f"{name}: {reason}; rerunning", flush=True)
+    return _run_stage(ctx, name, fingerprint)
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:

@@ -136,14 +136,15 @@ def test_partial_work_of_another_config_is_discarded(workdir, tmp_path):
              "prompt": [{"role": "user", "content": "?"}], "answer_a": "OLD", "answer_b": "OLD",
              "finish_a": "eos", "finish_b": "eos", "sampling": {}}
     # A run of this config was killed after its first record: the pipeline keeps it, the stage resumes.
-    artifacts.write_json_atomic(str(tmp_path / "stages" / "pairs.started.json"),
+    artifacts.write_json_atomic(pipeline.started_path(str(tmp_path), "pairs"),
                                 pipeline.stage_fingerprint(config, str(tmp_path), "pairs"))
-    artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl.partial"), [bogus])
+    staging = pipeline.staging_dir(str(tmp_path), "pairs")
+    artifacts.write_jsonl_atomic(os.path.join(staging, "pairs.jsonl.partial"), [bogus])
     pipeline.run_pipeline(config, str(tmp_path), ["pairs"], progress=False)
     [record] = artifacts.read_jsonl(str(tmp_path / "pairs.jsonl"))
     assert record["answer_a"] == "OLD"
     # Killed again, then rerun at another temperature: the old work is thrown away.
-    artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl.partial"), [bogus])
+    artifacts.write_jsonl_atomic(os.path.join(staging, "pairs.jsonl.partial"), [bogus])
     config.pairs.temperature = 0.7
     pipeline.run_pipeline(config, str(tmp_path), ["pairs"], progress=False)
     [record] = artifacts.read_jsonl(str(tmp_path / "pairs.jsonl"))

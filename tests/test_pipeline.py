@@ -11,13 +11,16 @@ import ml_collections
 import pytest
 
 from cai_jax import pipeline
+from cai_jax.errors import UserError
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 class _Calls(list):
-    """The stages run, in order; `kill_first` non-empty makes `first` die."""
+    """The stages run, in order; `kill_first` non-empty makes `first` die,
+    `fail_first` makes it fail after writing its outputs."""
     kill_first: list
+    fail_first: bool
 
 
 @pytest.fixture
@@ -27,6 +30,7 @@ def fake_stages(monkeypatch):
     after writing its scratch."""
     calls = _Calls()
     calls.kill_first = kill_first = []
+    calls.fail_first = False
 
     def first(ctx):
         calls.append("first")
@@ -38,6 +42,11 @@ def fake_stages(monkeypatch):
             raise KeyboardInterrupt("killed")
         with open(ctx.path("one.txt"), "w") as f:
             f.write(f"first:{ctx.config.a.x}")
+        os.makedirs(ctx.path("model"), exist_ok=True)  # a directory output, like a saved model
+        with open(ctx.path("model", "weights.bin"), "wb") as f:
+            f.write(bytes(range(256)) * 64)
+        if calls.fail_first:
+            raise RuntimeError("failed inside the stage")
         os.rename(partial, ctx.path("first.log"))
         return {"resumed": resumed}
 
@@ -51,7 +60,7 @@ def fake_stages(monkeypatch):
     module.first, module.second = first, second
     sys.modules["fake_stages_module"] = module
     monkeypatch.setattr(pipeline, "STAGES", {
-        "first": pipeline.Stage("first", "fake_stages_module:first", ("a",), outputs=("one.txt",),
+        "first": pipeline.Stage("first", "fake_stages_module:first", ("a",), outputs=("one.txt", "model"),
                                 scratch=("first.partial",)),
         "second": pipeline.Stage("second", "fake_stages_module:second", ("b",), inputs=("one.txt",),
                                  outputs=("two.txt",)),
@@ -119,23 +128,154 @@ def test_scratch_is_kept_after_a_kill_and_discarded_after_a_config_change(fake_s
         pipeline.run_pipeline(_config(x=1), str(tmp_path), progress=False)
     with pytest.raises(KeyboardInterrupt):  # killed again, same config: the scratch is resumed
         pipeline.run_pipeline(_config(x=1), str(tmp_path), progress=False)
-    assert (tmp_path / "first.partial").read_text() == "1\n1\n"
+    staging = tmp_path / ".staging" / "first"  # a stage's work until it is complete
+    assert (staging / "first.partial").read_text() == "1\n1\n"
     # Another config: the pipeline throws the old scratch away before the stage runs.
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(_config(x=2), str(tmp_path), progress=False)
-    assert (tmp_path / "first.partial").read_text() == "2\n"
+    assert (staging / "first.partial").read_text() == "2\n"
     assert "first: discarded partial work" in capsys.readouterr().out
     fake_stages.kill_first.clear()
     rows = pipeline.run_pipeline(_config(x=2), str(tmp_path), progress=False)  # resumes, finishes
     assert rows[0]["resumed"] is True and (tmp_path / "first.log").read_text() == "2\n2\n"
     manifest = json.loads((tmp_path / "stages" / "first.json").read_text())
-    assert set(manifest["outputs"]) == {"one.txt"} and manifest["summary"] == {"resumed": True}
+    assert set(manifest["outputs"]) == {"one.txt", "model"} and manifest["summary"] == {"resumed": True}
+
+
+def _snapshot(workdir) -> dict:
+    """Every file under `workdir` (the staging area aside) and its bytes."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*"))
+            if p.is_file() and ".staging" not in p.parts}
+
+
+def test_a_failed_rerun_leaves_the_finished_work_and_config_as_they_were(fake_stages, tmp_path):
+    pipeline.run_pipeline(_config(x=1), str(tmp_path), progress=False)
+    before = _snapshot(tmp_path)
+    fake_stages.fail_first = True  # the rerun writes its outputs, then fails
+    with pytest.raises(RuntimeError, match="failed inside the stage"):
+        pipeline.run_pipeline(_config(x=2), str(tmp_path), progress=False)
+    assert _snapshot(tmp_path) == before  # outputs, manifests, first.log, config.json
+    assert json.loads((tmp_path / "config.json").read_text())["a"]["x"] == 1
+    # The failed config's work stays in staging only; back at x=1 all is complete
+    # and the leftovers of x=2 are cleared.
+    rows = pipeline.run_pipeline(_config(x=1), str(tmp_path), progress=False)
+    assert [r["status"] for r in rows] == ["skipped (complete)"] * 2
+    assert not (tmp_path / ".staging" / "first").exists()
+
+
+def test_a_swap_cut_short_by_a_kill_is_completed_by_the_next_run(fake_stages, tmp_path, monkeypatch, capsys):
+    pipeline.run_pipeline(_config(x=1), str(tmp_path), progress=False)
+
+    def killed(path):
+        raise KeyboardInterrupt("killed mid-swap")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.artifacts, "follow_umask", killed)  # runs after the first move
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_pipeline(_config(x=2), str(tmp_path), stages=["first"], progress=False)
+    capsys.readouterr()
+    rows = pipeline.run_pipeline(_config(x=2), str(tmp_path), progress=False)
+    assert "first: completed the swap-in a kill had cut short" in capsys.readouterr().out
+    assert rows[0]["status"] == "skipped (complete)" and rows[1]["status"].startswith("done")
+    assert fake_stages == ["first", "second", "first", "second"]
+    assert (tmp_path / "two.txt").read_text() == "second(first:2):2"
+    assert (tmp_path / "first.log").read_text() == "2\n"
+
+
+def test_a_data_file_edited_in_place_reruns_the_stage_that_names_it(fake_stages, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "one"}\n')
+    config = ml_collections.ConfigDict({"a": {"x": 1, "prompts": str(data)}, "b": {"y": 2}})
+    pipeline.run_pipeline(config, str(tmp_path / "run"), progress=False)
+    pipeline.run_pipeline(config, str(tmp_path / "run"), progress=False)
+    assert fake_stages == ["first", "second"]
+    capsys.readouterr()
+    data.write_text('{"prompt": "two"}\n')  # same path, same config, new content
+    pipeline.run_pipeline(config, str(tmp_path / "run"), progress=False)
+    assert "first: config section a changed; rerunning" in capsys.readouterr().out
+    assert fake_stages == ["first", "second", "first", "second"]
+
+
+def test_flipped_bytes_in_a_saved_directory_rerun_its_stage(fake_stages, tmp_path, capsys):
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    capsys.readouterr()
+    weights = tmp_path / "model" / "weights.bin"
+    with open(weights, "r+b") as f:  # same size and name, a few bytes flipped in the middle
+        f.seek(4096)
+        f.write(bytes(b ^ 0xFF for b in weights.read_bytes()[4096:4160]))
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    assert "first: model changed since it was made; rerunning" in capsys.readouterr().out
+    assert weights.read_bytes() == bytes(range(256)) * 64
+
+
+def test_a_live_lock_is_a_user_error_naming_its_holder_and_a_stale_one_is_taken_over(
+        fake_stages, tmp_path, capsys):
+    import socket
+
+    host = socket.gethostname()
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process
+    with pytest.raises(UserError) as error:
+        pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    assert f"is in use by pid {os.getppid()} on {host}" in str(error.value)
+    assert "\n" not in str(error.value) and fake_stages == []
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is now dead
+    lock.write_text(json.dumps({"pid": gone.pid, "host": host}))
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    assert f"taking over the stale lock {lock} of pid {gone.pid}" in capsys.readouterr().out
+    assert fake_stages == ["first", "second"] and not lock.exists()  # released at the end
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_with_one_line(tmp_path):
+    """Two processes: the first holds the lock while its stage runs."""
+    script = ("import sys, time, ml_collections\n"
+              "from cai_jax import pipeline\n"
+              "pipeline.STAGES = {'wait': pipeline.Stage('wait', 'time:sleep', ())}\n"
+              "pipeline.ORDER = ('wait',)\n"
+              "with pipeline.workdir_lock(sys.argv[1]):\n"
+              "    print('locked', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"in use by pid {holder.pid} on "):
+            pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_artifacts_and_model_directories_follow_the_umask(tmp_path, monkeypatch):
+    import tempfile
+    from cai_jax import artifacts
+
+    def stage(ctx):  # written as the stages write: atomic temp files, a temp dir renamed
+        artifacts.write_json_atomic(ctx.path("out.json"), {"ok": 1})
+        tmp = tempfile.mkdtemp(dir=ctx.workdir)
+        artifacts.write_text_atomic(os.path.join(tmp, "weights"), "w")
+        os.rename(tmp, ctx.path("model"))
+        return {}
+    module = type(sys)("umask_stage_module")
+    module.stage = stage
+    monkeypatch.setitem(sys.modules, "umask_stage_module", module)
+    monkeypatch.setattr(pipeline, "STAGES", {"only": pipeline.Stage(
+        "only", "umask_stage_module:stage", ("a",), outputs=("out.json", "model"))})
+    monkeypatch.setattr(pipeline, "ORDER", ("only",))
+    old = os.umask(0o022)
+    try:
+        pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    finally:
+        os.umask(old)
+    mode = lambda *parts: os.stat(tmp_path.joinpath(*parts)).st_mode & 0o777  # noqa: E731
+    assert mode("out.json") == 0o644 and mode("config.json") == 0o644
+    assert mode("model") == 0o755 and mode("model", "weights") == 0o644
+    assert mode("stages", "only.json") == 0o644
 
 
 def test_missing_inputs_and_unknown_stages_are_clear_errors(fake_stages, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"stage second needs \['one.txt'\]"):
+    with pytest.raises(UserError, match=r"stage second needs one.txt in "):
         pipeline.run_pipeline(_config(), str(tmp_path), stages=["second"], progress=False)
-    with pytest.raises(ValueError, match="unknown stages"):
+    with pytest.raises(UserError, match="--stages: unknown stage 'bogus'; known: first,second"):
         pipeline.run_pipeline(_config(), str(tmp_path), stages=["bogus"], progress=False)
 
 
@@ -150,7 +290,7 @@ def test_tiny_pipeline_killed_mid_stage_resumes_to_completion(tmp_path):
     proc = subprocess.Popen(_main(workdir), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
-    target = workdir / "ppo" / "ckpt"
+    target = workdir / ".staging" / "ppo" / "ppo" / "ckpt"  # the stage runs in its staging directory
     while time.time() < deadline and proc.poll() is None and not target.exists():
         time.sleep(0.5)
     killed = proc.poll() is None

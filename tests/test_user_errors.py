@@ -98,6 +98,24 @@ def test_config_mistakes_are_one_line(path, override, message):
     _one_line(error)
 
 
+def test_an_unknown_stage_is_one_line_and_exit_2(tmp_path):
+    status, stderr = _main(tmp_path, "--stages=sl_train,bogus")
+    assert status == 2 and stderr == [
+        "error: --stages: unknown stage 'bogus'; known: sl_generate,sl_train,pairs,feedback,pm_train,ppo,eval"]
+
+
+def test_a_workdir_locked_by_a_live_process_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    status, stderr = _main(tmp_path)
+    assert status == 2 and len(stderr) == 1, stderr
+    assert stderr[0].startswith(f"error: work directory {tmp_path / 'run'} is in use by pid {os.getppid()} "
+                                f"on {socket.gethostname()}")
+    assert not (tmp_path / "run" / "stages").exists()
+
+
 def test_main_prints_one_line_and_exits_2_for_an_unknown_key(tmp_path):
     status, stderr = _main(tmp_path, "--config.sl_train.num_stepz=3")
     assert status == 2 and stderr == [
