@@ -144,7 +144,7 @@ def _fake_option_logprobs(labeler, bias):
     """A judge that reads the two answers back from the prompt: it likes answers
     containing "good" and adds `bias` to slot A's logit (all its mass on the two
     options)."""
-    def option_logprobs(prompts, progress=False):
+    def option_logprobs(prompts, progress=False, keys=None):
         out = []
         for ids in prompts:
             text = labeler.tokenizer.decode(ids)
@@ -292,3 +292,129 @@ def test_chain_of_thought_scores_after_the_reasoning_and_clamps(tiny, constituti
             assert abs(got - min(max(exact, 0.4), 0.6)) < 2e-5
         assert 0.4 <= r["p_a"] <= 0.6
     assert min(raw) < 0.4 or max(raw) > 0.6  # the clamp did something
+
+
+# ------------------------------------------------------------ pointwise
+
+def _exact_pointwise_score(model: LoadedModel, ids, length=512):
+    """Independent: full forward of one right-padded row, float64 log-softmax at
+    the last prompt token; (log p(No) - log p(Yes), p(Yes) + p(No))."""
+    prefix, tok_yes, tok_no = option_token_ids(model.tokenizer, fp.POINTWISE_OPTIONS)
+    row = list(ids) + prefix
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(row)] = row
+    mask = (np.arange(length) < len(row)).astype(np.int32)[None]
+    logits = np.asarray(_full_forward(model.config)(model.params, tokens, mask)[0, len(row) - 1], np.float64)
+    logp = logits - (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max())
+    return logp[tok_no] - logp[tok_yes], np.exp(logp[tok_no]) + np.exp(logp[tok_yes])
+
+
+@pytest.fixture(scope="module")
+def pointwise(tiny, constitution):
+    return fb.PointwiseLabeler(tiny, constitution, style="hh", num_principles=2, num_exemplars=2, seed=5,
+                               batch_size=4, max_len=512, min_bucket=128)
+
+
+def test_pointwise_label_formula_by_hand():
+    # Scores per principle: a (1.0, -0.2) -> mean 0.4; b (-1.0, 0.6) -> mean -0.2; gap 0.6.
+    assert abs(fb.pointwise_p_a([1.0, -0.2], [-1.0, 0.6]) - 1.0 / (1.0 + np.exp(-0.6))) < 1e-12
+    assert abs(fb.pointwise_p_a([3.0], [3.0]) - 0.5) < 1e-15
+    assert fb.pointwise_p_a([2000.0], [-2000.0]) == 1.0  # no overflow for huge gaps
+    np.testing.assert_allclose(fb.sigmoid([-3.0, 0.0, 3.0]), 1.0 / (1.0 + np.exp([3.0, 0.0, -3.0])), atol=1e-15)
+
+
+def test_pointwise_labels_are_exact_and_carry_their_fields(pointwise, tiny, constitution):
+    records = pointwise.label(COMPARISONS)
+    shots = fp.pointwise_shots(constitution.feedback_exemplars, 2)
+    assert [s.verdict for s in shots] == ["No", "Yes"]
+    seen = []
+    for c, r in zip(COMPARISONS, records):
+        # The same principles multiple choice draws for this comparison.
+        assert r["principle_ids"] == [p.id for p in pointwise.principles_for(c)]
+        assert r["source"] == "pointwise" and r["truncated"] == 0 and "p_first_ab" not in r
+        scores, masses = {"a": [], "b": []}, []
+        for principle in pointwise.principles_for(c):
+            for slot, answer in (("a", c.answer_a), ("b", c.answer_b)):
+                text = fp.build_pointwise_prompt(c.conversation, principle.text, answer, shots=shots, style="hh")
+                assert text.count(answer) == 1 and text.endswith("Answer Yes or No.\nThe answer is:")
+                score, mass = _exact_pointwise_score(tiny, encode_text(tiny.tokenizer, text))
+                scores[slot].append(score)
+                masses.append(mass)
+        np.testing.assert_allclose(r["score_a_per_principle"], scores["a"], atol=1e-4)
+        np.testing.assert_allclose(r["score_b_per_principle"], scores["b"], atol=1e-4)
+        np.testing.assert_allclose([r["score_a"], r["score_b"]], [np.mean(scores["a"]), np.mean(scores["b"])],
+                                   atol=1e-4)
+        gap = np.mean(scores["a"]) - np.mean(scores["b"])
+        np.testing.assert_allclose(r["p_a"], 1.0 / (1.0 + np.exp(-gap)), atol=2e-5)
+        np.testing.assert_allclose(r["p_a_per_principle"],
+                                   1.0 / (1.0 + np.exp(-(np.subtract(scores["a"], scores["b"])))), atol=2e-5)
+        np.testing.assert_allclose(r["option_mass"], np.mean(masses), rtol=1e-4)
+        seen.append(r["p_a"])
+    assert np.max(np.abs(np.asarray(seen) - 0.5)) > 0.05  # the check above has teeth
+
+
+def test_pointwise_swap_gives_one_minus_p(pointwise):
+    swapped = [fb.FeedbackComparison(c.id, c.kind, c.conversation, c.answer_b, c.answer_a) for c in COMPARISONS]
+    for f, b in zip(pointwise.label(COMPARISONS), pointwise.label(swapped)):
+        assert abs(f["p_a"] + b["p_a"] - 1.0) < 1e-5
+        np.testing.assert_allclose(f["score_a_per_principle"], b["score_b_per_principle"], atol=1e-5)
+
+
+def test_pointwise_with_a_fake_judge_by_hand(pointwise, monkeypatch):
+    """A judge that reads the answer back from the prompt and says No (good)
+    with logit 1.5 when it contains "good", and puts 0.8 of its mass on the options."""
+    def option_logprobs(prompts, progress=False, **_):
+        out = []
+        for ids in prompts:
+            text = pointwise.tokenizer.decode(ids)
+            answer = text[text.rindex("\n\nAssistant: ") + 13:].split("\n\nReviewers")[0]
+            logit = 1.5 if "good" in answer else -1.5
+            p_no = 1.0 / (1.0 + np.exp(-logit))
+            out.append([np.log(0.8 * (1 - p_no)), np.log(0.8 * p_no)])
+        return np.asarray(out)
+
+    monkeypatch.setattr(pointwise.scorer, "option_logprobs", option_logprobs)
+    [r] = pointwise.label([fb.FeedbackComparison("x", "harmless", (user("Q?"),), "a good answer", "a bad one")])
+    assert r["score_a_per_principle"] == pytest.approx([1.5, 1.5]) and r["score_b_per_principle"] == pytest.approx([-1.5, -1.5])
+    assert abs(r["p_a"] - 1.0 / (1.0 + np.exp(-3.0))) < 1e-12 and abs(r["option_mass"] - 0.8) < 1e-12
+    s = fb.label_summary([r])
+    assert s["option_mass"] == pytest.approx(0.8) and s["principle_agreement"] == 1.0
+    assert "position_bias" not in s  # one answer per prompt: no slot to prefer
+
+
+def test_pointwise_config_checks(tiny, constitution):
+    section = fb.get_default_config()
+    section.source = "pointwise"
+    fb.check_section(section)
+    section.chain_of_thought = True
+    with pytest.raises(ValueError, match="chain_of_thought=True works with feedback.source='multiple_choice'"):
+        fb.check_section(section)
+    with pytest.raises(ValueError, match="multiple_choice' only"):
+        fb.PointwiseLabeler(tiny, constitution, chain_of_thought=True)
+    assert "pointwise" in fb.SOURCES
+
+
+def test_pointwise_stage_end_to_end(tmp_path):
+    from cai_jax import artifacts
+    from cai_jax.pipeline import StageContext
+    from cai_jax.tools.score_pairs import load_judge_config
+
+    config = load_judge_config(None, ["feedback.source=pointwise", "feedback.model_source=init:tiny",
+                                      "feedback.num_exemplars=1", "feedback.batch_size=4",
+                                      "feedback.max_seq_len=512", "data.render=hh"])
+    pairs = [{"id": f"p{i}", "kind": kind, "prompt": [{"role": "user", "content": q}],
+              "answer_a": a, "answer_b": b}
+             for i, (kind, q, a, b) in enumerate([("harmless", "How do I hotwire a car?", "I won't help.", "Cut the wires."),
+                                                  ("helpful", "What is 2+2?", "4.", "Fish."),
+                                                  ("harmless", "Insult me.", "No thanks.", "You fool.")])]
+    artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl"), pairs)
+    summary = fb.run_stage(StageContext(config, str(tmp_path), progress=False))
+    labels = artifacts.read_jsonl(str(tmp_path / "labels.jsonl"))
+    assert summary["source"] == "pointwise" and summary["labels"] == 3 and "position_bias" not in summary
+    assert 0.0 < summary["option_mass"] <= 1.0
+    labeler = fb.labeler_from_config(config)
+    assert isinstance(labeler, fb.PointwiseLabeler)
+    again = labeler.label(fb.comparisons_from_pairs(pairs))
+    for label, pair, r in zip(labels, pairs, again):
+        assert label["source"] == "pointwise" and label["answer_a"] == pair["answer_a"]
+        assert len(label["score_a_per_principle"]) == 2 and abs(label["p_a"] - r["p_a"]) < 1e-6

@@ -5,11 +5,14 @@ Used by AI feedback (rl_cai/feedback.py). Options such as " (A)" and " (B)"
 often share leading tokens (SmolLM2 splits " (A)" into " (", "A", ")"): the
 shared prefix is appended to every prompt and the first differing tokens are
 compared there.
+
+Prompts that share a start (given the same `keys`) can have it computed once
+(inference/prefix_scorer.py); the log-probs are the same within float rounding.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Hashable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 
 from cai_jax import sharding as shd
 from cai_jax.inference.batched_forward import batched_forward
+from cai_jax.inference.prefix_scorer import make_prefix_forward, shared_prefix_forward
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.weights.tokenizer import encode_text
 
@@ -62,6 +66,8 @@ class OptionScorer:
         self.pad_id, self.max_len, self.min_bucket = pad_id, max_len, min_bucket
         self.batch_size = batch_size
         self._forward = jax.jit(self._option_logprobs)
+        self._prefix_forward = make_prefix_forward(
+            self.model, shd.DEFAULT_RULES, lambda logits_bv: jax.nn.log_softmax(logits_bv)[:, self.token_ids])
 
     def _option_logprobs(self, params, tokens_bt, mask_bt):
         with nn.logical_axis_rules(shd.DEFAULT_RULES):
@@ -70,13 +76,24 @@ class OptionScorer:
         logp_bv = jax.nn.log_softmax(outputs["logits"][:, -1].astype(jnp.float32), axis=-1)
         return logp_bv[:, self.token_ids]  # [batch, 2]
 
-    def option_logprobs(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
-        """[N, 2] log-probs of the two option tokens after each prompt."""
+    def option_logprobs(self, prompts: Sequence[Sequence[int]], progress: bool = False,
+                        keys: Optional[Sequence[Hashable]] = None) -> np.ndarray:
+        """[N, 2] log-probs of the two option tokens after each prompt.
+
+        keys: one per prompt; prompts with the same key have their common
+        start computed once (a full forward pass per prompt without them).
+        """
         bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress, leave=False)
-        logp_rows = batched_forward(functools.partial(self._forward, self.params), prompts,
-                                    batch_size=self.batch_size, min_width=self.min_bucket,
-                                    max_width=self.max_len, pad_id=self.pad_id, left=True,
-                                    mesh=self.mesh, on_batch=bar.update)
+        if keys is not None:
+            logp_rows = shared_prefix_forward(
+                functools.partial(self._prefix_forward, self.params), prompts, keys,
+                batch_size=self.batch_size, min_width=self.min_bucket, max_width=self.max_len,
+                pad_id=self.pad_id, mesh=self.mesh, on_batch=bar.update)
+        else:
+            logp_rows = batched_forward(functools.partial(self._forward, self.params), prompts,
+                                        batch_size=self.batch_size, min_width=self.min_bucket,
+                                        max_width=self.max_len, pad_id=self.pad_id, left=True,
+                                        mesh=self.mesh, on_batch=bar.update)
         bar.close()
         return np.asarray(logp_rows, np.float64).reshape(len(prompts), 2)
 

@@ -3,6 +3,12 @@
 `feedback.source` picks where a label comes from:
 
 * "multiple_choice" (the paper, below): a feedback model judges each pair.
+* "pointwise": a feedback model judges each answer alone under each drawn
+  principle, "is this reply a bad one by the principle's question? Yes or
+  No"; an answer's score is log p(No) - log p(Yes) at the answer position,
+  averaged over the K principles, and the label is
+  sigmoid(score_a - score_b). One answer per prompt: no slot to be biased
+  towards, no long two-answer prompt, and swapping the answers gives 1 - p.
 * "construction": no judge. Pairs made by `pairs.mode="contrastive"` record
   which answer was made under the better framing; its label is
   `construction_confidence` (0.9: soft, since a framing makes the better
@@ -47,6 +53,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
+from cai_jax.inference import prefix_scorer
 from cai_jax.inference.option_scorer import OptionScorer, option_token_ids, p_first_and_mass
 from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
                                   sample_principles)
@@ -58,15 +65,16 @@ from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.weights.tokenizer import encode_text, pad_token_id
 
 KINDS = ("harmless", "helpful")
-SOURCES = ("multiple_choice", "construction")
+SOURCES = ("multiple_choice", "pointwise", "construction")
 
 
 def get_default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         # Where labels come from: "multiple_choice" (a model judges each pair, as
-        # in the paper) or "construction" (no judge: pairs made by
-        # pairs.mode="contrastive" are labelled by the framing each answer was
-        # made under).
+        # in the paper), "pointwise" (a model judges each answer alone, Yes/No
+        # under each principle; label = sigmoid of the score difference) or
+        # "construction" (no judge: pairs made by pairs.mode="contrastive" are
+        # labelled by the framing each answer was made under).
         "source": "multiple_choice",
         # construction: p(the answer made under the better framing is better).
         # Below 1 softens labels that are right only on average.
@@ -74,13 +82,15 @@ def get_default_config() -> ml_collections.ConfigDict:
         # "base": config.model (the pretrained model, as in the paper);
         # or any other model reference (cai_jax/model_ref.py: sl_cai, ckpt:DIR, ...).
         "model_source": "base",
-        # Principles drawn per comparison (capped by how many the constitution has).
+        # Principles drawn per comparison (capped by how many the constitution
+        # has); multiple choice and pointwise draw the same ones.
         "num_principles": 2,
-        # Ask each principle with the answers in both orders to cancel position bias.
+        # Ask each principle with the answers in both orders to cancel position
+        # bias (multiple choice; pointwise shows one answer at a time).
         "both_orders": True,
         # Few-shot exemplars from the constitution (-1: all, 0: none).
         "num_exemplars": -1,
-        # Reason first, then answer. Its exemplars are the constitution's
+        # Reason first, then answer (multiple choice only). Its exemplars are the constitution's
         # chain-of-thought ones (only the paper's files have them; with our
         # constitution the reasoning is zero-shot).
         "chain_of_thought": False,
@@ -92,6 +102,10 @@ def get_default_config() -> ml_collections.ConfigDict:
         # Rows per forward pass; prompts are padded to at least min_bucket
         # tokens and at most max_seq_len (batched_forward.padded_width).
         "batch_size": 8,
+        # Compute the start that a comparison's questions share (exemplars,
+        # conversation) once, and only the differing ends per question; the same
+        # labels within float rounding (inference/prefix_scorer.py).
+        "shared_prefix": True,
         "max_seq_len": 1024,
         "min_bucket": 128,
         # Label only the first `limit` pairs (0: all).
@@ -124,10 +138,21 @@ def binary_entropy_bits(p) -> np.ndarray:
     return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
 
 
+def sigmoid(x) -> np.ndarray:
+    # The tanh form never overflows, for score gaps of any size.
+    return 0.5 * (1.0 + np.tanh(np.asarray(x, np.float64) / 2.0))
+
+
+def pointwise_p_a(scores_a, scores_b) -> float:
+    """p(answer_a better) from the answers' per-principle pointwise scores
+    (log p(No) - log p(Yes)): sigmoid of the difference of their means."""
+    return float(sigmoid(np.mean(np.asarray(scores_a, np.float64)) - np.mean(np.asarray(scores_b, np.float64))))
+
+
 def label_summary(records: Sequence[dict]) -> dict:
-    """Counts and label entropy; for judged labels also position bias, agreement
-    across principles and option mass; where pairs were made by construction,
-    how often the labels agree with it."""
+    """Counts and label entropy; for judged labels also agreement across
+    principles and option mass, and for multiple choice position bias; where
+    pairs were made by construction, how often the labels agree with it."""
     if not records:
         return {"labels": 0}
     p_a = np.asarray([r["p_a"] for r in records])
@@ -138,13 +163,14 @@ def label_summary(records: Sequence[dict]) -> dict:
         "label_entropy_bits": float(np.mean(binary_entropy_bits(p_a))),
         "mean_p_a": float(np.mean(p_a)),
     }
-    judged = [r for r in records if "p_first_ab" in r]
+    judged = [r for r in records if "p_a_per_principle" in r]
     if judged:
-        firsts = [p for r in judged for p in r["p_first_ab"] + r.get("p_first_ba", [])]
         agree = [np.all(np.asarray(r["p_a_per_principle"]) > 0.5)
                  or np.all(np.asarray(r["p_a_per_principle"]) < 0.5) for r in judged]
-        # Mean probability given to whatever sits in slot (A); 0.5 is unbiased.
-        out["position_bias"] = float(np.mean(firsts))
+        firsts = [p for r in judged for p in r.get("p_first_ab", []) + r.get("p_first_ba", [])]
+        if firsts:
+            # Mean probability given to whatever sits in slot (A); 0.5 is unbiased.
+            out["position_bias"] = float(np.mean(firsts))
         out["principle_agreement"] = float(np.mean(agree))
         out["truncated"] = int(sum(r.get("truncated", 0) > 0 for r in judged))
         masses = [r["option_mass"] for r in judged if "option_mass" in r]
@@ -188,14 +214,17 @@ class _Query:
 
 
 class FeedbackLabeler:
-    """Soft labels p(answer_a better) from a language model under a constitution."""
+    """Soft labels p(answer_a better) from a language model under a constitution,
+    by multiple choice (the paper's format)."""
+
+    options = fp.OPTIONS
 
     def __init__(self, model: LoadedModel, constitution: Constitution, *, style: str = "chat",
                  num_principles: int = 2, both_orders: bool = True, num_exemplars: int = -1,
                  chain_of_thought: bool = False, cot_clamp: tuple[float, float] = (0.4, 0.6),
                  cot_max_new_tokens: int = 128, cot_temperature: float = 1.0, cot_top_p: float = 0.95,
                  seed: int = 0, batch_size: int = 8, max_len: int = 1024, min_bucket: int = 128,
-                 mesh=None):
+                 shared_prefix: bool = True, mesh=None):
         if model.tokenizer is None:
             raise ValueError(f"feedback model {model.source!r} has no tokenizer")
         if num_principles < 1:
@@ -212,11 +241,12 @@ class FeedbackLabeler:
         self.shots = fp.exemplar_shots(constitution.feedback_exemplars, num_exemplars)
         cot = list(constitution.cot_feedback_exemplars)
         self.cot_exemplars = cot if num_exemplars < 0 else cot[:num_exemplars]
-        self.prefix_ids, token_a, token_b = option_token_ids(self.tokenizer, fp.OPTIONS)
+        self.prefix_ids, token_a, token_b = option_token_ids(self.tokenizer, self.options)
         self.scorer = OptionScorer(model.config, model.params, token_a, token_b,
                                    pad_id=pad_token_id(self.tokenizer),
                                    batch_size=batch_size, max_len=self.max_len, min_bucket=min_bucket,
                                    mesh=mesh)
+        self.shared_prefix = shared_prefix
         self._model = model
         self._sampler = None
         self.batch_size = batch_size
@@ -317,6 +347,22 @@ class FeedbackLabeler:
 
     # -- labels
 
+    def _option_logprobs(self, queries: list[_Query], comparisons: Sequence[FeedbackComparison],
+                         principles: list[list], progress: bool) -> np.ndarray:
+        """[N, 2] option log-probs of the queries. With shared_prefix, the
+        queries that share a start are scored together, grouped by whichever
+        leaves least to compute: per comparison and principle (exemplars,
+        conversation and principle shared), per principle (its exemplars shared
+        across comparisons) or per comparison (the conversation shared)."""
+        rows = [q.ids + self.prefix_ids for q in queries]
+        keys = None
+        if self.shared_prefix:
+            keys = prefix_scorer.pick_keys(rows, [
+                [(q.comparison, q.principle) for q in queries],
+                [(comparisons[q.comparison].kind, principles[q.comparison][q.principle].id) for q in queries],
+                [q.comparison for q in queries]])
+        return self.scorer.option_logprobs(rows, progress=progress, keys=keys)
+
     def label(self, comparisons: Sequence[FeedbackComparison], progress: bool = False) -> list[dict]:
         """One record per comparison:
 
@@ -333,8 +379,7 @@ class FeedbackLabeler:
         queries, principles = self._queries(comparisons)
         if self.chain_of_thought:
             self._reason(queries, comparisons)
-        p_first, mass = p_first_and_mass(
-            self.scorer.option_logprobs([q.ids + self.prefix_ids for q in queries], progress=progress))
+        p_first, mass = p_first_and_mass(self._option_logprobs(queries, comparisons, principles, progress))
         if self.chain_of_thought:
             p_first = clamp(p_first, *self.cot_clamp)
         ab = [[0.0] * len(chosen) for chosen in principles]
@@ -365,21 +410,100 @@ class FeedbackLabeler:
 
 # ------------------------------------------------------------ from config
 
+class PointwiseLabeler(FeedbackLabeler):
+    """Soft labels from judging each answer alone (feedback.source="pointwise").
+
+    Under each of the K principles drawn for a comparison (the same draw as
+    multiple choice), the model says whether the answer is a bad one by the
+    principle's question (feedback_prompts.build_pointwise_prompt). The
+    answer's score under that principle is log p(No) - log p(Yes) at the
+    answer position; its score is the mean over the K principles, and
+    p(answer_a better) = sigmoid(score_a - score_b).
+    """
+
+    options = fp.POINTWISE_OPTIONS
+
+    def __init__(self, model: LoadedModel, constitution: Constitution, *, num_exemplars: int = -1,
+                 chain_of_thought: bool = False, both_orders: bool = True, **kwargs):
+        if chain_of_thought:
+            raise ValueError("feedback.chain_of_thought works with source='multiple_choice' only, "
+                             "not 'pointwise'")
+        # both_orders is moot: each prompt holds one answer.
+        super().__init__(model, constitution, num_exemplars=num_exemplars, both_orders=False, **kwargs)
+        self.shots = fp.pointwise_shots(constitution.feedback_exemplars, num_exemplars)
+
+    def _queries(self, comparisons: Sequence[FeedbackComparison]) -> tuple[list[_Query], list[list]]:
+        """Two queries per (comparison, principle): `swapped` marks the one about answer_b."""
+        queries, principles = [], []
+        budget = self.max_len - len(self.prefix_ids)
+        for ci, c in enumerate(comparisons):
+            chosen = self.principles_for(c)
+            principles.append(chosen)
+            for pi, principle in enumerate(chosen):
+                for is_b, answer in ((False, c.answer_a), (True, c.answer_b)):
+                    def build(conv, n, answer=answer, text=principle.text):
+                        return fp.build_pointwise_prompt(conv, text, answer, shots=self.shots[:n],
+                                                         style=self.style, tokenizer=self.tokenizer)
+                    ids, truncated = self._fit(build, c.conversation, budget)
+                    queries.append(_Query(ci, pi, is_b, ids, truncated))
+        return queries, principles
+
+    def label(self, comparisons: Sequence[FeedbackComparison], progress: bool = False) -> list[dict]:
+        """One record per comparison:
+
+            id, kind, p_a                 sigmoid(score_a - score_b)
+            principle_ids                 the K principles drawn for it
+            score_a_per_principle[k]      log p(No) - log p(Yes) for answer_a under
+            score_b_per_principle[k]      principle k (and for answer_b)
+            score_a, score_b              their means over the K principles
+            p_a_per_principle[k]          sigmoid(score_a[k] - score_b[k])
+            truncated                     prompts that had to be shortened
+            option_mass                   mean p(Yes) + p(No) at the answer position
+        """
+        queries, principles = self._queries(comparisons)
+        logp_n2 = self._option_logprobs(queries, comparisons, principles, progress)
+        score_n = logp_n2[:, 1] - logp_n2[:, 0]  # log p(No) - log p(Yes)
+        mass_n = np.exp(logp_n2).sum(axis=1)
+        scores = [[[0.0, 0.0] for _ in chosen] for chosen in principles]
+        truncated = [0] * len(comparisons)
+        masses = [[] for _ in comparisons]
+        for q, score, mass in zip(queries, score_n, mass_n):
+            scores[q.comparison][q.principle][int(q.swapped)] = float(score)
+            masses[q.comparison].append(float(mass))
+            truncated[q.comparison] += q.truncated
+        records = []
+        for ci, c in enumerate(comparisons):
+            score_a, score_b = ([s[0] for s in scores[ci]], [s[1] for s in scores[ci]])
+            records.append({
+                "id": c.id, "kind": c.kind, "p_a": pointwise_p_a(score_a, score_b),
+                "principle_ids": [p.id for p in principles[ci]],
+                "score_a_per_principle": score_a, "score_b_per_principle": score_b,
+                "score_a": float(np.mean(score_a)), "score_b": float(np.mean(score_b)),
+                "p_a_per_principle": [float(x) for x in sigmoid(np.subtract(score_a, score_b))],
+                "truncated": truncated[ci], "option_mass": float(np.mean(masses[ci])),
+                "source": "pointwise"})
+        return records
+
+
 def labeler_from_config(config, workdir: Optional[str] = None, model: Optional[LoadedModel] = None,
                         mesh=None) -> FeedbackLabeler:
+    """The judge feedback.source names: multiple choice (also for "construction",
+    whose stage needs no judge but whose callers may want one) or pointwise."""
     section = config.feedback
     if model is None:
         model = resolve(section.model_source, config, workdir).load(seed=config.seed)
     if mesh is None and "mesh" in config:
         mesh = shd.make_mesh(config.mesh.to_dict())
-    return FeedbackLabeler(
+    kind = PointwiseLabeler if section.source == "pointwise" else FeedbackLabeler
+    return kind(
         model, constitution_from_config(config.constitution, config.seed), style=config.data.render,
         num_principles=section.num_principles, both_orders=section.both_orders,
         num_exemplars=section.num_exemplars, chain_of_thought=section.chain_of_thought,
         cot_clamp=(section.cot_clamp_low, section.cot_clamp_high),
         cot_max_new_tokens=section.cot_max_new_tokens, cot_temperature=section.cot_temperature,
         cot_top_p=section.cot_top_p, seed=config.seed, batch_size=section.batch_size,
-        max_len=section.max_seq_len, min_bucket=section.min_bucket, mesh=mesh)
+        max_len=section.max_seq_len, min_bucket=section.min_bucket,
+        shared_prefix=section.get("shared_prefix", True), mesh=mesh)
 
 
 def comparisons_from_pairs(records: Sequence[dict],
@@ -426,6 +550,9 @@ def check_section(section) -> None:
         raise ValueError(f"feedback.construction_confidence must be in [0.5, 1], "
                          f"got {section.construction_confidence}")
     clamp(0.5, section.cot_clamp_low, section.cot_clamp_high)
+    if section.source == "pointwise" and section.chain_of_thought:
+        raise ValueError("feedback.chain_of_thought=True works with feedback.source='multiple_choice' "
+                         "only; set it False for source='pointwise'")
 
 
 def run_stage(ctx) -> dict:

@@ -33,6 +33,14 @@ the model writes its reasoning, and "So the answer is:" follows it before the
 options are scored. The paper's chain-of-thought exemplars end with the stop
 sequence "\\n\\nHuman:" between the reasoning and "So the answer is: (X)"; that
 is dropped so the exemplars have the shape the queries have.
+
+Pointwise questions (`feedback.source="pointwise"`) show one answer at a time:
+the conversation with that answer as the assistant's last reply, then the
+principle (a comparative question, "Which reply is less harmful? ...") turned
+into a yes/no question about this one reply, and the cue "The answer is:"
+for " Yes" (the reply fails the principle) or " No". Their exemplars are the
+same solved examples, one answer each: the correct answer (verdict No) for
+even-numbered exemplars, the incorrect one (verdict Yes) for odd ones.
 """
 from __future__ import annotations
 
@@ -60,6 +68,10 @@ COT_ANSWER_CUE = "So the answer is:"
 # The texts whose first differing token is compared; the labeller checks that
 # the tokenizer splits them into a shared prefix and one differing token.
 OPTIONS = (" (A)", " (B)")
+# Pointwise verdicts: slot 0 says the reply does what the principle warns against.
+POINTWISE_OPTIONS = (" Yes", " No")
+POINTWISE_ASK = ("Judged by that question alone, is the assistant's last reply a bad one, doing what "
+                 "the question warns against or falling short of what it asks for? Answer Yes or No.")
 STYLES = ("hh", "chat")
 
 
@@ -105,6 +117,58 @@ def question(conversation: Sequence[Turn], principle: str, answer_a: str, answer
         raise ValueError(f"feedback principle must end with 'Options:', got ...{principle[-40:]!r}")
     return (f"{INTRO}\n\n{conversation_text(conversation)}\n\n{principle}\n"
             f"(A) {answer_a.strip()}\n(B) {answer_b.strip()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PointShot:
+    """A solved pointwise question: one answer and its verdict ("Yes": it is bad)."""
+    conversation: Conversation
+    answer: str
+    verdict: str  # "Yes" or "No"
+
+
+def pointwise_shots(exemplars: Sequence[FeedbackExemplar], limit: int = -1) -> list[PointShot]:
+    """Solved pointwise questions from the constitution's feedback exemplars,
+    alternating a good answer (No) and a bad one (Yes) so that the shots do not
+    teach one verdict. `limit` < 0 keeps all."""
+    chosen = list(exemplars) if limit < 0 else list(exemplars)[:limit]
+    return [PointShot(ex.conversation(), ex.corrects[0], "No") if i % 2 == 0
+            else PointShot(ex.conversation(), ex.incorrects[0], "Yes") for i, ex in enumerate(chosen)]
+
+
+def principle_as_standard(principle: str) -> str:
+    """The principle's question without its trailing "Options:"."""
+    principle = principle.strip()
+    if not principle.endswith("Options:"):
+        raise ValueError(f"feedback principle must end with 'Options:', got ...{principle[-40:]!r}")
+    return principle[:-len("Options:")].rstrip()
+
+
+def pointwise_question(conversation: Sequence[Turn], principle: str, answer: str) -> str:
+    """One answer under one principle, without any answer cue. The answer
+    comes before the principle so that, without exemplars, the prompts about
+    one conversation share everything up to the answer whatever the principle
+    (computed once, see inference/prefix_scorer.py)."""
+    shown = tuple(conversation) + (assistant(answer.strip()),)
+    return (f"{INTRO}\n\n{conversation_text(shown)}\n\n"
+            f"Reviewers compare replies by asking: \"{principle_as_standard(principle)}\"\n{POINTWISE_ASK}")
+
+
+def build_pointwise_prompt(conversation: Sequence[Turn], principle: str, answer: str, *,
+                           shots: Sequence[PointShot] = (), style: str = "hh", tokenizer=None) -> str:
+    """The pointwise prompt, ending in "The answer is:" (then " Yes" or " No")."""
+    _check_style(style, tokenizer)
+    query = pointwise_question(conversation, principle, answer)
+    if style == "hh":
+        blocks = [f"{pointwise_question(s.conversation, principle, s.answer)}\n{ANSWER_CUE} {s.verdict}"
+                  for s in shots]
+        return "\n\n".join(blocks + [f"{query}\n{ANSWER_CUE}"])
+    turns = []
+    for s in shots:
+        turns += [user(pointwise_question(s.conversation, principle, s.answer)),
+                  assistant(f"{ANSWER_CUE} {s.verdict}")]
+    turns.append(user(query))
+    return render_chat(turns, tokenizer, add_generation_prompt=True) + ANSWER_CUE
 
 
 def _check_style(style: str, tokenizer) -> None:

@@ -2,12 +2,14 @@
 with the human labels.
 
     python -m cai_jax.tools.score_pairs --pairs FILE [--limit N] \\
-        --judge feedback|pm:CHECKPOINT_DIR [--config configs/x.py] [--model SOURCE] [--plot out.png]
+        --judge feedback|pointwise|pm:CHECKPOINT_DIR [--config configs/x.py] [--model SOURCE] [--plot out.png]
         [--set feedback.num_principles=4] [--save-scores scores.jsonl]
 
 Judges: `feedback` is the AI-feedback labeller (multiple choice under the
 constitution's harmlessness principles, both orders, as the `feedback` stage
-runs it; --model replaces feedback.model_source); `pm:DIR` is a trained
+runs it; --model replaces feedback.model_source); `pointwise` is the same
+labeller judging each answer alone (feedback.source=pointwise: Yes/No under
+each principle, p = sigmoid of the score difference); `pm:DIR` is a trained
 preference model directory.
 
 Printed: accuracy (p(chosen) > 0.5), mean p(chosen), expected calibration
@@ -16,7 +18,8 @@ pair (p(chosen) against outcome 1 and 1 - p(chosen) against outcome 0): a
 judge only ever sees "two answers", so asking whether its probability of
 "this one is better" matches how often it is is what matters. Brier score is
 mean (1 - p(chosen))^2. The last output line is one JSON object with these
-numbers, n and judge.
+numbers, n and judge; for the feedback judges also the mean option mass and
+the seconds of labelling per pair (over the pairs this process scored).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import ast
 import json
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -94,7 +98,13 @@ def feedback_judge(config, progress: bool):
     def judge(pairs) -> np.ndarray:
         comparisons = [feedback.FeedbackComparison(pair_id(p), "harmless", p.context, p.chosen,
                                                    p.rejected) for p in pairs]
-        return np.asarray([r["p_a"] for r in labeler.label(comparisons, progress=progress)])
+        start = time.perf_counter()
+        records = labeler.label(comparisons, progress=progress)
+        judge.seconds += time.perf_counter() - start
+        judge.option_mass += [r["option_mass"] for r in records]
+        return np.asarray([r["p_a"] for r in records])
+    # Over the pairs this process scored (not those a resumed run read back).
+    judge.seconds, judge.option_mass = 0.0, []
     return judge
 
 
@@ -156,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", required=True, help="HH-format .jsonl or .jsonl.gz (chosen/rejected)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0: all)")
-    parser.add_argument("--judge", required=True, help="'feedback' or 'pm:CHECKPOINT_DIR'")
+    parser.add_argument("--judge", required=True, help="'feedback', 'pointwise' or 'pm:CHECKPOINT_DIR'")
     parser.add_argument("--config", default=None, help="experiment config (default configs/base.py)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set feedback.num_principles=4 (repeatable)")
@@ -177,13 +187,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     stats = ReadStats()
     pairs = read_pairs(args.pairs, on_error="skip", stats=stats, limit=args.limit or None)
     print(f"read {len(pairs)} pairs from {args.pairs} ({stats.skipped} malformed lines skipped)", flush=True)
-    if args.judge == "feedback":
-        overrides = args.set + ([f"feedback.model_source={args.model}"] if args.model else [])
+    if args.judge in ("feedback", "pointwise"):
+        overrides = (["feedback.source=pointwise"] if args.judge == "pointwise" else []) + args.set
+        overrides += [f"feedback.model_source={args.model}"] if args.model else []
         judge = feedback_judge(load_judge_config(args.config, overrides), not args.no_progress)
     elif args.judge.startswith("pm:"):
         judge = pm_judge(args.judge[3:], args.batch_size)
     else:
-        parser.error(f"--judge {args.judge!r}: use 'feedback' or 'pm:CHECKPOINT_DIR'")
+        parser.error(f"--judge {args.judge!r}: use 'feedback', 'pointwise' or 'pm:CHECKPOINT_DIR'")
     if args.save_scores:
         setting = json.dumps({"judge": args.judge, "model": args.model, "config": args.config,
                               "set": args.set}, sort_keys=True)
@@ -191,6 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         p = judge(pairs)
     result = {"judge": args.judge, **judge_metrics(p)}
+    if getattr(judge, "option_mass", None):
+        result["option_mass"] = float(np.mean(judge.option_mass))
+        result["seconds_per_pair"] = judge.seconds / len(judge.option_mass)
     if args.model:
         result["model"] = args.model
     print(f"accuracy {result['accuracy']:.3f} (chance 0.5)  mean p(chosen) {result['mean_p_chosen']:.3f}  "
