@@ -130,7 +130,8 @@ def _run_model(spec: str, workdir: Optional[str]) -> str:
         path = checkpoints[wanted]
     if not os.path.exists(os.path.join(path, "model.json")):
         raise FileNotFoundError(f"model reference {spec!r}: {path} holds no model; run the {stage} stage first")
-    return "ckpt:" + os.path.abspath(path)
+    # realpath: a stage runs in a staging directory where the run's models are symlinks.
+    return "ckpt:" + os.path.realpath(path)
 
 
 def resolve(spec: str, config, workdir: Optional[str] = None) -> ModelRef:

@@ -48,6 +48,7 @@ from cai_jax.errors import DivergenceError, UserError
 
 STAGING = ".staging"  # <workdir>/.staging/<stage>/: a stage's work until it is complete
 LOCK = ".lock"
+CONFIG = "config.json"  # the config of the last run whose stages all finished
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +289,7 @@ def _swap_in(workdir: str, name: str, manifest: dict) -> None:
     kill in between is completed by the next run (finish_swap)."""
     staging, owned = staging_dir(workdir, name), STAGES[name].owned()
     shutil.rmtree(os.path.join(workdir, STAGING, f"{name}.old"), ignore_errors=True)
-    made = _made_in_staging(staging, owned)
+    made = [p for p in _made_in_staging(staging, owned) if p != CONFIG]
     paths = owned + [p for p in made if p not in owned]
     artifacts.write_json_atomic(_journal_path(workdir, name),
                                 {"paths": paths, "made": made, "manifest": manifest})
@@ -335,6 +336,11 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
         print(f"{name}: discarded partial work started under another config or inputs", flush=True)
     staging = staging_dir(ctx.workdir, name)
     _mirror(ctx.workdir, staging, STAGES[name].owned())
+    # The stage sees this run's config.json (the report reads it), not the last
+    # complete run's; the work directory's copy is written after success.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(staging, CONFIG))
+    artifacts.write_json_atomic(os.path.join(staging, CONFIG), ctx.config.to_dict())
     start = time.time()
     print(f"== stage {name}", flush=True)
     try:
@@ -446,7 +452,7 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
         _barrier(config, "pipeline start")
         rows = [_stage_row(StageContext(config, workdir, progress), name, force) for name in stages]
         if _main_process(config):
-            artifacts.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+            artifacts.write_json_atomic(os.path.join(workdir, CONFIG), config.to_dict())
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(workdir, STAGING))  # only when empty: nothing left in progress
     return rows
