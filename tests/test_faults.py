@@ -92,7 +92,7 @@ def _main(workdir, *extra):
             "--noprogress", *extra]
 
 
-def _run(workdir, *extra, timeout=900):
+def _run(workdir, *extra, timeout=1800):
     out = subprocess.run(_main(workdir, *extra), cwd=REPO, capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     return out.returncode, out.stdout, out.stderr.strip().splitlines()
