@@ -5,7 +5,8 @@ Compiled programs are kept under the project's cache folder
 run of a command, or a later stage compiling a program an earlier one already
 compiled, loads it instead of compiling again. `CAI_JAX_COMPILATION_CACHE=0`
 turns it off; JAX's own `JAX_COMPILATION_CACHE_DIR`, when set, picks the folder.
-A folder that cannot be written is a warning and the run goes on uncached.
+A folder that cannot be written is a warning and the run goes on uncached; a
+write that fails later (disk full) is a warning from JAX itself.
 """
 from __future__ import annotations
 
@@ -59,6 +60,4 @@ def enable_compilation_cache() -> Optional[str]:
     jax.config.update("jax_compilation_cache_dir", directory)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's choice wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
-    # A failed write later (disk full, folder removed) is a warning from JAX, not an error.
-    jax.config.update("jax_raise_persistent_cache_errors", False)
     return directory
