@@ -63,15 +63,24 @@ def get_config():
 
     config.ppo.iterations = 8
     config.ppo.rollout_batch_size = 8
-    config.ppo.minibatch_size = 8
-    config.ppo.epochs = 1
+    # Red-team prompts only: the PM was trained on harmlessness pairs alone, so
+    # on helpful prompts its score is noise for PPO to chase.
+    config.ppo.red_team_fraction = 1.0
+    # One trunk for policy and value: the update costs what one model's does,
+    # which pays for two passes of four-answer minibatches per rollout (at
+    # 1e-5 with one step per iteration the policy did not move: KL 0.1).
+    config.ppo.share_trunk = True
+    config.ppo.minibatch_size = 4
+    config.ppo.epochs = 2
+    config.ppo.policy_optimizer.learning_rate = 2e-5
+    config.ppo.value_optimizer.learning_rate = 2e-5
     config.ppo.max_prompt_tokens = 128
     config.ppo.max_new_tokens = 48
     config.ppo.save_every = 4
-    config.ppo.eval_every = 2
-    config.ppo.eval_prompts = 8
-    config.ppo.policy_optimizer.learning_rate = 1e-5
-    config.ppo.value_optimizer.learning_rate = 1e-5
+    # Held-out reward before and after (greedy answers, paired by prompt): more
+    # prompts at two points tell a change from noise better than few at five.
+    config.ppo.eval_every = 8
+    config.ppo.eval_prompts = 24
 
     config.eval.red_team_limit = 16
     config.eval.helpful_limit = 16
