@@ -213,6 +213,14 @@ def staging_dir(workdir: str, name: str) -> str:
     return os.path.join(workdir, STAGING, name)
 
 
+def home_of(path: str) -> str:
+    """The work directory a stage's staging directory belongs to (any other
+    path unchanged): what reports and messages should name."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    return os.path.dirname(parent) if os.path.basename(parent) == STAGING else path
+
+
 def started_path(workdir: str, name: str) -> str:
     return os.path.join(workdir, STAGING, f"{name}.started.json")
 

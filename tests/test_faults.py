@@ -113,6 +113,9 @@ def tiny_run(tmp_path_factory):
     return workdir
 
 
+# The whole-run tests below share one tiny run (minutes on two cores): slow,
+# run with --runslow. The trainer-level guard and checkpoint tests above are fast.
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, key, model", [
     ("sl_train", "sl_train.optimizer.learning_rate", "models/sl_cai"),
     ("pm_train", "pm_train.optimizer.learning_rate", "models/pm"),
@@ -139,6 +142,7 @@ def test_a_nan_learning_rate_stops_the_stage_and_keeps_the_finished_work(tiny_ru
     assert [step for step, _ in rl_checkpoints(str(workdir / "models" / "rl_cai"))] == [1, 2]
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_a_saved_model_rerun_its_stage(tiny_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir, symlinks=True)

@@ -330,3 +330,9 @@ def test_a_constitution_edited_in_place_changes_the_fingerprint_of_stages_that_r
     after = {s: pipeline.stage_fingerprint(config, str(tmp_path), s)["config"] for s in ("pairs", "pm_train")}
     assert before["pairs"]["constitution"] != after["pairs"]["constitution"]
     assert before["pm_train"] == after["pm_train"]  # pm_train does not read the constitution
+
+
+def test_home_of_a_staging_directory_is_its_work_directory(tmp_path):
+    wd = str(tmp_path / "run")
+    assert pipeline.home_of(pipeline.staging_dir(wd, "eval")) == wd
+    assert pipeline.home_of(wd) == wd

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts
+from cai_jax import artifacts, pipeline
 from cai_jax.constitution import constitution_from_config
 from cai_jax.data.conversation import Turn, answer_stop_strings, build_initial_prompt
 from cai_jax.data.prompt_sets import Prompt, load_prompts
@@ -494,5 +494,6 @@ def run_stage(ctx) -> dict:
             summary[f"{dim}_elo_{label}"] = round(float(result.elo[m.name]), 1) + 0.0  # no "-0.0"
     path = report.write_report(ctx.workdir, current_stage={"stage": "eval", "summary": summary},
                                sample_prompts=section.report_prompts)
-    print(f"report: {path}", flush=True)
+    # Written in the stage's staging directory; the pipeline moves it home.
+    print(f"report: {os.path.join(pipeline.home_of(ctx.workdir), os.path.basename(path))}", flush=True)
     return summary

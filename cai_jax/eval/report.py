@@ -350,7 +350,7 @@ def write_report(workdir: str, current_stage: Optional[dict] = None, sample_prom
 
     model = config.get("model", {})
     lines = ["# Constitutional AI run report", "",
-             f"Work directory: `{workdir}`. Base model: `{model.get('name', '?')}` "
+             f"Work directory: `{pipeline.home_of(workdir)}`. Base model: `{model.get('name', '?')}` "
              f"(source `{model.get('source', '?')}`).", ""]
     lines += ["## Stages", "", pipeline.format_summary(_stage_rows(workdir, current_stage)), ""]
     for dim in DIMENSION_TITLES:
