@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from cai_jax import artifacts
+from cai_jax import artifacts, pipeline
 from cai_jax import sharding as shd
 from cai_jax.errors import DivergenceError
 from cai_jax.model_ref import rl_checkpoints
@@ -67,6 +67,60 @@ def test_a_step_that_makes_nan_stops_training_before_its_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+class _BatchList(_Batches):
+    def __init__(self, batches):
+        super().__init__(None)
+        self.batches = batches
+
+    def __next__(self):
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+
+def _scaled_lm_loss(model):
+    # The LM loss times the batch's "scale": a NaN scale makes a non-finite step
+    # from the data alone (the optimizer state stays clean).
+    lm = lm_loss.make_lm_loss(model)
+
+    def loss_fn(params, batch, rng):
+        total, count, metrics = lm(params, {k: v for k, v in batch.items() if k != "scale"}, rng)
+        return total * batch["scale"][0, 0], count, metrics
+    return loss_fn
+
+
+def _scaled_batches(scales):
+    mask = np.ones((2, 8), np.int32)
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8)
+    return [{"tokens": (tokens + i) % 256, "attention_mask": mask, "loss_mask": mask,
+             "scale": np.full((2, 1), s, np.float32)} for i, s in enumerate(scales)]
+
+
+def _train_scaled(tmp_path, name, batches, max_skips):
+    cfg = model_config_from_dict({"name": "tiny", "vocab_size": 256})
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    trainer = Trainer(cfg, _scaled_lm_loss, optax.sgd(1e-2), mesh, batch_sharding=shd.data_sharding(mesh, 2),
+                      checkpoint_dir=str(tmp_path / name), max_nonfinite_skips=max_skips)
+    start = trainer.start(lambda: init_params(cfg, jax.random.key(0)), jax.random.key(0))
+    try:
+        state, _ = trainer.train(start, _BatchList(batches), num_steps=len(batches), progress=False, desc="pm_train")
+    finally:
+        trainer.close()
+    return jax.tree.map(np.asarray, state.params)
+
+
+def test_a_bounded_number_of_nonfinite_steps_can_be_skipped(tmp_path, capsys):
+    batches = _scaled_batches([1.0, 1.0, float("nan"), 1.0, 1.0])
+    skipped = _train_scaled(tmp_path, "skip", batches, max_skips=1)
+    assert "pm_train step 3: loss is nan; step skipped, parameters unchanged (1 of 1" in capsys.readouterr().err
+    # The skipped step changed nothing: the same as training on the other four batches.
+    reference = _train_scaled(tmp_path, "ref", batches[:2] + batches[3:], max_skips=0)
+    for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    # One more non-finite step than allowed stops the stage.
+    with pytest.raises(DivergenceError, match="pm_train step 4: loss is nan after 1 skipped"):
+        _train_scaled(tmp_path, "over", _scaled_batches([1.0, 1.0, float("nan"), float("nan"), 1.0]), max_skips=1)
+
+
 def test_flipped_bytes_in_a_training_checkpoint_stop_the_resume_naming_it(tmp_path):
     from cai_jax.errors import UserError
 
@@ -111,6 +165,64 @@ def tiny_run(tmp_path_factory):
     code, _, stderr = _run(workdir)
     assert code == 0, stderr[-30:]
     return workdir
+
+
+# ------------------------------------------------------------ kills at random points (short)
+
+def _two_stage(workdir, kill_after=None):
+    """Runs tests/scripts/two_stage_run.py; with `kill_after` seconds, SIGKILLs it
+    then (if it is still running). Returns whether it completed."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "scripts", "two_stage_run.py"),
+                             str(workdir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    if kill_after is None:
+        assert proc.returncode == 0, err[-2000:]
+    return "complete" in out
+
+
+def _finished_files(workdir) -> dict:
+    """Every file of the run except the lock and the staging area, by content."""
+    out = {}
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = [d for d in dirs if d != pipeline.STAGING]
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, workdir)
+            if rel != pipeline.LOCK:
+                out[rel] = artifacts.file_hash(path)
+    return out
+
+
+def test_a_run_killed_at_random_points_resumes_to_the_unbroken_result(tmp_path):
+    # The short version of the slow test below: a two-stage pipeline (scratch,
+    # a model directory, an input read downstream) killed with SIGKILL at
+    # seeded random times, inside stages, in swaps and between, then run to the end.
+    unbroken = tmp_path / "unbroken"
+    _two_stage(unbroken)
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(6):
+        if _two_stage(killed, kill_after=rng.uniform(0.4, 2.2)):
+            break  # finished before the kill
+        kills += 1
+    _two_stage(killed)
+    assert kills >= 3
+    expected = _finished_files(unbroken)
+    got = _finished_files(killed)
+    manifests = {k for k in expected if k.startswith("stages" + os.sep)}
+    # Manifests record seconds and summaries (how far a resumed stage had got): compare the rest.
+    assert {k: v for k, v in got.items() if k not in manifests} == \
+        {k: v for k, v in expected.items() if k not in manifests}
+    assert set(got) == set(expected)
+    for name in manifests:
+        ours, theirs = (json.load(open(os.path.join(d, name))) for d in (killed, unbroken))
+        assert ours["outputs"] == theirs["outputs"] and ours["fingerprint"] == theirs["fingerprint"]
 
 
 # The whole-run tests below share one tiny run (minutes on two cores): slow,

@@ -265,3 +265,34 @@ def test_prompt_pools_from_embedded_sets_and_hh_files(shared_data):
     data.red_team = "/nonexistent.jsonl"
     with pytest.raises(FileNotFoundError, match="config.data.red_team"):
         ro.load_prompt_pool(data, "red_team", "train")
+
+
+def test_a_nonfinite_minibatch_is_skipped_within_the_budget(models):
+    from cai_jax.errors import DivergenceError
+    from cai_jax.training.trainer import NonfiniteBudget
+
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    hyper = ppo_update.PPOHyper(clip_eps=0.2, value_clip_eps=0.2, entropy_coef=0.0, epochs=1,
+                                minibatch_size=BATCH)
+    built = ppo_update.build_ppo_steps(mesh=mesh, hyper=hyper, policy_config=POLICY_CFG,
+                                       policy_optimizer=optax.sgd(LR), value_config=VALUE_CFG,
+                                       value_optimizer=optax.sgd(LR), max_nonfinite_skips=1)
+    policy, value = models
+    batch = _batch(models)
+    batch["advantages"] = np.full_like(batch["advantages"], np.nan)  # the policy loss only
+
+    def update(budget):
+        p_state, v_state = built.policy.init_state(policy), built.value.init_state(value)
+        p_state, v_state, metrics = ppo_update.ppo_update(built, p_state, v_state, batch, jax.random.key(0),
+                                                          where="ppo iteration 1", budget=budget)
+        return jax.tree.map(np.asarray, p_state.params), jax.tree.map(np.asarray, v_state.params), metrics
+
+    budget = NonfiniteBudget(1)
+    p_params, v_params, metrics = update(budget)
+    assert budget.used == 1 and metrics["skipped_nonfinite"] == 1.0
+    for a, b in zip(jax.tree.leaves(p_params), jax.tree.leaves(policy)):
+        np.testing.assert_array_equal(a, b)  # the skipped policy step changed nothing
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v_params), jax.tree.leaves(value)))
+    assert np.isfinite(metrics["value_loss"])
+    with pytest.raises(DivergenceError, match="ppo iteration 1, epoch 1, minibatch 1, policy: loss is nan"):
+        update(NonfiniteBudget(0))

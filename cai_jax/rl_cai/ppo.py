@@ -42,7 +42,7 @@ from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import ppo_math, ppo_update, rollout as ro
 from cai_jax.training.checkpoint import Checkpointer
 from cai_jax.training.metrics import MetricWriter, read_metrics
-from cai_jax.training.trainer import restore_or_init
+from cai_jax.training.trainer import NonfiniteBudget, restore_or_init
 from cai_jax.weights.tokenizer import pad_token_id
 
 
@@ -94,6 +94,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.reward_clip = 5.0  # after normalisation; 0 = no clip
     c.eos_penalty = 0.0  # subtracted from the score of answers cut off at max_new_tokens
 
+    # Non-finite minibatch updates skipped (parameters kept) before the stage
+    # stops; 0: the first one stops it.
+    c.max_nonfinite_skips = 0
     c.save_every = 20  # policy/value model dirs and the resumable state
     c.keep_checkpoints = 2
     c.eval_every = 10  # held-out red-team prompts; 0 = never
@@ -211,7 +214,8 @@ def build_programs(c, mesh, policy_config: TransformerConfig,
     steps = ppo_update.build_ppo_steps(
         mesh=mesh, hyper=hyper_from_config(c), policy_config=policy_config,
         policy_optimizer=c.policy_optimizer, value_config=value_config,
-        value_optimizer=c.value_optimizer, num_steps=optimizer_steps(c))
+        value_optimizer=c.value_optimizer, num_steps=optimizer_steps(c),
+        max_nonfinite_skips=c.max_nonfinite_skips)
     scorer = ro.build_rollout_scorer(steps.policy.model, Transformer(ref_config),
                                      steps.value.model if steps.value is not None else None,
                                      c.temperature)
@@ -235,6 +239,8 @@ class PPORunner:
         programs = build_programs(c, self.mesh, setup.policy_config, setup.value_config,
                                   setup.ref_config)
         self.steps, self.scorer, self.hyper = programs.steps, programs.scorer, programs.steps.hyper
+        # Non-finite updates skipped so far (run() restores it from the checkpoint).
+        self.nonfinite = NonfiniteBudget(c.max_nonfinite_skips)
         ref_config = programs.ref_config
         ref_params = _cast(_head_view(setup.policy_params, ("lm",)), ref_config.weight_dtype)
         self.ref_params = shd.place(ref_params, shd.param_shardings(ref_config, self.mesh))
@@ -309,7 +315,7 @@ class PPORunner:
         update_start = time.perf_counter()
         policy_state, value_state, update_metrics = ppo_update.ppo_update(
             self.steps, policy_state, value_state, batch, jax.random.fold_in(key, it),
-            where=f"ppo iteration {it + 1}")
+            where=f"ppo iteration {it + 1}", budget=self.nonfinite)
         update_seconds = time.perf_counter() - update_start
         new_beta = float(self.controller.update(np.float32(beta), np.float32(kl_k1.mean()),
                                                 len(prompts)))
@@ -392,6 +398,7 @@ class PPORunner:
         key = start.rng
         beta = float(self.controller.init())
         moments = ro.RunningMoments()
+        self.nonfinite = NonfiniteBudget(c.max_nonfinite_skips, start.extra.get("nonfinite_skips", 0))
         if start.resumed:
             beta = float(start.extra["beta"])
             moments = ro.RunningMoments.from_state(start.extra["reward_moments"])
@@ -421,7 +428,8 @@ class PPORunner:
                 self.save_models(models_dir, done, policy_state, value_state)
                 checkpointer.save(done, self._state_tree(policy_state, value_state), key,
                                   {"iteration": done, "beta": beta,
-                                   "reward_moments": moments.state_dict()})
+                                   "reward_moments": moments.state_dict(),
+                                   "nonfinite_skips": self.nonfinite.used})
             if stop_after is not None and done >= stop_after:
                 break
         bar.close()

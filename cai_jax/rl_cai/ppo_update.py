@@ -31,7 +31,7 @@ import numpy as np
 from cai_jax import sharding as shd
 from cai_jax.models.transformer import Transformer, positions_from_mask
 from cai_jax.rl_cai import ppo_math
-from cai_jax.training.trainer import Trainer, check_finite
+from cai_jax.training.trainer import NonfiniteBudget, Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +166,7 @@ class PPOSteps:
 
 def build_ppo_steps(*, mesh, hyper: PPOHyper, policy_config, policy_optimizer,
                     value_config=None, value_optimizer=None, num_steps: Optional[int] = None,
-                    rules=shd.DEFAULT_RULES) -> PPOSteps:
+                    rules=shd.DEFAULT_RULES, max_nonfinite_skips: int = 0) -> PPOSteps:
     """The trainers of the policy (heads lm, or lm + scalar for a shared trunk:
     pass no value config) and the value model. Optimizers are optimizer
     sections fitted to `num_steps` optimizer steps (or optax transformations)."""
@@ -175,12 +175,14 @@ def build_ppo_steps(*, mesh, hyper: PPOHyper, policy_config, policy_optimizer,
     policy_loss = make_shared_loss if shared else make_policy_loss
     policy = Trainer(policy_config, lambda model: policy_loss(model, hyper), policy_optimizer, mesh,
                      batch_sharding=batch_sharding, num_steps=num_steps,
-                     grad_accum_steps=hyper.grad_accum_steps, rules=rules)
+                     grad_accum_steps=hyper.grad_accum_steps, rules=rules,
+                     max_nonfinite_skips=max_nonfinite_skips)
     value = None
     if not shared:
         value = Trainer(value_config, lambda model: make_value_loss(model, hyper), value_optimizer, mesh,
                         batch_sharding=batch_sharding, num_steps=num_steps,
-                        grad_accum_steps=hyper.grad_accum_steps, rules=rules)
+                        grad_accum_steps=hyper.grad_accum_steps, rules=rules,
+                        max_nonfinite_skips=max_nonfinite_skips)
     return PPOSteps(hyper, policy, value)
 
 
@@ -197,13 +199,16 @@ def _weighted_mean(history: list[tuple[float, dict]]) -> dict:
 
 
 def ppo_update(steps: PPOSteps, policy_state, value_state, batch: dict, rng: jax.Array,
-               where: str = "ppo update"):
+               where: str = "ppo update", budget: Optional[NonfiniteBudget] = None):
     """`hyper.epochs` passes over the rollout batch in shuffled minibatches
     (a fresh permutation per epoch from `rng`). Returns (policy_state,
     value_state, metrics averaged over all minibatches). A non-finite loss,
     gradient or update raises DivergenceError naming `where` (the iteration),
-    the minibatch and the model; the caller has saved nothing of it yet."""
+    the minibatch and the model; the caller has saved nothing of it yet.
+    With a `budget` that allows it, such a minibatch is skipped instead (its
+    step left the state as it was) and kept out of the metrics."""
     hyper = steps.hyper
+    budget = budget or NonfiniteBudget(0)
     batch = {k: np.asarray(batch[k]) for k in UPDATE_KEYS}
     size = batch["tokens"].shape[0]
     if size % hyper.minibatch_size:
@@ -220,15 +225,15 @@ def ppo_update(steps: PPOSteps, policy_state, value_state, batch: dict, rng: jax
             step_key = jax.random.fold_in(epoch_key, i + 1)
             policy_state, pm = steps.policy.train_step(policy_state, mb, step_key)
             pm = {k: float(v) for k, v in pm.items()}
-            check_finite(pm, f"{where}, epoch {epoch + 1}, minibatch {i + 1}, policy")
-            policy_hist.append((pm["denominator"], pm))
+            if not budget.check(pm, f"{where}, epoch {epoch + 1}, minibatch {i + 1}, policy"):
+                policy_hist.append((pm["denominator"], pm))
             if steps.value is not None:
                 value_state, vm = steps.value.train_step(value_state, mb, step_key)
                 vm = {k: float(v) for k, v in vm.items()}
-                check_finite(vm, f"{where}, epoch {epoch + 1}, minibatch {i + 1}, value model")
-                value_hist.append((vm["denominator"], vm))
-    metrics = {}
-    policy_mean = _weighted_mean(policy_hist)
+                if not budget.check(vm, f"{where}, epoch {epoch + 1}, minibatch {i + 1}, value model"):
+                    value_hist.append((vm["denominator"], vm))
+    metrics = {"skipped_nonfinite": float(budget.used)} if budget.allowed else {}
+    policy_mean = _weighted_mean(policy_hist) if policy_hist else {}
     for key, value in policy_mean.items():
         if key in ("loss", "denominator", "update_norm"):
             continue

@@ -79,6 +79,9 @@ def get_default_config() -> ml_collections.ConfigDict:
         "eval_batch_size": 8,
         "save_every": 50,
         "keep_checkpoints": 2,
+        # Non-finite steps (loss, gradient or update) skipped, parameters kept,
+        # before the stage stops; 0: the first one stops it.
+        "max_nonfinite_skips": 0,
         "optimizer": optimizer_section(learning_rate=1e-5, total_steps=0, warmup_steps=5,
                                        schedule="cosine"),
     })
@@ -248,7 +251,8 @@ def build_trainer(model_config, section, mesh, num_steps: Optional[int] = None,
     return Trainer(model_config, make_pm_loss, optimizer_cfg or section.optimizer, mesh,
                    batch_sharding=batch_shardings(mesh), num_steps=num_steps,
                    grad_accum_steps=section.grad_accum_steps, checkpoint_dir=checkpoint_dir,
-                   keep_checkpoints=section.keep_checkpoints)
+                   keep_checkpoints=section.keep_checkpoints,
+                   max_nonfinite_skips=section.max_nonfinite_skips)
 
 
 def train_phase(*, name: str, model_config, params, train: Sequence[dict], held_out: Sequence[dict],

@@ -56,9 +56,14 @@ def split_microbatches(batch: dict, num_micro: int) -> dict:
 
 def build_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh,
                      state_sharding: TrainState, batch_sharding, grad_accum_steps: int = 1,
-                     rules=shd.DEFAULT_RULES):
+                     rules=shd.DEFAULT_RULES, skip_nonfinite: bool = False):
     """Compiles the step for `mesh`. `batch_sharding` is a pytree of shardings
-    matching the batch (or a single sharding for every leaf)."""
+    matching the batch (or a single sharding for every leaf).
+
+    With `skip_nonfinite`, a step whose loss, gradient norm or update norm is
+    not finite keeps the parameters and optimizer state it was given (the
+    step counter still advances), so the caller may skip it and go on; the
+    state is donated, so without this a bad step's input is gone."""
 
     def grads_of(params, batch, rng):
         def scalar_loss(p):
@@ -97,6 +102,12 @@ def build_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, m
         out = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "denominator": denom,
                "update_norm": optax.tree.norm(updates)}
         out.update({k: v / denom for k, v in metrics.items()})
+        if skip_nonfinite:
+            finite = (jnp.isfinite(out["loss"]) & jnp.isfinite(out["grad_norm"])
+                      & jnp.isfinite(out["update_norm"]))
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
 
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding, shd.replicated(mesh)),

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -70,16 +71,45 @@ def eval_hook(evaluate: Callable[[Any], Mapping], every: int) -> Hook:
 GUARDED = ("loss", "grad_norm", "update_norm")
 
 
+def first_nonfinite(metrics: Mapping[str, float]) -> Optional[tuple[str, float]]:
+    for key in GUARDED:
+        value = metrics.get(key)
+        if value is not None and not math.isfinite(value):
+            return key, value
+    return None
+
+
 def check_finite(metrics: Mapping[str, float], where: str) -> None:
     """Raises DivergenceError naming `where` (the step) and the first non-finite
     guarded quantity. The metrics are the host floats already fetched for
     logging, so the guard costs no extra device sync."""
-    for key in GUARDED:
-        value = metrics.get(key)
-        if value is not None and not math.isfinite(value):
+    NonfiniteBudget(0).check(metrics, where)
+
+
+class NonfiniteBudget:
+    """The divergence guard with room to skip: up to `allowed` non-finite steps
+    are skipped (their step must be built with skip_nonfinite, which leaves
+    the state as it was) with a warning each; the next one stops the stage.
+    `used` is checkpointed with the run, so a resumed run keeps counting."""
+
+    def __init__(self, allowed: int, used: int = 0):
+        self.allowed, self.used = allowed, used
+
+    def check(self, metrics: Mapping[str, float], where: str) -> bool:
+        """False for a finite step, True for one to skip; raises past the budget."""
+        bad = first_nonfinite(metrics)
+        if bad is None:
+            return False
+        key, value = bad
+        if self.used >= self.allowed:
+            skips = f" after {self.used} skipped (the most allowed)" if self.allowed else ""
             raise DivergenceError(
-                f"{where}: {key} is {value}; stopped before saving anything from this step "
+                f"{where}: {key} is {value}{skips}; stopped before saving anything from this step "
                 "(the last good checkpoint is kept); check the learning rate and the data")
+        self.used += 1
+        print(f"warning: {where}: {key} is {value}; step skipped, parameters unchanged "
+              f"({self.used} of {self.allowed} skips used)", file=sys.stderr, flush=True)
+        return True
 
 
 @dataclasses.dataclass
@@ -122,7 +152,7 @@ class Trainer:
     def __init__(self, model_config: TransformerConfig, loss: Callable[[Transformer], ts.LossFn],
                  optimizer, mesh, *, batch_sharding, num_steps: Optional[int] = None,
                  grad_accum_steps: int = 1, checkpoint_dir: Optional[str] = None,
-                 keep_checkpoints: int = 2, rules=shd.DEFAULT_RULES):
+                 keep_checkpoints: int = 2, rules=shd.DEFAULT_RULES, max_nonfinite_skips: int = 0):
         self.model_config, self.mesh, self.batch_sharding = model_config, mesh, batch_sharding
         self.model = Transformer(model_config)
         self.optimizer = (optimizer if isinstance(optimizer, optax.GradientTransformation)
@@ -133,8 +163,10 @@ class Trainer:
         self.state_sharding = ts.state_shardings(self.param_shardings, self.optimizer, params, mesh)
         self.abstract_state = abstract_with_shardings(ts.abstract_train_state(params, self.optimizer),
                                                       self.state_sharding)
+        self.max_nonfinite_skips = max_nonfinite_skips
         self.train_step = ts.build_train_step(loss(self.model), self.optimizer, mesh, self.state_sharding,
-                                              batch_sharding, grad_accum_steps, rules)
+                                              batch_sharding, grad_accum_steps, rules,
+                                              skip_nonfinite=max_nonfinite_skips > 0)
         # The placed copy of the parameters is ours: donate it to the state.
         self._init = jax.jit(lambda p: ts.init_train_state(p, self.optimizer),
                              out_shardings=self.state_sharding, donate_argnums=(0,))
@@ -156,9 +188,11 @@ class Trainer:
         """Runs steps start.step..num_steps. `data_iter` has get_state() and
         set_state() (its state is checkpointed). `stop_after` (tests) ends early,
         as a kill would, after that step. A non-finite loss, gradient or update
-        raises DivergenceError before that step's hooks, log line or checkpoint.
+        raises DivergenceError before that step's hooks, log line or checkpoint,
+        unless max_nonfinite_skips allows skipping it (NonfiniteBudget).
         Returns (state, last step's logged metrics)."""
         state, rng = start.state, start.rng
+        budget = NonfiniteBudget(self.max_nonfinite_skips, start.extra.get("nonfinite_skips", 0))
         if "data" in start.extra:
             data_iter.set_state(start.extra["data"])
         logged = {}
@@ -169,7 +203,8 @@ class Trainer:
             state, metrics = self.train_step(state, next(data_iter), step_rng)
             done = step + 1
             logged = {k: float(v) for k, v in metrics.items()}
-            check_finite(logged, f"{desc} step {done}")
+            if budget.check(logged, f"{desc} step {done}"):
+                logged = {"skipped_nonfinite": float(budget.used)}  # no NaN in the log
             for hook in hooks:
                 if hook.every and (done % hook.every == 0 or done == num_steps):
                     logged.update(hook.fn(state, done) or {})
@@ -179,7 +214,8 @@ class Trainer:
             bar.update(1)
             if self.checkpointer is not None and ((save_every and done % save_every == 0)
                                                  or done == num_steps):
-                self.checkpointer.save(done, state, rng, {"data": data_iter.get_state()})
+                self.checkpointer.save(done, state, rng, {"data": data_iter.get_state(),
+                                                          "nonfinite_skips": budget.used})
             if stop_after is not None and done >= stop_after:
                 break
         bar.close()
