@@ -82,19 +82,24 @@ def _exact_p_first(model: LoadedModel, ids, length=512):
     return _exact_option_probs(model, ids, length)[0]
 
 
-def _exact_option_probs(model: LoadedModel, ids, length=512):
+def _exact_option_logps(model: LoadedModel, ids, options, length=512):
     """Independent: full forward of one row (right-padded to one fixed length,
     so one compile serves all rows; padding after the prompt cannot change
-    its causal logits), float64 softmax at the prompt's last position.
-    Returns (p(A) among the two option tokens, their total probability)."""
-    prefix, tok_a, tok_b = option_token_ids(model.tokenizer, fp.OPTIONS)
+    its causal logits), float64 log-softmax at the prompt's last position
+    after the options' shared prefix. Returns the two options' log-probs."""
+    prefix, tok_a, tok_b = option_token_ids(model.tokenizer, options)
     row = list(ids) + prefix
     tokens = np.zeros((1, length), np.int32)
     tokens[0, :len(row)] = row
     mask = (np.arange(length) < len(row)).astype(np.int32)[None]
     logits = np.asarray(_full_forward(model.config)(model.params, tokens, mask)[0, len(row) - 1], np.float64)
     logp = logits - (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max())
-    p_a, p_b = np.exp(logp[tok_a]), np.exp(logp[tok_b])
+    return logp[tok_a], logp[tok_b]
+
+
+def _exact_option_probs(model: LoadedModel, ids, length=512):
+    """(p(A) among the two option tokens, their total probability)."""
+    p_a, p_b = np.exp(_exact_option_logps(model, ids, fp.OPTIONS, length))
     return p_a / (p_a + p_b), p_a + p_b
 
 
@@ -297,16 +302,9 @@ def test_chain_of_thought_scores_after_the_reasoning_and_clamps(tiny, constituti
 # ------------------------------------------------------------ pointwise
 
 def _exact_pointwise_score(model: LoadedModel, ids, length=512):
-    """Independent: full forward of one right-padded row, float64 log-softmax at
-    the last prompt token; (log p(No) - log p(Yes), p(Yes) + p(No))."""
-    prefix, tok_yes, tok_no = option_token_ids(model.tokenizer, fp.POINTWISE_OPTIONS)
-    row = list(ids) + prefix
-    tokens = np.zeros((1, length), np.int32)
-    tokens[0, :len(row)] = row
-    mask = (np.arange(length) < len(row)).astype(np.int32)[None]
-    logits = np.asarray(_full_forward(model.config)(model.params, tokens, mask)[0, len(row) - 1], np.float64)
-    logp = logits - (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max())
-    return logp[tok_no] - logp[tok_yes], np.exp(logp[tok_no]) + np.exp(logp[tok_yes])
+    """Independent (see _exact_option_logps): (log p(No) - log p(Yes), p(Yes) + p(No))."""
+    logp_yes, logp_no = _exact_option_logps(model, ids, fp.POINTWISE_OPTIONS, length)
+    return logp_no - logp_yes, np.exp(logp_no) + np.exp(logp_yes)
 
 
 @pytest.fixture(scope="module")
