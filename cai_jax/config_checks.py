@@ -21,7 +21,8 @@ MINIMUM = {
         "batch_size", "grad_accum_steps", "eval_batch_size", "max_seq_len", "min_bucket",
         "keep_checkpoints")},
     **{f"{stage}.{key}": 0 for stage in ("sl_train", "pm_train") for key in (
-        "num_steps", "eval_every", "save_every")},
+        "num_steps", "eval_every", "save_every", "max_nonfinite_skips")},
+    "ppo.max_nonfinite_skips": 0,
     **{f"ppo.{key}": 1 for key in (
         "iterations", "rollout_batch_size", "minibatch_size", "epochs", "grad_accum_steps",
         "sample_batch_size", "max_new_tokens", "max_prompt_tokens", "save_every", "keep_checkpoints")},

@@ -60,6 +60,8 @@ def _main(tmp_path, *overrides):
     ("feedback.source=construction", "config.feedback.source is 'construction', which needs "
                                      "config.pairs.mode='contrastive' \\(it is 'sampled'\\)"),
     ("sl_generate.red_team_limit=-1", "config.sl_generate.red_team_limit is -1; it must be an integer >= 0"),
+    ("ppo.max_nonfinite_skips=-1", "config.ppo.max_nonfinite_skips is -1; it must be an integer >= 0"),
+    ("pairs.pairs_per_prompt=0", "config.pairs.pairs_per_prompt is 0; it must be an integer >= 1"),
     ("data.red_team=/nonexistent/prompts.jsonl", "config.data.red_team is '/nonexistent/prompts.jsonl', "
                                                  "which does not exist"),
 ])
