@@ -102,14 +102,16 @@ def record_rl_checkpoint(directory: str, step: int, path: str) -> None:
 def rl_checkpoints(directory: str) -> list[tuple[int, str]]:
     """(step, path) of the PPO checkpoints recorded in `directory/checkpoints.json`,
     by step ([] when nothing was recorded). A recorded checkpoint that holds no
-    model is an error naming it."""
+    model is an error naming it. Paths are real paths: a stage runs in a staging
+    directory where the run's models are symlinks, and what it records (eval's
+    model sources, cache keys) must not depend on that."""
     found = []
     for step, rel in sorted(_recorded(directory).items()):
         path = os.path.join(directory, rel)
         if not os.path.exists(os.path.join(path, "model.json")):
             raise FileNotFoundError(f"{_checkpoints_path(directory)} records step {step} at {path}, "
                                     "which holds no model; rerun the ppo stage")
-        found.append((step, path))
+        found.append((step, os.path.realpath(path)))
     return found
 
 

@@ -149,8 +149,6 @@ def find_models(config, workdir: str) -> list[EvalModel]:
         if section.rl_checkpoints == "last":
             checkpoints = checkpoints[-1:]
         method = "RL-CAI" if name == "rl_cai" else f"RL-CAI ({name})"
-        # realpath: in the stage's staging directory the run's models are symlinks.
-        checkpoints = [(step, os.path.realpath(path)) for step, path in checkpoints]
         models += [EvalModel(f"{name}/step_{step}", method, step, "ckpt:" + path,
                              version=directory_version(path)) for step, path in checkpoints]
     if len(models) < 2:
