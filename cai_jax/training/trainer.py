@@ -79,17 +79,13 @@ def first_nonfinite(metrics: Mapping[str, float]) -> Optional[tuple[str, float]]
     return None
 
 
-def check_finite(metrics: Mapping[str, float], where: str) -> None:
-    """Raises DivergenceError naming `where` (the step) and the first non-finite
-    guarded quantity. The metrics are the host floats already fetched for
-    logging, so the guard costs no extra device sync."""
-    NonfiniteBudget(0).check(metrics, where)
-
-
 class NonfiniteBudget:
-    """The divergence guard with room to skip: up to `allowed` non-finite steps
-    are skipped (their step must be built with skip_nonfinite, which leaves
-    the state as it was) with a warning each; the next one stops the stage.
+    """The divergence guard: a non-finite guarded quantity in a step's metrics
+    (the host floats already fetched for logging, so no extra device sync)
+    raises DivergenceError naming `where` and the quantity. Up to `allowed`
+    non-finite steps are skipped instead (their step must be built with
+    skip_nonfinite, which leaves the state as it was), with a warning each;
+    the next one stops the stage.
     `used` is checkpointed with the run, so a resumed run keeps counting."""
 
     def __init__(self, allowed: int, used: int = 0):
