@@ -17,6 +17,10 @@ from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
+# Beside every training checkpoint directory D lies D + CHECKSUMS_SUFFIX
+# (training/checkpoint.py); the pipeline finds checkpoints by it.
+CHECKSUMS_SUFFIX = ".checksums.json"
+
 
 def write_text_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))

@@ -21,6 +21,10 @@ written; a swap cut short by a kill is completed by the next run (a journal,
 `.staging/<name>.swap.json`, lists the moves). A failed or killed run therefore
 leaves the previous complete outputs, manifest and `config.json` as they were.
 
+Training checkpoints are resume state: once their stage is complete nothing
+reads them (a rerun under another fingerprint starts over), so they are
+deleted before the swap and a finished run keeps only models and records.
+
 Before a stage runs, the pipeline discards its staging directory if it was
 started under another fingerprint (`.staging/<name>.started.json`): after a
 kill the stage resumes its own partial work, after a config or input change it
@@ -291,6 +295,22 @@ def _made_in_staging(staging: str, owned: list[str]) -> list[str]:
     return made
 
 
+def drop_training_checkpoints(staging: str, scratch: tuple[str, ...]) -> None:
+    """Deletes the training checkpoints under a finished stage's scratch paths
+    (each directory with its checksums file beside it) and those files."""
+    for rel in scratch:
+        top = os.path.join(staging, rel)
+        if not os.path.isdir(top) or os.path.islink(top):
+            continue
+        for parent, dirs, files in os.walk(top):
+            for name in files:
+                if name.endswith(artifacts.CHECKSUMS_SUFFIX):
+                    shutil.rmtree(os.path.join(parent, name[:-len(artifacts.CHECKSUMS_SUFFIX)]),
+                                  ignore_errors=True)
+                    os.remove(os.path.join(parent, name))
+            dirs[:] = [d for d in dirs if os.path.isdir(os.path.join(parent, d))]
+
+
 def _swap_in(workdir: str, name: str, manifest: dict) -> None:
     """Moves a finished stage's paths from staging into the work directory
     (the old ones aside) and writes its manifest, through a journal so that a
@@ -356,6 +376,8 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     except DivergenceError as e:
         raise DivergenceError(f"stage {name}: {e}") from e
     seconds = round(time.time() - start, 1)
+    if _main_process(ctx.config):
+        drop_training_checkpoints(staging, STAGES[name].scratch)
     outputs = output_fingerprints(staging, name)
     absent = [rel for rel, value in outputs.items() if value is None]
     if absent:

@@ -45,6 +45,11 @@ def fake_stages(monkeypatch):
         os.makedirs(ctx.path("model"), exist_ok=True)  # a directory output, like a saved model
         with open(ctx.path("model", "weights.bin"), "wb") as f:
             f.write(bytes(range(256)) * 64)
+        # A trainer's output: a checkpoint (with its checksums file) and a log.
+        os.makedirs(ctx.path("train", "ckpt", "1"), exist_ok=True)
+        for name in ("train/ckpt/1/state.bin", "train/ckpt.checksums.json", "train/metrics.jsonl"):
+            with open(ctx.path(*name.split("/")), "w") as f:
+                f.write("{}")
         if calls.fail_first:
             raise RuntimeError("failed inside the stage")
         os.rename(partial, ctx.path("first.log"))
@@ -61,7 +66,7 @@ def fake_stages(monkeypatch):
     sys.modules["fake_stages_module"] = module
     monkeypatch.setattr(pipeline, "STAGES", {
         "first": pipeline.Stage("first", "fake_stages_module:first", ("a",), outputs=("one.txt", "model"),
-                                scratch=("first.partial",)),
+                                scratch=("first.partial", "train")),
         "second": pipeline.Stage("second", "fake_stages_module:second", ("b",), inputs=("one.txt",),
                                  outputs=("two.txt",)),
     })
@@ -140,6 +145,13 @@ def test_scratch_is_kept_after_a_kill_and_discarded_after_a_config_change(fake_s
     assert rows[0]["resumed"] is True and (tmp_path / "first.log").read_text() == "2\n2\n"
     manifest = json.loads((tmp_path / "stages" / "first.json").read_text())
     assert set(manifest["outputs"]) == {"one.txt", "model"} and manifest["summary"] == {"resumed": True}
+
+
+def test_a_finished_stage_keeps_its_logs_but_not_its_training_checkpoints(fake_stages, tmp_path):
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    assert (tmp_path / "train" / "metrics.jsonl").exists()
+    assert not (tmp_path / "train" / "ckpt").exists()
+    assert not (tmp_path / "train" / "ckpt.checksums.json").exists()
 
 
 def _snapshot(workdir) -> dict:
@@ -314,6 +326,10 @@ def test_tiny_pipeline_killed_mid_stage_resumes_to_completion(tmp_path):
     ppo_rows = [json.loads(line) for line in open(workdir / "ppo" / "metrics.jsonl")]
     iterations = [r["step"] for r in ppo_rows if "reward_mean" in r]
     assert iterations == sorted(set(iterations)), "a resumed PPO logs each iteration once"
+    # Resume state goes once its stage is complete; the value model only at the last step.
+    assert not [p for p in workdir.rglob("*") if p.name == "ckpt" or p.name.endswith(".checksums.json")]
+    assert (workdir / "models/rl_cai/step_2/value").is_dir()
+    assert not (workdir / "models/rl_cai/step_1/value").exists()
 
 
 def test_a_constitution_edited_in_place_changes_the_fingerprint_of_stages_that_read_it(tmp_path):

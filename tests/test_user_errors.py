@@ -1,5 +1,6 @@
 """User errors (issue #19): the whole config checked before any stage runs, and
 one clear line naming the key, file or line for bad config, data and arguments."""
+import errno
 import gzip
 import json
 import logging
@@ -141,6 +142,31 @@ def test_only_user_errors_become_exit_2(capsys):
 
     with pytest.raises(ZeroDivisionError):
         errors.exit_on_user_error(bug)
+
+
+@pytest.mark.parametrize("raise_it", ["oserror", "wrapped"])
+def test_a_full_disk_is_one_line_and_exit_2(tmp_path, capsys, raise_it):
+    target = tmp_path / "run" / "ppo" / "ckpt" / "4"
+
+    def write_checkpoint():
+        if raise_it == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        try:  # a checkpoint library re-raises it as its own type, the OS text inside
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "{target}": '
+                             'Failed to write 1112506368 bytes: No space left on device') from e
+
+    with pytest.raises(SystemExit) as exit_info:
+        errors.exit_on_user_error(write_checkpoint)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no space left on device")
+    assert "GiB free now" in err and "resumes" in err
+    if raise_it == "oserror":
+        assert str(target) in err and f"filesystem of {tmp_path}" in err
+    with pytest.raises((OSError, ValueError)):
+        errors.exit_on_user_error(write_checkpoint, debug=True)
 
 
 # ------------------------------------------------------------ row: damaged prompt and pair files

@@ -97,7 +97,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Non-finite minibatch updates skipped (parameters kept) before the stage
     # stops; 0: the first one stops it.
     c.max_nonfinite_skips = 0
-    c.save_every = 20  # policy/value model dirs and the resumable state
+    c.save_every = 20  # policy model dirs and the resumable state
     c.keep_checkpoints = 2
     c.eval_every = 10  # held-out red-team prompts; 0 = never
     c.eval_prompts = 32  # 0 = all test-split red-team prompts
@@ -357,6 +357,9 @@ class PPORunner:
     # -- saving
 
     def save_models(self, models_dir: str, done: int, policy_state, value_state) -> None:
+        """The policy at `done` iterations as a model directory (what eval
+        reads); the value model beside it only after the last iteration, since
+        nothing reads the intermediate ones and each is as big as the policy."""
         from cai_jax.model_ref import record_rl_checkpoint
         from cai_jax.weights.model_dir import save_model_dir
         directory = os.path.join(models_dir, f"step_{done}")
@@ -364,12 +367,13 @@ class PPORunner:
         about = {"render": self.setup.render, "stage": "ppo", "step": done}
         save_model_dir(directory, cfg.replace(heads=("lm",)),
                        _head_view(policy_state.params, ("lm",)), self.setup.tokenizer, about=about)
-        if self.shared:
-            value_cfg, value_params = cfg.replace(heads=("scalar",)), policy_state.params
-        else:
-            value_cfg, value_params = self.setup.value_config, value_state.params
-        save_model_dir(os.path.join(directory, "value"), value_cfg,
-                       _head_view(value_params, ("scalar",)), self.setup.tokenizer, about=about)
+        if done == self.c.iterations:
+            if self.shared:
+                value_cfg, value_params = cfg.replace(heads=("scalar",)), policy_state.params
+            else:
+                value_cfg, value_params = self.setup.value_config, value_state.params
+            save_model_dir(os.path.join(directory, "value"), value_cfg,
+                           _head_view(value_params, ("scalar",)), self.setup.tokenizer, about=about)
         record_rl_checkpoint(models_dir, done, directory)  # what eval and rl_cai[/step_K] read
 
     def _state_tree(self, policy_state, value_state):

@@ -51,7 +51,7 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def _checksums_path(self) -> str:
-        return self.directory + ".checksums.json"
+        return self.directory + artifacts.CHECKSUMS_SUFFIX
 
     def _checksums(self) -> dict:
         if not os.path.exists(self._checksums_path()):
