@@ -9,18 +9,19 @@ there, so a killed bench resumes):
 
 * baselines: the trivial judges of cai_jax/eval/answer_rules.py on the first
   --limit HH pairs (ties count one half).
-* direct/<labeler>: the labeler as a multiple-choice judge (the feedback
-  stage's labeler with configs/default.py's feedback settings) on the first
-  --judge_limit HH pairs: agreement with the human label, option mass, seconds
-  per label.
+* direct/<source>/<labeler>: the labeler judging HH pairs itself, for each
+  judging source in --sources (multiple_choice: both answers in one prompt;
+  pointwise: each answer alone), with configs/default.py's feedback settings,
+  on the first --judge_limit HH pairs: agreement with the human label, option
+  mass, seconds per label.
 * pm/construction: the pipeline's own stages in a work directory: pairs
   (pairs.mode=contrastive, --generator answering --prompts red-team training
   prompts under the constitution's framings), feedback (source=construction),
   pm_train (soft Bradley-Terry, configs/default.py's settings); the PM is then
   scored on the first --limit HH pairs.
-* pm/<labeler>: the same pairs labelled by the labeler's multiple choice, the
-  same PM training and scoring; also the labels' agreement with the
-  construction and their option mass.
+* pm/<source>/<labeler>: the same pairs labelled by the labeler under each
+  judging source, the same PM training and scoring; also the labels'
+  agreement with the construction and their option mass.
 
 Writes results.json, table.md and figure.png (accuracy against labeler
 parameters, a line per method: the paper's figure 4 in miniature) to --out.
@@ -46,20 +47,23 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
 SHARED = os.environ.get("CAI_JAX_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 HH_TEST = os.path.join(SHARED, "hh-rlhf", "harmless-base-test.jsonl.gz")
 # Parameters of the offline models, for the figure's x axis.
+SOURCES = ("multiple_choice", "pointwise")  # the judging label sources (feedback.source)
 PARAMETERS = {"smollm2": 135e6, "qwen2.5-coder-0.5b-instruct": 494e6, "qwen2.5-coder-1.5b-instruct": 1.54e9}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labelers", default="smollm2,qwen2.5-coder-0.5b-instruct",
-                   help="comma-separated model references judging by multiple choice")
+                   help="comma-separated model references judging HH pairs directly")
+    p.add_argument("--sources", default="multiple_choice,pointwise",
+                   help="judging sources (feedback.source) each labeler is measured with")
     p.add_argument("--generator", default="qwen2.5-coder-0.5b-instruct",
                    help="the model answering under the contrastive framings")
     p.add_argument("--prompts", type=int, default=200, help="red-team training prompts made into pairs")
     p.add_argument("--limit", type=int, default=1000, help="HH test pairs the PMs and baselines are scored on")
     p.add_argument("--judge_limit", type=int, default=100, help="HH test pairs each labeler judges directly")
     p.add_argument("--pm_labelers", default="smollm2",
-                   help="labelers whose multiple-choice labels of the contrastive pairs train a PM ('' for none)")
+                   help="labelers whose labels (each source) of the contrastive pairs train a PM ('' for none)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="experiment config whose sections are used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every cell, e.g. --set pm_train.num_epochs=3")
@@ -116,11 +120,12 @@ def baselines(hh_pairs) -> dict:
             for name, judge in TRIVIAL_JUDGES.items()}
 
 
-def direct(args, labeler: str, hh_pairs) -> dict:
-    """The labeler judging HH pairs itself (chosen shown first; both orders cancel the slot)."""
+def direct(args, source: str, labeler: str, hh_pairs) -> dict:
+    """The labeler judging HH pairs itself (chosen shown first; multiple choice
+    asks both orders, which cancels the slot)."""
     from cai_jax.rl_cai import feedback
 
-    config = bench_config(args, f"feedback.model_source={labeler}")
+    config = bench_config(args, f"feedback.source={source}", f"feedback.model_source={labeler}")
     judge = feedback.labeler_from_config(config)
     comparisons = [feedback.FeedbackComparison(f"hh:{p.line}", "harmless", p.context, p.chosen, p.rejected)
                    for p in hh_pairs]
@@ -180,13 +185,15 @@ def table(cells: dict, args) -> str:
         row("trivial baseline", name, cell)
     for key, cell in cells.items():
         if key.startswith("direct/"):
-            row("labeler judges HH pairs directly", key.split("/", 1)[1], cell)
+            _, source, labeler = key.split("/", 2)
+            row(f"labeler judges HH pairs directly ({source})", labeler, cell)
     if "pm/construction" in cells:
         row("PM on labels by construction (contrastive framings)", f"generator {args.generator}",
             cells["pm/construction"])
     for key, cell in cells.items():
         if key.startswith("pm/") and key != "pm/construction":
-            row("PM on multiple-choice labels of the same pairs", key.split("/", 1)[1], cell)
+            _, source, labeler = key.split("/", 2)
+            row(f"PM on {source} labels of the same pairs", labeler, cell)
     return "\n".join(rows)
 
 
@@ -196,8 +203,10 @@ def figure(cells: dict, args, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for prefix, label, marker in (("direct/", "labeler judging HH pairs directly", "o"),
-                                  ("pm/", "PM on the labeler's multiple-choice labels", "s")):
+    lines = [(f"direct/{source}/", f"labeler judging HH pairs directly ({source})", "o")
+             for source in SOURCES] + [(f"pm/{source}/", f"PM on the labeler's {source} labels", "s")
+                                       for source in SOURCES]
+    for prefix, label, marker in lines:
         points = sorted((PARAMETERS[k[len(prefix):]], c) for k, c in cells.items()
                         if k.startswith(prefix) and k[len(prefix):] in PARAMETERS)
         if points:
@@ -232,18 +241,25 @@ def main(argv=None) -> None:
     results = Results(args.out)
     hh = read_pairs(args.pairs, on_error="skip", limit=args.limit)
     results.run("baselines", lambda: baselines(hh))
+    sources = list(filter(None, args.sources.split(",")))
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown:
+        sys.exit(f"error: --sources {unknown} unknown; choose from {list(SOURCES)}")
     for labeler in filter(None, args.labelers.split(",")):
-        results.run(f"direct/{labeler}", lambda: direct(args, labeler, hh[:args.judge_limit]))
+        for source in sources:
+            results.run(f"direct/{source}/{labeler}",
+                        lambda: direct(args, source, labeler, hh[:args.judge_limit]))
     work = os.path.join(args.out, "work")
     made = os.path.join(work, "construction")
     results.run("pairs", lambda: contrastive_pairs(args, made))
     results.run("pm/construction", lambda: pm_cell(args, made, hh, "feedback.source=construction"))
     for labeler in filter(None, args.pm_labelers.split(",")):
-        workdir = os.path.join(work, labeler)
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copyfile(os.path.join(made, "pairs.jsonl"), os.path.join(workdir, "pairs.jsonl"))
-        results.run(f"pm/{labeler}", lambda: pm_cell(args, workdir, hh, "feedback.source=multiple_choice",
-                                                      f"feedback.model_source={labeler}"))
+        for source in sources:
+            workdir = os.path.join(work, source, labeler)
+            os.makedirs(workdir, exist_ok=True)
+            shutil.copyfile(os.path.join(made, "pairs.jsonl"), os.path.join(workdir, "pairs.jsonl"))
+            results.run(f"pm/{source}/{labeler}", lambda: pm_cell(
+                args, workdir, hh, f"feedback.source={source}", f"feedback.model_source={labeler}"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table(results.cells, args) + "\n")
     figure(results.cells, args, os.path.join(args.out, "figure.png"))

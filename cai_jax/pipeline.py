@@ -63,6 +63,9 @@ class Stage:
     run: str  # "module:function", StageContext -> summary dict
     config: tuple[str, ...]  # config sections its result depends on
     inputs: tuple[str, ...] = ()  # files or model directories it reads
+    # Config keys ("section.field") naming a model reference: a run's own model
+    # (sl_cai, pm, rl_cai) named there is an input too (model_ref.RUN_MODELS).
+    model_keys: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # what it makes; a missing or changed one makes it rerun
     scratch: tuple[str, ...] = ()  # partial work it resumes; discarded when its fingerprint changed
     owns: tuple[str, ...] = ()  # anything else it writes (logs, plots), swapped in with its outputs
@@ -82,14 +85,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs=("sl_data.jsonl", "helpful_data.jsonl"), outputs=("models/sl_cai",), scratch=("sl_train",)),
     Stage("pairs", "cai_jax.rl_cai.pairs:run_stage",
           ("seed", "model", "sampling", "constitution", "data", "pairs"),
-          inputs=("models/sl_cai",), outputs=("pairs.jsonl",), scratch=("pairs.jsonl.partial",)),
+          model_keys=("pairs.model_source",), outputs=("pairs.jsonl",), scratch=("pairs.jsonl.partial",)),
     Stage("feedback", "cai_jax.rl_cai.feedback:run_stage",
           ("seed", "model", "data", "constitution", "feedback"),
-          inputs=("pairs.jsonl",), outputs=("labels.jsonl",), scratch=("labels.jsonl.partial",)),
+          inputs=("pairs.jsonl",), model_keys=("feedback.model_source",), outputs=("labels.jsonl",),
+          scratch=("labels.jsonl.partial",)),
     Stage("pm_train", "cai_jax.rl_cai.preference:run_stage", ("seed", "model", "data", "pm_train"),
-          inputs=("labels.jsonl",), outputs=("models/pm",), scratch=("pm_train",)),
+          inputs=("labels.jsonl",), model_keys=("pm_train.init_source",), outputs=("models/pm",),
+          scratch=("pm_train",)),
     Stage("ppo", "cai_jax.rl_cai.ppo:run_stage", ("seed", "data", "ppo"),
-          inputs=("models/sl_cai", "models/pm"), outputs=("models/rl_cai",), scratch=("ppo",)),
+          model_keys=("ppo.policy", "ppo.preference_model"), outputs=("models/rl_cai",), scratch=("ppo",)),
     Stage("eval", "cai_jax.eval.evaluate:run_stage", ("seed", "model", "data", "eval"),
           inputs=("models/sl_cai", "models/pm"), outputs=("eval/elo.json", "report.md"),
           owns=("eval",)),
@@ -172,6 +177,19 @@ def _section_fingerprint(value) -> str:
     return artifacts.fingerprint([artifacts.fingerprint(value), {f: artifacts.file_hash(f) for f in files}])
 
 
+def stage_inputs(config, name: str) -> tuple[str, ...]:
+    """The stage's inputs: its fixed ones and the run models its config names."""
+    from cai_jax.model_ref import RUN_MODELS
+
+    stage, named = STAGES[name], []
+    for key in stage.model_keys:
+        section, field = key.split(".")
+        spec = str(config[section][field])
+        if spec.split("/")[0] in RUN_MODELS:
+            named.append(RUN_MODELS[spec.split("/")[0]][0])
+    return tuple(dict.fromkeys(stage.inputs + tuple(named)))
+
+
 def stage_fingerprint(config, workdir: str, name: str) -> dict:
     """What a stage's result depends on: its config sections (the constitution
     and any file a section names by content), its inputs' content, and what
@@ -181,7 +199,8 @@ def stage_fingerprint(config, workdir: str, name: str) -> dict:
     if "constitution" in sections:
         sections["constitution"] = artifacts.fingerprint([sections["constitution"], _constitution_content(config)])
     return {"config": sections,
-            "inputs": {rel: artifacts.content_fingerprint(os.path.join(workdir, rel)) for rel in stage.inputs},
+            "inputs": {rel: artifacts.content_fingerprint(os.path.join(workdir, rel))
+                       for rel in stage_inputs(config, name)},
             "upstream": {s: _made(workdir, s) for s in ORDER[:ORDER.index(name)]}}
 
 

@@ -22,12 +22,18 @@ def test_accuracy_counts_ties_as_half_with_a_normal_interval():
 def test_table_and_figure_from_saved_cells(tmp_path):
     interval = {"n": 10, "accuracy": 0.6, "low": 0.5, "high": 0.7}
     cells = {"baselines": {"prefer the shorter answer": {**interval, "accuracy": 0.55}},
-             "direct/smollm2": {**interval, "option_mass": 0.4, "seconds_per_label": 0.2},
+             "direct/multiple_choice/smollm2": {**interval, "option_mass": 0.4, "seconds_per_label": 0.2},
+             "direct/pointwise/smollm2": {**interval, "accuracy": 0.58, "option_mass": 0.9},
              "pm/construction": {**interval, "labels": 200},
-             "pm/smollm2": {**interval, "agreement_with_construction": 0.52, "option_mass": 0.4}}
+             "pm/multiple_choice/smollm2": {**interval, "agreement_with_construction": 0.52,
+                                            "option_mass": 0.4},
+             "pm/pointwise/smollm2": {**interval, "agreement_with_construction": 0.61}}
     args = bench.parse_args([])
     text = bench.table(cells, args)
-    assert "| labeler judges HH pairs directly | smollm2 | 10 | 0.600 [0.500, 0.700] | 0.40 |  | 0.20 |" in text
+    assert ("| labeler judges HH pairs directly (multiple_choice) | smollm2 | 10 | 0.600 [0.500, 0.700] "
+            "| 0.40 |  | 0.20 |") in text
+    assert "| labeler judges HH pairs directly (pointwise) | smollm2 | 10 | 0.580 [0.500, 0.700] | 0.90 |" in text
     assert "PM on labels by construction" in text and "| 0.52 |" in text
+    assert "| PM on pointwise labels of the same pairs | smollm2 |" in text and "| 0.61 |" in text
     bench.figure(cells, args, str(tmp_path / "f.png"))
     assert os.path.getsize(tmp_path / "f.png") > 1000

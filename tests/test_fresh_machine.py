@@ -32,3 +32,7 @@ def test_tiny_pipeline_runs_without_torch_and_with_empty_caches(tmp_path):
     assert "| eval | done" in out.stdout
     # The tokenizer was built from the GGUF's metadata, into the empty cache.
     assert os.listdir(tmp_path / "cache" / "tokenizers")
+    # Resume state goes once its stage is complete; the value model only at the last step.
+    assert not [p for p in workdir.rglob("*") if p.name == "ckpt" or p.name.endswith(".checksums.json")]
+    assert (workdir / "models/rl_cai/step_2/value").is_dir()
+    assert not (workdir / "models/rl_cai/step_1/value").exists()

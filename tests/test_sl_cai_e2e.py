@@ -3,6 +3,7 @@ revisions for a few red-team prompts, finetune on them, reload the model."""
 import os
 
 import numpy as np
+import pytest
 
 from cai_jax import artifacts
 from cai_jax.config import load_config_module
@@ -30,6 +31,9 @@ def ci_config():
     return config
 
 
+# The README's main command runs these stages on SmolLM2 at full size in CI, and
+# the tiny pipeline tests every stage in every test run.
+@pytest.mark.slow
 def test_sl_cai_runs_end_to_end_on_smollm2(tmp_path, smollm2):
     config = ci_config()
     rows = run_pipeline(config, str(tmp_path), stages=["sl_generate", "sl_train"], progress=False)
