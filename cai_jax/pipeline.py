@@ -406,7 +406,7 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     if _main_process(ctx.config):
         _swap_in(ctx.workdir, name, manifest)
     _barrier(ctx.config, f"swap-in {name}")  # the other processes read what was swapped in
-    return {"stage": name, "status": f"done in {seconds}s", **summary}
+    return {"stage": name, "status": f"done in {seconds}s", "seconds": seconds, **summary}
 
 
 # ------------------------------------------------------------------ the work directory's lock
@@ -524,10 +524,16 @@ def _stage_row(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
+    """The stage table; rows with `seconds` (stages that ran) add up to a total row."""
     lines = ["| stage | status | key numbers |", "|---|---|---|"]
     for row in rows:
-        numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("stage", "status"))
+        numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()
+                            if k not in ("stage", "status", "seconds"))
         lines.append(f"| {row['stage']} | {row['status']} | {numbers} |")
+    timed = [row["seconds"] for row in rows if isinstance(row.get("seconds"), (int, float))]
+    if timed:
+        total = sum(timed)
+        lines.append(f"| total | {total:.0f} s ({total / 60:.1f} min) in {len(timed)} stages |  |")
     return "\n".join(lines)
 
 

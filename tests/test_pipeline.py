@@ -361,3 +361,13 @@ def test_the_run_models_a_stage_reads_are_inputs_only_when_its_config_names_them
         config.ppo.policy = "rl_cai/step_4"
     assert pipeline.stage_inputs(config, "pairs") == ("models/sl_cai",)
     assert pipeline.stage_inputs(config, "ppo") == ("models/rl_cai", "models/pm")
+
+
+def test_the_summary_adds_up_the_stages_that_ran():
+    rows = [{"stage": "sl_train", "status": "skipped (complete)", "steps": 3},
+            {"stage": "pm_train", "status": "done in 90.5s", "seconds": 90.5, "loss": 0.61234},
+            {"stage": "ppo", "status": "done in 29.5s", "seconds": 29.5}]
+    table = pipeline.format_summary(rows).splitlines()
+    assert table[3] == "| pm_train | done in 90.5s | loss=0.6123 |"
+    assert table[-1] == "| total | 120 s (2.0 min) in 2 stages |  |"
+    assert "total" not in pipeline.format_summary(rows[:1])

@@ -234,7 +234,7 @@ def _stage_rows(workdir: str, current: Optional[dict]) -> list[dict]:
         elif os.path.exists(path):
             manifest = _read_json(path)
             rows.append({"stage": name, "status": f"done in {manifest.get('seconds', '?')}s",
-                         **manifest.get("summary", {})})
+                         "seconds": manifest.get("seconds"), **manifest.get("summary", {})})
         else:
             rows.append({"stage": name, "status": "not run"})
     return rows
