@@ -14,12 +14,12 @@ there, so a killed bench resumes):
   pointwise: each answer alone), with configs/default.py's feedback settings,
   on the first --judge_limit HH pairs: agreement with the human label, option
   mass, seconds per label.
-* pm/construction: the pipeline's own stages in a work directory: pairs
-  (pairs.mode=contrastive, --generator answering --prompts red-team training
+* pm/construction/<generator>: the pipeline's own stages in a work directory:
+  pairs (pairs.mode=contrastive, each of --generators answering --prompts red-team training
   prompts under the constitution's framings), feedback (source=construction),
   pm_train (soft Bradley-Terry, configs/default.py's settings); the PM is then
   scored on the first --limit HH pairs.
-* pm/<source>/<labeler>: the same pairs labelled by the labeler under each
+* pm/<source>/<labeler>: the first generator's pairs labelled by the labeler under each
   judging source, the same PM training and scoring; also the labels'
   agreement with the construction and their option mass.
 
@@ -57,8 +57,9 @@ def parse_args(argv=None):
                    help="comma-separated model references judging HH pairs directly")
     p.add_argument("--sources", default="multiple_choice,pointwise",
                    help="judging sources (feedback.source) each labeler is measured with")
-    p.add_argument("--generator", default="qwen2.5-coder-0.5b-instruct",
-                   help="the model answering under the contrastive framings")
+    p.add_argument("--generators", default="qwen2.5-coder-0.5b-instruct",
+                   help="comma-separated models answering under the contrastive framings (the "
+                        "first one's pairs are also the ones the labelers label)")
     p.add_argument("--prompts", type=int, default=200, help="red-team training prompts made into pairs")
     p.add_argument("--limit", type=int, default=1000, help="HH test pairs the PMs and baselines are scored on")
     p.add_argument("--judge_limit", type=int, default=100, help="HH test pairs each labeler judges directly")
@@ -157,10 +158,10 @@ def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
     return cell
 
 
-def contrastive_pairs(args, workdir: str) -> dict:
+def contrastive_pairs(args, generator: str, workdir: str) -> dict:
     from cai_jax import pipeline
 
-    config = bench_config(args, "pairs.mode=contrastive", f"pairs.model_source={args.generator}",
+    config = bench_config(args, "pairs.mode=contrastive", f"pairs.model_source={generator}",
                           "pairs.include_helpful=False", f"pairs.red_team_limit={args.prompts}",
                           f"data.red_team_limit={args.prompts}")
     [row] = pipeline.run_pipeline(config, workdir, ["pairs"], progress=True)
@@ -187,11 +188,12 @@ def table(cells: dict, args) -> str:
         if key.startswith("direct/"):
             _, source, labeler = key.split("/", 2)
             row(f"labeler judges HH pairs directly ({source})", labeler, cell)
-    if "pm/construction" in cells:
-        row("PM on labels by construction (contrastive framings)", f"generator {args.generator}",
-            cells["pm/construction"])
     for key, cell in cells.items():
-        if key.startswith("pm/") and key != "pm/construction":
+        if key.startswith("pm/construction/"):
+            row("PM on labels by construction (contrastive framings)", f"generator {key.split('/', 2)[2]}",
+                cell)
+    for key, cell in cells.items():
+        if key.startswith("pm/") and not key.startswith("pm/construction/"):
             _, source, labeler = key.split("/", 2)
             row(f"PM on {source} labels of the same pairs", labeler, cell)
     return "\n".join(rows)
@@ -215,11 +217,13 @@ def figure(cells: dict, args, path: str) -> None:
                         yerr=[[c["accuracy"] - c["low"] for _, c in points],
                               [c["high"] - c["accuracy"] for _, c in points]],
                         marker=marker, capsize=3, label=label)
-    if "pm/construction" in cells and args.generator in PARAMETERS:
-        c = cells["pm/construction"]
-        ax.errorbar([PARAMETERS[args.generator]], [c["accuracy"]],
-                    yerr=[[c["accuracy"] - c["low"]], [c["high"] - c["accuracy"]]], marker="*",
-                    markersize=12, capsize=3, linestyle="none", label="PM on labels by construction (generator size)")
+    made = sorted((PARAMETERS[k.split("/", 2)[2]], c) for k, c in cells.items()
+                  if k.startswith("pm/construction/") and k.split("/", 2)[2] in PARAMETERS)
+    if made:
+        ax.errorbar([x for x, _ in made], [c["accuracy"] for _, c in made],
+                    yerr=[[c["accuracy"] - c["low"] for _, c in made],
+                          [c["high"] - c["accuracy"] for _, c in made]], marker="*", markersize=12,
+                    capsize=3, label="PM on labels by construction (x: generator parameters)")
     best = max(cells.get("baselines", {}).items(), key=lambda kv: kv[1]["accuracy"], default=None)
     if best:
         ax.axhline(best[1]["accuracy"], color="grey", linestyle="--", label=f"best trivial: {best[0]}")
@@ -250,9 +254,13 @@ def main(argv=None) -> None:
             results.run(f"direct/{source}/{labeler}",
                         lambda: direct(args, source, labeler, hh[:args.judge_limit]))
     work = os.path.join(args.out, "work")
-    made = os.path.join(work, "construction")
-    results.run("pairs", lambda: contrastive_pairs(args, made))
-    results.run("pm/construction", lambda: pm_cell(args, made, hh, "feedback.source=construction"))
+    generators = list(filter(None, args.generators.split(",")))
+    for generator in generators:
+        workdir = os.path.join(work, "construction", generator)
+        results.run(f"pairs/{generator}", lambda: contrastive_pairs(args, generator, workdir))
+        results.run(f"pm/construction/{generator}",
+                    lambda: pm_cell(args, workdir, hh, "feedback.source=construction"))
+    made = os.path.join(work, "construction", generators[0])
     for labeler in filter(None, args.pm_labelers.split(",")):
         for source in sources:
             workdir = os.path.join(work, source, labeler)

@@ -24,7 +24,8 @@ def test_table_and_figure_from_saved_cells(tmp_path):
     cells = {"baselines": {"prefer the shorter answer": {**interval, "accuracy": 0.55}},
              "direct/multiple_choice/smollm2": {**interval, "option_mass": 0.4, "seconds_per_label": 0.2},
              "direct/pointwise/smollm2": {**interval, "accuracy": 0.58, "option_mass": 0.9},
-             "pm/construction": {**interval, "labels": 200},
+             "pm/construction/qwen2.5-coder-0.5b-instruct": {**interval, "labels": 200},
+             "pm/construction/qwen2.5-coder-1.5b-instruct": {**interval, "accuracy": 0.62},
              "pm/multiple_choice/smollm2": {**interval, "agreement_with_construction": 0.52,
                                             "option_mass": 0.4},
              "pm/pointwise/smollm2": {**interval, "agreement_with_construction": 0.61}}
@@ -33,7 +34,8 @@ def test_table_and_figure_from_saved_cells(tmp_path):
     assert ("| labeler judges HH pairs directly (multiple_choice) | smollm2 | 10 | 0.600 [0.500, 0.700] "
             "| 0.40 |  | 0.20 |") in text
     assert "| labeler judges HH pairs directly (pointwise) | smollm2 | 10 | 0.580 [0.500, 0.700] | 0.90 |" in text
-    assert "PM on labels by construction" in text and "| 0.52 |" in text
+    assert "| PM on labels by construction (contrastive framings) | generator qwen2.5-coder-1.5b-instruct | 10 | 0.620" in text
+    assert "| 0.52 |" in text
     assert "| PM on pointwise labels of the same pairs | smollm2 |" in text and "| 0.61 |" in text
     bench.figure(cells, args, str(tmp_path / "f.png"))
     assert os.path.getsize(tmp_path / "f.png") > 1000
