@@ -170,6 +170,11 @@ def contrastive_pairs(args, generator: str, workdir: str) -> dict:
 
 # ------------------------------------------------------------ report
 
+def baseline_cells(cells: dict) -> dict:
+    """The trivial judges' cells (the baselines entry also holds its seconds)."""
+    return {k: v for k, v in cells.get("baselines", {}).items() if isinstance(v, dict)}
+
+
 def table(cells: dict, args) -> str:
     rows = ["| method | labeler | pairs | accuracy [95% interval] | option mass | agrees with construction | "
             "s / label |", "|---|---|---|---|---|---|---|"]
@@ -182,7 +187,7 @@ def table(cells: dict, args) -> str:
                     f"{cell['high']:.3f}] | {fmt(cell, 'option_mass')} | "
                     f"{fmt(cell, 'agreement_with_construction')} | {fmt(cell, 'seconds_per_label')} |")
 
-    for name, cell in cells.get("baselines", {}).items():
+    for name, cell in baseline_cells(cells).items():
         row("trivial baseline", name, cell)
     for key, cell in cells.items():
         if key.startswith("direct/"):
@@ -224,7 +229,7 @@ def figure(cells: dict, args, path: str) -> None:
                     yerr=[[c["accuracy"] - c["low"] for _, c in made],
                           [c["high"] - c["accuracy"] for _, c in made]], marker="*", markersize=12,
                     capsize=3, label="PM on labels by construction (x: generator parameters)")
-    best = max(cells.get("baselines", {}).items(), key=lambda kv: kv[1]["accuracy"], default=None)
+    best = max(baseline_cells(cells).items(), key=lambda kv: kv[1]["accuracy"], default=None)
     if best:
         ax.axhline(best[1]["accuracy"], color="grey", linestyle="--", label=f"best trivial: {best[0]}")
     ax.axhline(0.5, color="black", linewidth=0.8, label="chance")

@@ -21,7 +21,7 @@ def test_accuracy_counts_ties_as_half_with_a_normal_interval():
 
 def test_table_and_figure_from_saved_cells(tmp_path):
     interval = {"n": 10, "accuracy": 0.6, "low": 0.5, "high": 0.7}
-    cells = {"baselines": {"prefer the shorter answer": {**interval, "accuracy": 0.55}},
+    cells = {"baselines": {"prefer the shorter answer": {**interval, "accuracy": 0.55}, "seconds": 0.04},
              "direct/multiple_choice/smollm2": {**interval, "option_mass": 0.4, "seconds_per_label": 0.2},
              "direct/pointwise/smollm2": {**interval, "accuracy": 0.58, "option_mass": 0.9},
              "pm/construction/qwen2.5-coder-0.5b-instruct": {**interval, "labels": 200},
