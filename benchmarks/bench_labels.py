@@ -213,11 +213,11 @@ def figure(cells: dict, args, path: str) -> None:
     lines = [(f"direct/{source}/", f"labeler judging HH pairs directly ({source})", "o")
              for source in SOURCES] + [(f"pm/{source}/", f"PM on the labeler's {source} labels", "s")
                                        for source in SOURCES]
-    for prefix, label, marker in lines:
+    for i, (prefix, label, marker) in enumerate(lines):
         points = sorted((PARAMETERS[k[len(prefix):]], c) for k, c in cells.items()
                         if k.startswith(prefix) and k[len(prefix):] in PARAMETERS)
         if points:
-            xs = [x for x, _ in points]
+            xs = [x * 1.04 ** i for x, _ in points]  # nudged apart so equal points stay visible
             ax.errorbar(xs, [c["accuracy"] for _, c in points],
                         yerr=[[c["accuracy"] - c["low"] for _, c in points],
                               [c["high"] - c["accuracy"] for _, c in points]],
@@ -235,7 +235,7 @@ def figure(cells: dict, args, path: str) -> None:
     ax.axhline(0.5, color="black", linewidth=0.8, label="chance")
     ax.set_xscale("log")
     ax.set_xlabel("labeler parameters")
-    ax.set_ylabel("agreement with human labels (HH harmless-base test)")
+    ax.set_ylabel("agreement with HH human labels")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
