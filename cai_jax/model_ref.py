@@ -136,6 +136,15 @@ def _run_model(spec: str, workdir: Optional[str]) -> str:
     return "ckpt:" + os.path.realpath(path)
 
 
+def run_model_dir(spec: str) -> Optional[str]:
+    """The work-directory path of the run's own model that `spec` names
+    (models/sl_cai, models/pm, models/rl_cai), or None for any other reference."""
+    name = spec.partition("/")[0]
+    if name in RUN_MODELS and (spec in RUN_MODELS or spec.startswith("rl_cai/step_")):
+        return RUN_MODELS[name][0]
+    return None
+
+
 def resolve(spec: str, config, workdir: Optional[str] = None) -> ModelRef:
     """The ModelRef of `spec` (see the module docstring) under an experiment config."""
     from cai_jax.config import resolve_model
@@ -144,7 +153,7 @@ def resolve(spec: str, config, workdir: Optional[str] = None) -> ModelRef:
     if spec == "base":
         source, overrides = resolve_model(config.model)
         return ModelRef(spec, source, tuple(sorted(overrides.items())))
-    if spec.partition("/")[0] in RUN_MODELS and (spec in RUN_MODELS or spec.startswith("rl_cai/step_")):
+    if run_model_dir(spec) is not None:
         return ModelRef(spec, _run_model(spec, workdir))
     if is_model_source(spec):
         return ModelRef(spec, spec)

@@ -64,7 +64,7 @@ class Stage:
     config: tuple[str, ...]  # config sections its result depends on
     inputs: tuple[str, ...] = ()  # files or model directories it reads
     # Config keys ("section.field") naming a model reference: a run's own model
-    # (sl_cai, pm, rl_cai) named there is an input too (model_ref.RUN_MODELS).
+    # (sl_cai, pm, rl_cai) named there is an input too (model_ref.run_model_dir).
     model_keys: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # what it makes; a missing or changed one makes it rerun
     scratch: tuple[str, ...] = ()  # partial work it resumes; discarded when its fingerprint changed
@@ -179,14 +179,14 @@ def _section_fingerprint(value) -> str:
 
 def stage_inputs(config, name: str) -> tuple[str, ...]:
     """The stage's inputs: its fixed ones and the run models its config names."""
-    from cai_jax.model_ref import RUN_MODELS
+    from cai_jax.model_ref import run_model_dir
 
     stage, named = STAGES[name], []
     for key in stage.model_keys:
         section, field = key.split(".")
-        spec = str(config[section][field])
-        if spec.split("/")[0] in RUN_MODELS:
-            named.append(RUN_MODELS[spec.split("/")[0]][0])
+        rel = run_model_dir(str(config[section][field]))
+        if rel is not None:
+            named.append(rel)
     return tuple(dict.fromkeys(stage.inputs + tuple(named)))
 
 
