@@ -124,18 +124,13 @@ def baselines(hh_pairs) -> dict:
 def direct(args, source: str, labeler: str, hh_pairs) -> dict:
     """The labeler judging HH pairs itself (chosen shown first; multiple choice
     asks both orders, which cancels the slot)."""
-    from cai_jax.rl_cai import feedback
+    from cai_jax.tools.score_pairs import feedback_judge
 
-    config = bench_config(args, f"feedback.source={source}", f"feedback.model_source={labeler}")
-    judge = feedback.labeler_from_config(config)
-    comparisons = [feedback.FeedbackComparison(f"hh:{p.line}", "harmless", p.context, p.chosen, p.rejected)
-                   for p in hh_pairs]
-    start = time.time()
-    records = judge.label(comparisons, progress=True)
-    seconds = time.time() - start
-    return {**accuracy_interval([r["p_a"] for r in records]),
-            "option_mass": float(np.mean([r["option_mass"] for r in records])),
-            "seconds_per_label": seconds / len(records)}
+    judge = feedback_judge(bench_config(args, f"feedback.source={source}",
+                                        f"feedback.model_source={labeler}"), progress=True)
+    p_chosen = judge(hh_pairs)
+    return {**accuracy_interval(p_chosen), "option_mass": float(np.mean(judge.option_mass)),
+            "seconds_per_label": judge.seconds / len(p_chosen)}
 
 
 def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:

@@ -1,4 +1,4 @@
-"""The labels bench's arithmetic and report, without running any model."""
+"""The labels bench's arithmetic and report, and a direct cell on the tiny model."""
 import importlib.util
 import os
 
@@ -39,3 +39,18 @@ def test_table_and_figure_from_saved_cells(tmp_path):
     assert "| PM on pointwise labels of the same pairs | smollm2 |" in text and "| 0.61 |" in text
     bench.figure(cells, args, str(tmp_path / "f.png"))
     assert os.path.getsize(tmp_path / "f.png") > 1000
+
+
+def test_a_direct_cell_reports_the_labelers_agreement_and_option_mass(shared_data):
+    from cai_jax.data.hh_rlhf import read_pairs
+    from cai_jax.tools.score_pairs import feedback_judge
+
+    args = bench.parse_args(["--config", os.path.join(os.path.dirname(_PATH), "..", "configs", "tiny.py")])
+    hh = read_pairs(os.path.join(shared_data, "hh-rlhf", "harmless-base-test.jsonl.gz"), on_error="skip",
+                    limit=3)
+    cell = bench.direct(args, "pointwise", "base", hh)
+    # The same labeler through score_pairs' judge gives the same labels.
+    again = feedback_judge(bench.bench_config(args, "feedback.source=pointwise", "feedback.model_source=base"),
+                           progress=False)
+    assert cell == {**cell, **bench.accuracy_interval(again(hh))}
+    assert cell["n"] == 3 and 0 < cell["option_mass"] <= 1 and cell["seconds_per_label"] > 0
