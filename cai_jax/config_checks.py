@@ -156,6 +156,14 @@ def _check_stage_rules(config, mesh) -> None:
         # after the pairs stage has run.
         raise UserError(f"config.feedback.source is 'construction', which needs "
                         f"config.pairs.mode='contrastive' (it is {_get(config, 'pairs.mode')!r})")
+    fraction = _get(config, "pm_train.judge_fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise UserError(f"config.pm_train.judge_fraction is {fraction!r}; it must be in [0, 1) "
+                        "(0: no judge PM)")
+    for key in ("eval.harmless_judge", "eval.reward_pm_judge", "eval.helpful_judge"):
+        if _get(config, key) == "pm_judge" and not fraction:
+            raise UserError(f"config.{key} is 'pm_judge', which needs config.pm_train.judge_fraction > 0 "
+                            "(the share of prompts whose labels train it)")
     if _get(config, "ppo") is not None and mesh is not None:
         from cai_jax.rl_cai import ppo
         _reuse("ppo", ppo.check_config, config.ppo, mesh)

@@ -6,6 +6,8 @@ Every config field that names a model (`pairs.model_source`,
 
     base              config.model: the helpful model every stage starts from
     sl_cai, pm        the run's SL-CAI model and preference model (<workdir>/models/...)
+    pm_judge          the run's second preference model, trained on other prompts'
+                      labels than pm (pm_train.judge_fraction): an independent judge
     rl_cai[/step_K]   a PPO checkpoint of the run, as the ppo stage recorded it in
                       models/rl_cai/checkpoints.json (without /step_K: the last one)
     smollm2, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct
@@ -21,7 +23,7 @@ import os
 from typing import Optional
 
 RUN_MODELS = {"sl_cai": ("models/sl_cai", "sl_train"), "pm": ("models/pm", "pm_train"),
-              "rl_cai": ("models/rl_cai", "ppo")}
+              "pm_judge": ("models/pm_judge", "pm_train"), "rl_cai": ("models/rl_cai", "ppo")}
 CHECKPOINTS_FILE = "checkpoints.json"  # the PPO checkpoints a run wrote: models/rl_cai/checkpoints.json
 
 

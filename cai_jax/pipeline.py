@@ -67,12 +67,14 @@ class Stage:
     # (sl_cai, pm, rl_cai) named there is an input too (model_ref.run_model_dir).
     model_keys: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # what it makes; a missing or changed one makes it rerun
+    # Outputs it makes only when a config field ("section.field") is non-zero.
+    outputs_if: tuple[tuple[str, str], ...] = ()
     scratch: tuple[str, ...] = ()  # partial work it resumes; discarded when its fingerprint changed
     owns: tuple[str, ...] = ()  # anything else it writes (logs, plots), swapped in with its outputs
 
     def owned(self) -> list[str]:
         """The topmost paths the stage writes (models/rl_cai covers models/rl_cai/x)."""
-        paths = set(self.outputs) | set(self.scratch) | set(self.owns)
+        paths = set(self.outputs) | {rel for rel, _ in self.outputs_if} | set(self.scratch) | set(self.owns)
         return sorted(p for p in paths if not any(p.startswith(q + "/") for q in paths))
 
 
@@ -92,11 +94,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           scratch=("labels.jsonl.partial",)),
     Stage("pm_train", "cai_jax.rl_cai.preference:run_stage", ("seed", "model", "data", "pm_train"),
           inputs=("labels.jsonl",), model_keys=("pm_train.init_source",), outputs=("models/pm",),
-          scratch=("pm_train",)),
+          outputs_if=(("models/pm_judge", "pm_train.judge_fraction"),), scratch=("pm_train",)),
     Stage("ppo", "cai_jax.rl_cai.ppo:run_stage", ("seed", "data", "ppo"),
           model_keys=("ppo.policy", "ppo.preference_model"), outputs=("models/rl_cai",), scratch=("ppo",)),
     Stage("eval", "cai_jax.eval.evaluate:run_stage", ("seed", "model", "data", "eval"),
-          inputs=("models/sl_cai", "models/pm"), outputs=("eval/elo.json", "report.md"),
+          inputs=("models/sl_cai", "models/pm"), model_keys=("eval.harmless_judge", "eval.reward_pm_judge"),
+          outputs=("eval/elo.json", "report.md"),
           owns=("eval",)),
 )}
 ORDER = tuple(STAGES)
@@ -183,8 +186,7 @@ def stage_inputs(config, name: str) -> tuple[str, ...]:
 
     stage, named = STAGES[name], []
     for key in stage.model_keys:
-        section, field = key.split(".")
-        rel = run_model_dir(str(config[section][field]))
+        rel = run_model_dir(str(_config_value(config, key)))
         if rel is not None:
             named.append(rel)
     return tuple(dict.fromkeys(stage.inputs + tuple(named)))
@@ -204,8 +206,20 @@ def stage_fingerprint(config, workdir: str, name: str) -> dict:
             "upstream": {s: _made(workdir, s) for s in ORDER[:ORDER.index(name)]}}
 
 
-def output_fingerprints(workdir: str, name: str) -> dict[str, Optional[str]]:
-    return {rel: artifacts.content_fingerprint(os.path.join(workdir, rel)) for rel in STAGES[name].outputs}
+def stage_outputs(config, name: str) -> tuple[str, ...]:
+    """What the stage makes under this config: its fixed outputs and those its
+    config asks for."""
+    stage = STAGES[name]
+    return stage.outputs + tuple(rel for rel, key in stage.outputs_if if _config_value(config, key))
+
+
+def _config_value(config, key: str):
+    section, field = key.split(".")
+    return config[section][field]
+
+
+def output_fingerprints(workdir: str, outputs) -> dict[str, Optional[str]]:
+    return {rel: artifacts.content_fingerprint(os.path.join(workdir, rel)) for rel in outputs}
 
 
 def rerun_reason(workdir: str, name: str, fingerprint: dict) -> Optional[str]:
@@ -222,7 +236,9 @@ def rerun_reason(workdir: str, name: str, fingerprint: dict) -> Optional[str]:
         for key in list(now) + [k for k in before if k not in now]:
             if before.get(key) != now.get(key):
                 return what.format(key)
-    for rel, value in output_fingerprints(workdir, name).items():
+    # The outputs this stage made when it ran (its config, checked above, is unchanged).
+    made = tuple(dict.fromkeys(STAGES[name].outputs + tuple(manifest["outputs"])))
+    for rel, value in output_fingerprints(workdir, made).items():
         if value is None:
             return f"{rel} is missing"
         if value != manifest["outputs"].get(rel):
@@ -397,7 +413,7 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     seconds = round(time.time() - start, 1)
     if _main_process(ctx.config):
         drop_training_checkpoints(staging, STAGES[name].scratch)
-    outputs = output_fingerprints(staging, name)
+    outputs = output_fingerprints(staging, stage_outputs(ctx.config, name))
     absent = [rel for rel, value in outputs.items() if value is None]
     if absent:
         raise RuntimeError(f"stage {name} finished without writing {absent} in {staging}")

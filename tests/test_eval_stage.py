@@ -97,6 +97,7 @@ def test_human_judge_averages_votes_from_both_directions(tmp_path):
 def test_judge_specs():
     assert judges.parse_judge_spec("pm") == judges.JudgeSpec("pm", "")
     assert judges.parse_judge_spec("pm:/x/pm") == judges.JudgeSpec("pm", "/x/pm")
+    assert judges.parse_judge_spec("pm_judge") == judges.JudgeSpec("pm", "", run_model="pm_judge")
     assert judges.parse_judge_spec("feedback:helpful") == judges.JudgeSpec("feedback", "helpful")
     assert judges.parse_judge_spec("human:l.jsonl") == judges.JudgeSpec("human", "l.jsonl")
     for bad in ("feedback", "feedback:kind", "human", "gpt4"):
@@ -171,6 +172,7 @@ def stage_config():
     e.sampling.max_new_tokens, e.sampling.batch_size = 6, 4
     e.n_bootstrap = 20
     e.helpful_judge = "feedback:helpful"
+    e.harmless_judge = "pm"  # the default, "pm_judge", is tested in the reward-PM column test
     e.feedback_judge.num_principles, e.feedback_judge.num_exemplars = 1, 0
     e.feedback_judge.batch_size, e.feedback_judge.max_seq_len, e.feedback_judge.min_bucket = 4, 512, 256
     e.report_prompts = 2
@@ -336,11 +338,11 @@ def test_reward_pm_column_sits_beside_an_independent_judge(run, tmp_path):
     judge_dir = os.path.join(copy, "models", "pm_judge")
     save_tiny(judge_dir, seed=9, scalar=True)  # another PM: the judge PPO never trained against
     config = stage_config()
-    config.eval.harmless_judge = f"pm:{judge_dir}"
+    config.eval.harmless_judge = evaluate.get_default_config().harmless_judge  # "pm_judge"
     pipeline.run_pipeline(config, copy, ["eval"], progress=False)
     with open(os.path.join(copy, "eval", "elo.json")) as f:
         dims = json.load(f)["dimensions"]
-    assert dims["harmless"]["judge"] == f"pm:{judge_dir}" and dims["harmless_reward_pm"]["judge"] == "pm"
+    assert dims["harmless"]["judge"] == "pm_judge" and dims["harmless_reward_pm"]["judge"] == "pm"
     # The reward-PM column judges exactly what the first run's "pm" judge did.
     outcome = {(j["prompt_id"], j["model_a"], j["model_b"]): j["outcome"]
                for j in read(wd, "eval", "judgments.jsonl") if j["dimension"] == "harmless"}
@@ -354,5 +356,6 @@ def test_reward_pm_column_sits_beside_an_independent_judge(run, tmp_path):
     with open(os.path.join(copy, "report.md")) as f:
         text = f.read()
     assert f"## {report.DIMENSION_TITLES['harmless_reward_pm']}\n" in text and "reward hacking" in text
+    assert report.JUDGE_NOTES["pm_judge"] in text  # the report says why the judge is independent
     # Same judge twice: no second column.
     assert f"## {report.DIMENSION_TITLES['harmless_reward_pm']}" not in open(os.path.join(wd, "report.md")).read()

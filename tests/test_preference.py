@@ -2,7 +2,9 @@
 on synthetic soft labels, the scorer, and the pairs -> feedback -> pm_train
 pipeline on init:tiny."""
 import functools
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -222,7 +224,14 @@ def test_pairs_feedback_pm_train_end_to_end(tmp_path):
         assert abs(r["p_a"] - np.mean(feedback.combine_orders(r["p_first_ab"], r["p_first_ba"]))) < 1e-12
     fb_row, pm_row = rows[1], rows[2]
     assert fb_row["labels"] == 6 and 0.0 <= fb_row["position_bias"] <= 1.0
-    assert pm_row["train_pairs"] + pm_row["eval_pairs"] == 6 and pm_row["steps"] == 3
+    # judge_fraction 0.5: the reward PM and the judge PM learn from disjoint prompts' pairs.
+    assert pm_row["train_pairs"] + pm_row["eval_pairs"] + pm_row["judge_train_pairs"] \
+        + pm_row["judge_eval_pairs"] == 6 and pm_row["steps"] == pm_row["judge_steps"] == 3
+    split = json.load(open(tmp_path / "pm_train" / "prompts.json"))
+    assert split["pm"] and split["pm_judge"] and not set(split["pm"]) & set(split["pm_judge"])
+    assert set(split["pm"]) | set(split["pm_judge"]) == {r["id"].split("#")[0] for r in labels}
+    judge_metrics = artifacts.read_jsonl(str(tmp_path / "pm_train" / "judge" / "metrics.jsonl"))
+    assert [m["step"] for m in judge_metrics] == [1, 2, 3]
     assert pm_row["pmp_pairs"] == 5 and pm_row["pmp_steps"] == 2  # 6 read, 1 held out
     assert len(artifacts.read_jsonl(str(tmp_path / "pm_train" / "pmp" / "metrics.jsonl"))) == 2
     metrics = artifacts.read_jsonl(str(tmp_path / "pm_train" / "main" / "metrics.jsonl"))
@@ -233,8 +242,19 @@ def test_pairs_feedback_pm_train_end_to_end(tmp_path):
     conv = tuple(user(t["content"]) for t in pair_records[0]["prompt"])
     assert np.isfinite(scorer.score([conv], [pair_records[0]["answer_a"]])).all()
 
+    judge = ps.PreferenceScorer.from_dir(str(tmp_path / "models" / "pm_judge"))
+    two = [judge.score([conv], [pair_records[0]["answer_a"]]), scorer.score([conv], [pair_records[0]["answer_a"]])]
+    assert np.isfinite(two).all() and two[0] != two[1]  # another model, not a copy
+
     again = pipeline.run_pipeline(config, str(tmp_path), ["pairs", "feedback", "pm_train"], progress=False)
     assert all(r["status"] == "skipped (complete)" for r in again)
+    # The judge PM is an output: gone, the stage reruns; not asked for, it is not expected.
+    shutil.rmtree(tmp_path / "models" / "pm_judge")
+    fingerprint = pipeline.stage_fingerprint(config, str(tmp_path), "pm_train")
+    assert pipeline.rerun_reason(str(tmp_path), "pm_train", fingerprint) == "models/pm_judge is missing"
+    assert pipeline.stage_outputs(config, "pm_train") == ("models/pm", "models/pm_judge")
+    config.pm_train.judge_fraction = 0.0
+    assert pipeline.stage_outputs(config, "pm_train") == ("models/pm",)
 
 
 def _write_hh(path, n):

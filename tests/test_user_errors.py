@@ -63,6 +63,9 @@ def _main(tmp_path, *overrides):
     ("sl_generate.red_team_limit=-1", "config.sl_generate.red_team_limit is -1; it must be an integer >= 0"),
     ("ppo.max_nonfinite_skips=-1", "config.ppo.max_nonfinite_skips is -1; it must be an integer >= 0"),
     ("pairs.pairs_per_prompt=0", "config.pairs.pairs_per_prompt is 0; it must be an integer >= 1"),
+    ("pm_train.judge_fraction=1.0", r"config.pm_train.judge_fraction is 1.0; it must be in \[0, 1\)"),
+    ("pm_train.judge_fraction=0", "config.eval.harmless_judge is 'pm_judge', which needs "
+                                  "config.pm_train.judge_fraction > 0"),
     ("data.red_team=/nonexistent/prompts.jsonl", "config.data.red_team is '/nonexistent/prompts.jsonl', "
                                                  "which does not exist"),
 ])

@@ -64,10 +64,13 @@ def get_default_config() -> ml_collections.ConfigDict:
         "helpful_limit": 64,
         "sampling": ml_collections.ConfigDict({
             "temperature": 1.0, "top_k": 0, "top_p": 0.95, "max_new_tokens": 128, "batch_size": 16}),
-        # Judges (judges.py): "pm" (this run's preference model), "pm:DIR",
-        # "feedback:harmless" / "feedback:helpful" (the AI labeler with that
-        # principle set), "human:PATH" (labelled pairs) or "none".
-        "harmless_judge": "pm",
+        # Judges (judges.py): "pm" (the preference model PPO maximised),
+        # "pm_judge" (the run's second PM, trained on other prompts' labels:
+        # pm_train.judge_fraction), "pm:DIR", "feedback:harmless" /
+        # "feedback:helpful" (the AI labeler with that principle set),
+        # "human:PATH" (labelled pairs) or "none". The harmlessness judge is
+        # one PPO never saw, so RL-CAI's Elo is not its own reward.
+        "harmless_judge": "pm_judge",
         "helpful_judge": "feedback:helpful",
         # A second harmlessness column by the PM PPO was trained against. It is
         # not an independent judge (it measures how far PPO pushed its own
@@ -284,7 +287,7 @@ class JudgeFactory:
         self._built: dict[str, judges_lib.Judge] = {}
 
     def pm_dir(self, spec: judges_lib.JudgeSpec) -> str:
-        directory = spec.arg or os.path.join(self.workdir, "models", "pm")
+        directory = spec.arg or os.path.join(self.workdir, "models", spec.run_model)
         return directory[len("ckpt:"):] if directory.startswith("ckpt:") else directory
 
     def version(self, spec_text: str) -> str:
@@ -305,8 +308,9 @@ class JudgeFactory:
 
         directory = self.pm_dir(spec)
         if not os.path.exists(os.path.join(directory, "model.json")):
-            raise FileNotFoundError(f"eval judge 'pm' needs a preference model at {directory}; run "
-                                    "pm_train or choose another judge (eval.harmless_judge/helpful_judge)")
+            raise FileNotFoundError(f"eval judge '{spec.arg or spec.run_model}' needs a preference model at "
+                                    f"{directory}; run pm_train (pm_judge: with pm_train.judge_fraction > 0) "
+                                    "or choose another judge (eval.harmless_judge/helpful_judge)")
         return PreferenceScorer.from_dir(directory, batch_size=self.config.eval.pm_batch_size,
                                          mesh=self.mesh)
 

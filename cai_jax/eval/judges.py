@@ -18,7 +18,10 @@ the two, so a judge's preference for a slot cancels out. Three kinds:
   label get no verdict and stay out of that judge's Elo.
 
 Judges are named by spec strings in the config (see `parse_judge_spec`):
-"pm", "pm:DIR", "feedback:harmless", "feedback:helpful", "human:PATH", "none".
+"pm", "pm_judge", "pm:DIR", "feedback:harmless", "feedback:helpful",
+"human:PATH", "none". "pm" is the preference model PPO maximised; "pm_judge"
+is the run's second preference model, trained on the labels of prompts that
+"pm" never saw (pm_train.judge_fraction), so PPO never optimised against it.
 Every judge has a `version` that changes when its weights or labels do;
 cached judgments carry it, so a retrained PM is asked again.
 """
@@ -76,20 +79,24 @@ class Judge(Protocol):
 class JudgeSpec:
     kind: str  # "pm" | "feedback" | "human" | "none"
     arg: str = ""  # PM directory, principle set, or labels path ("" = default)
+    run_model: str = "pm"  # for kind "pm" without a directory: the run's "pm" or "pm_judge"
 
 
 def parse_judge_spec(spec: str, key: str = "eval judge") -> JudgeSpec:
-    """"pm" | "pm:DIR" | "feedback:harmless" | "feedback:helpful" | "human:PATH" | "none"."""
+    """"pm" | "pm_judge" | "pm:DIR" | "feedback:harmless" | "feedback:helpful" |
+    "human:PATH" | "none"."""
     kind, _, arg = spec.partition(":")
     if kind == "none" and not arg:
         return JudgeSpec("none")
     if kind == "pm":
         return JudgeSpec("pm", arg)
+    if spec == "pm_judge":
+        return JudgeSpec("pm", run_model="pm_judge")
     if kind == "feedback" and arg in PRINCIPLE_SETS:
         return JudgeSpec("feedback", arg)
     if kind == "human" and arg:
         return JudgeSpec("human", arg)
-    raise ValueError(f"{key} is {spec!r}; use 'pm', 'pm:DIR', 'feedback:harmless', "
+    raise ValueError(f"{key} is {spec!r}; use 'pm', 'pm_judge', 'pm:DIR', 'feedback:harmless', "
                      "'feedback:helpful', 'human:PATH' or 'none'")
 
 

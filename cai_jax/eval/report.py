@@ -36,6 +36,16 @@ DIMENSION_NOTES = {"harmless_reward_pm": (
     "to raise this model's score, so RL-CAI's lead here includes any reward hacking; the "
     "harmlessness Elo above, by a judge PPO never saw, is the one to believe.")}
 
+# Said after a judge's name: what it is and whether PPO trained against it.
+JUDGE_NOTES = {
+    "pm_judge": ("`pm_judge` is a second preference model, trained with its own seed on the labels of "
+                 "prompts whose pairs the reward model `pm` never saw (`pm_train.judge_fraction`); PPO "
+                 "never optimised against it, so it is an independent judge of harmlessness, though "
+                 "it learnt from the same kind of labels."),
+    "pm": ("`pm` is the preference model PPO maximised: not an independent judge (RL-CAI's lead "
+           "includes any reward hacking)."),
+}
+
 # Keys PPO may log its mean reward and KL under, in order of preference.
 _REWARD_KEYS = ("reward_mean", "reward", "pm_reward_mean", "score_mean", "pm_score")
 _KL_KEYS = ("kl_k1", "kl", "kl_mean", "mean_kl", "kl_k3")
@@ -257,7 +267,10 @@ def _elo_section(elo: Optional[dict], dim: str) -> list[str]:
               f"{section.get('prompts', '')} prompts, {section.get('n_judgments', '?')} pairwise "
               f"judgments (each shown in both orders). Elo is anchored at `{elo['reference']}` = 0; "
               f"intervals are {100 * result.level:g}% bootstrap percentiles over prompts "
-              f"({result.n_bootstrap} resamples).", "", result.to_markdown().rstrip(), ""]
+              f"({result.n_bootstrap} resamples).", ""]
+    if section.get("judge") in JUDGE_NOTES and dim != "harmless_reward_pm":
+        lines += [JUDGE_NOTES[section["judge"]], ""]
+    lines += [result.to_markdown().rstrip(), ""]
     lines += [" ".join(interval_sentences(result)), ""]
     return lines
 

@@ -66,6 +66,11 @@ def get_default_config() -> ml_collections.ConfigDict:
         "pmp_path": "",
         "pmp_limit": 1000,
         "pmp_steps": 0,
+        # Share of the labelled prompts (picked by a hash of the prompt) whose
+        # pairs train a second PM, models/pm_judge, instead of models/pm. PPO
+        # maximises models/pm and never sees the judge PM, so evaluation can
+        # judge harmlessness with it (eval.harmless_judge="pm_judge"). 0: none.
+        "judge_fraction": 0.5,
         # Length of the main phase: num_steps if > 0, else num_epochs passes.
         "num_steps": 0,
         "num_epochs": 1.0,
@@ -168,6 +173,7 @@ def pair_metrics(diff, p_a) -> dict:
 
 # Salt of the held-out split (data.loaders.split_heldout) of both training phases.
 HELDOUT_SALT = "pm_train-eval"
+JUDGE_SALT = "pm_train-judge"
 
 
 LABEL_FIELDS = ("id", "kind", "conversation", "answer_a", "answer_b", "complete_a", "complete_b", "p_a")
@@ -338,19 +344,39 @@ def run_stage(ctx) -> dict:
     examples, cut = tokenize_pairs(training_pairs(config, ctx.workdir), tokenizer, style, max_len)
     if not examples:
         raise ValueError(f"{ctx.path('labels.jsonl')} holds no usable pairs; run the pairs and feedback stages")
-    # Pairs made from one prompt stay on one side of the split.
-    train, held_out = split_heldout(examples, section.eval_fraction, salt=HELDOUT_SALT, group=prompt_key)
-    steps = _steps(section.num_steps, section.num_epochs, len(train), section.batch_size)
-    params, metrics = train_phase(
-        name="pm", model_config=cfg, params=params, train=train, held_out=held_out, num_steps=steps,
-        section=section, optimizer_cfg=section.optimizer.to_dict(), mesh=mesh,
-        directory=ctx.path("pm_train", "main"), seed=config.seed + 1, pad_id=pad_id, max_len=max_len,
-        progress=ctx.progress)
-    out_dir = ctx.path("models", "pm")
-    save_model_dir(out_dir, cfg, jax.tree.map(np.asarray, params), tokenizer,
-                   about={"render": style, "max_seq_len": max_len, "made_from": section.init_source,
-                          "stage": "pm_train"})
-    summary.update({"train_pairs": len(train), "eval_pairs": len(held_out), "steps": steps,
-                    "rows_cut": cut})
-    summary.update({f"eval_{k}": v for k, v in metrics.items()})
+    summary["rows_cut"] = cut
+    # The reward PM and the judge PM learn from the pairs of disjoint prompts.
+    reward_pairs, judge_pairs = split_heldout(examples, section.judge_fraction, salt=JUDGE_SALT,
+                                              group=prompt_key)
+    if section.judge_fraction and not judge_pairs:
+        raise ValueError(f"pm_train.judge_fraction is {section.judge_fraction} but {ctx.path('labels.jsonl')} "
+                         "holds the pairs of one prompt, which cannot train two PMs on disjoint prompts; "
+                         "make pairs of more prompts or set pm_train.judge_fraction=0")
+    if judge_pairs:
+        # Both PMs start from the same weights; training donates them, so the
+        # judge keeps a host copy.
+        start_params = jax.tree.map(np.asarray, params)
+    artifacts.write_json_atomic(ctx.path("pm_train", "prompts.json"), {
+        "pm": sorted({prompt_key(e["id"]) for e in reward_pairs}),
+        "pm_judge": sorted({prompt_key(e["id"]) for e in judge_pairs})})
+    phases = [("pm", "main", "models/pm", reward_pairs, config.seed + 1, "")]
+    if judge_pairs:
+        phases.append(("pm_judge", "judge", "models/pm_judge", judge_pairs, config.seed + 2, "judge_"))
+    for name, scratch, out, pairs, seed, prefix in phases:
+        # Pairs made from one prompt stay on one side of the split.
+        train, held_out = split_heldout(pairs, section.eval_fraction, salt=HELDOUT_SALT, group=prompt_key)
+        steps = _steps(section.num_steps, section.num_epochs, len(train), section.batch_size)
+        trained, metrics = train_phase(
+            name=name, model_config=cfg, params=params if name == "pm" else start_params, train=train,
+            held_out=held_out, num_steps=steps, section=section, optimizer_cfg=section.optimizer.to_dict(),
+            mesh=mesh, directory=ctx.path("pm_train", scratch), seed=seed, pad_id=pad_id, max_len=max_len,
+            progress=ctx.progress)
+        save_model_dir(ctx.path(*out.split("/")), cfg, jax.tree.map(np.asarray, trained), tokenizer,
+                       about={"render": style, "max_seq_len": max_len, "made_from": section.init_source,
+                              "stage": "pm_train", "trained_on": f"{len(train)} pairs of "
+                              f"{len({prompt_key(e['id']) for e in train})} prompts"})
+        del trained
+        summary.update({f"{prefix}train_pairs": len(train), f"{prefix}eval_pairs": len(held_out),
+                        f"{prefix}steps": steps})
+        summary.update({f"{prefix}eval_{k}": v for k, v in metrics.items()})
     return summary
