@@ -61,6 +61,10 @@ def parse_args(argv=None):
                    help="comma-separated models answering under the contrastive framings (the "
                         "first one's pairs are also the ones the labelers label)")
     p.add_argument("--prompts", type=int, default=200, help="red-team training prompts made into pairs")
+    p.add_argument("--prompt_source", choices=("embedded", "hh_unscored"), default="embedded",
+                   help="where the contrastive pairs' red-team prompts come from: the package's own set, "
+                        "or the first human turns of the HH test pairs nobody scores (see "
+                        "unscored_hh_file); cells of the second carry it in their key")
     p.add_argument("--limit", type=int, default=1000, help="HH test pairs the PMs and baselines are scored on")
     p.add_argument("--judge_limit", type=int, default=100, help="HH test pairs each labeler judges directly")
     p.add_argument("--pm_labelers", default="smollm2",
@@ -138,7 +142,8 @@ def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
     from cai_jax import pipeline
     from cai_jax.tools.score_pairs import pm_judge
 
-    config = bench_config(args, *overrides)
+    # One PM on all of the source's labels (no judge PM split off).
+    config = bench_config(args, "pm_train.judge_fraction=0", "eval.harmless_judge=pm", *overrides)
     start = time.time()
     [labels] = pipeline.run_pipeline(config, workdir, ["feedback"], progress=True)
     label_seconds = time.time() - start
@@ -153,12 +158,52 @@ def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
     return cell
 
 
+# Lines of the HH file after the scored pairs that stay unused as a margin:
+# the scored pairs are the first --limit readable ones, and skipped lines push
+# the last of them past line --limit.
+SCORED_MARGIN = 100
+
+
+def unscored_hh_file(args, work: str) -> str:
+    """The HH test pairs no cell scores, as an HH-format file in `work`: the
+    lines after the first --limit + SCORED_MARGIN, less those whose first human
+    turn is also the first turn of a line before them. Only their first turns
+    are read (as red-team prompts); their human labels are not."""
+    import gzip
+    import re
+
+    def first_turn(line: str):
+        found = re.search(r"\n\nHuman: (.*?)\n\nAssistant:", json.loads(line).get("chosen", ""), re.S)
+        return found.group(1).strip() if found else None
+
+    with gzip.open(args.pairs, "rt") if args.pairs.endswith(".gz") else open(args.pairs) as f:
+        lines = f.read().splitlines()
+    cut = args.limit + SCORED_MARGIN
+    scored = {first_turn(line) for line in lines[:cut]}
+    rest = [line for line in lines[cut:] if first_turn(line) not in scored]
+    path = os.path.join(work, "hh_rest.jsonl.gz")  # its name is part of the prompt ids
+    if not os.path.exists(path):
+        os.makedirs(work, exist_ok=True)
+        with gzip.open(path + ".tmp", "wt") as f:
+            f.write("\n".join(rest) + "\n")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def on_prompts(args) -> str:
+    """Added to the keys of cells whose pairs answer prompts other than the package's."""
+    return "" if args.prompt_source == "embedded" else f" on {args.prompts} unscored HH prompts"
+
+
 def contrastive_pairs(args, generator: str, workdir: str) -> dict:
     from cai_jax import pipeline
 
+    source = []
+    if args.prompt_source == "hh_unscored":
+        source = [f"data.red_team={unscored_hh_file(args, os.path.dirname(workdir))}", "data.on_error=skip"]
     config = bench_config(args, "pairs.mode=contrastive", f"pairs.model_source={generator}",
                           "pairs.include_helpful=False", f"pairs.red_team_limit={args.prompts}",
-                          f"data.red_team_limit={args.prompts}")
+                          f"data.red_team_limit={args.prompts}", *source)
     [row] = pipeline.run_pipeline(config, workdir, ["pairs"], progress=True)
     return {k: v for k, v in row.items() if k != "stage"}
 
@@ -256,17 +301,18 @@ def main(argv=None) -> None:
     work = os.path.join(args.out, "work")
     generators = list(filter(None, args.generators.split(",")))
     for generator in generators:
-        workdir = os.path.join(work, "construction", generator)
-        results.run(f"pairs/{generator}", lambda: contrastive_pairs(args, generator, workdir))
-        results.run(f"pm/construction/{generator}",
+        label = generator + on_prompts(args)
+        workdir = os.path.join(work, "construction", label.replace(" ", "_"))
+        results.run(f"pairs/{label}", lambda: contrastive_pairs(args, generator, workdir))
+        results.run(f"pm/construction/{label}",
                     lambda: pm_cell(args, workdir, hh, "feedback.source=construction"))
-    made = os.path.join(work, "construction", generators[0])
+    made = os.path.join(work, "construction", (generators[0] + on_prompts(args)).replace(" ", "_"))
     for labeler in filter(None, args.pm_labelers.split(",")):
         for source in sources:
-            workdir = os.path.join(work, source, labeler)
+            workdir = os.path.join(work, source, (labeler + on_prompts(args)).replace(" ", "_"))
             os.makedirs(workdir, exist_ok=True)
             shutil.copyfile(os.path.join(made, "pairs.jsonl"), os.path.join(workdir, "pairs.jsonl"))
-            results.run(f"pm/{source}/{labeler}", lambda: pm_cell(
+            results.run(f"pm/{source}/{labeler}{on_prompts(args)}", lambda: pm_cell(
                 args, workdir, hh, f"feedback.source={source}", f"feedback.model_source={labeler}"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table(results.cells, args) + "\n")

@@ -54,3 +54,30 @@ def test_a_direct_cell_reports_the_labelers_agreement_and_option_mass(shared_dat
                            progress=False)
     assert cell == {**cell, **bench.accuracy_interval(again(hh))}
     assert cell["n"] == 3 and 0 < cell["option_mass"] <= 1 and cell["seconds_per_label"] > 0
+
+
+def test_unscored_hh_prompts_share_no_first_turn_with_the_scored_pairs(tmp_path):
+    """--prompt_source hh_unscored: prompts from the lines after the scored ones
+    and the margin, without a first turn that a scored (or margin) line has."""
+    import gzip
+    import json
+
+    def line(question, answer):
+        return json.dumps({"chosen": f"\n\nHuman: {question}\n\nAssistant: {answer}",
+                           "rejected": f"\n\nHuman: {question}\n\nAssistant: no"})
+    questions = [f"q{i}" for i in range(8)] + ["q1", "q9", "q3", "q10"]  # q1 and q3 repeat scored ones
+    source = tmp_path / "hh.jsonl.gz"
+    with gzip.open(source, "wt") as f:
+        f.write("\n".join(line(q, "a") for q in questions) + "\n")
+    args = bench.parse_args(["--pairs", str(source), "--limit", "3", "--out", str(tmp_path / "out")])
+    bench.SCORED_MARGIN, margin = 5, bench.SCORED_MARGIN  # lines 0-7 scored or margin
+    try:
+        path = bench.unscored_hh_file(args, str(tmp_path / "work"))
+    finally:
+        bench.SCORED_MARGIN = margin
+    from cai_jax.data.hh_rlhf import read_red_team_prompts
+    prompts = read_red_team_prompts(path, "first_turn", on_error="raise", unique=True)
+    assert [p.conversation[0].content for p in prompts] == ["q9", "q10"]
+    assert os.path.basename(path) == "hh_rest.jsonl.gz"
+    assert bench.on_prompts(args) == "" and bench.on_prompts(
+        bench.parse_args(["--prompt_source", "hh_unscored", "--prompts", "50"])) == " on 50 unscored HH prompts"
