@@ -74,3 +74,27 @@ def test_scalar_head_on_the_same_trunk(params):
     out = _full(cfg, both, tokens, jnp.ones_like(tokens))
     np.testing.assert_allclose(out["scalar"], out["hidden"].sum(-1) + 0.5, atol=1e-4)
     np.testing.assert_allclose(out["logits"], _full(CFG, params, tokens, jnp.ones_like(tokens))["logits"], atol=1e-6)
+
+
+def test_heads_on_a_span_of_positions_equal_the_full_output_sliced(params):
+    """head_span (PPO's answer positions): the same logits, values and gradients
+    as the heads on every position, sliced afterwards."""
+    cfg = CFG.replace(heads=("lm", "scalar"))
+    both = {**params, "scalar_head": {"kernel": jnp.ones((CFG.d_model, 1)) * 0.1, "bias": jnp.full((1,), 0.5)}}
+    tokens = jnp.asarray([[0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7]])
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    model = Transformer(cfg)
+
+    def loss(p, span):
+        out, _ = model.apply({"params": p}, tokens, positions_from_mask(mask), mask, head_span=span)
+        logits, values = (out["logits"], out["scalar"]) if span else (out["logits"][:, 3:6], out["scalar"][:, 3:6])
+        return jax.nn.log_softmax(logits)[..., 0].sum() + values.sum(), (logits, values)
+
+    (full, (lf, vf)), g_full = jax.value_and_grad(loss, has_aux=True)(both, None)
+    (span, (ls, vs)), g_span = jax.value_and_grad(loss, has_aux=True)(both, (3, 6))
+    assert ls.shape == (2, 3, CFG.vocab_size)
+    np.testing.assert_allclose(ls, lf, atol=1e-6)
+    np.testing.assert_allclose(vs, vf, atol=1e-6)
+    assert abs(float(full) - float(span)) < 1e-5
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_span)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -238,14 +238,17 @@ class Transformer(nn.Module):
 
     Returns ({"hidden": [B,T,D], "logits": [B,T,V] if "lm", "scalar": [B,T] if
     "scalar"}, new_cache). `last_only=True` applies the heads to the final
-    position only (prefill in the sampler needs just that).
+    position only (prefill in the sampler needs just that); `head_span=(start,
+    stop)` to positions start..stop-1 only (PPO reads the answer's positions:
+    the LM head over the prompt would be a quarter of a step's work).
     """
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, key_mask_bs, cache: Optional[KVCache] = None,
-                 cache_index: Any = 0, last_only: bool = False):
+                 cache_index: Any = 0, last_only: bool = False,
+                 head_span: Optional[tuple[int, int]] = None):
         cfg = self.config
         embedding = self.param("embed", _param_init(("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
@@ -293,6 +296,8 @@ class Transformer(nn.Module):
         x = Norm(cfg, name="final_norm")(x)
         if last_only:
             x = x[:, -1:]
+        elif head_span is not None:
+            x = x[:, head_span[0]:head_span[1]]
         outputs = {"hidden": x}
         if "lm" in cfg.heads:
             if cfg.tie_embeddings:

@@ -60,18 +60,19 @@ def answer_outputs(model: Transformer, params, tokens_bt, attention_mask_bt, ans
     when the model has an LM head, and {"values": [B, A]} when it has a scalar head.
     """
     positions = positions_from_mask(attention_mask_bt)
-    outputs, _ = model.apply({"params": params}, tokens_bt, positions, attention_mask_bt)
     t = tokens_bt.shape[1]
     start = t - answer_len - 1  # the position that predicts the first answer token
+    outputs, _ = model.apply({"params": params}, tokens_bt, positions, attention_mask_bt,
+                             head_span=(start, t - 1))
     out = {}
     if "logits" in outputs:
-        logits = outputs["logits"][:, start:t - 1].astype(jnp.float32) / temperature
+        logits = outputs["logits"].astype(jnp.float32) / temperature
         logp_all = jax.nn.log_softmax(logits, axis=-1)
         answer = tokens_bt[:, t - answer_len:]
         out["logp"] = jnp.take_along_axis(logp_all, answer[..., None], axis=-1)[..., 0]
         out["logits"] = logits
     if "scalar" in outputs:
-        out["values"] = outputs["scalar"][:, start:t - 1].astype(jnp.float32)
+        out["values"] = outputs["scalar"].astype(jnp.float32)
     return out
 
 
@@ -79,8 +80,12 @@ def _policy_terms(out, batch, hyper: PPOHyper):
     mask = batch["action_mask"].astype(jnp.float32)
     pg_sum, count, stats = ppo_math.ppo_policy_loss(
         out["logp"], batch["logp_old"], batch["advantages"], mask, hyper.clip_eps)
-    entropy_sum, _ = ppo_math.entropy_from_logits(out["logits"], mask)
-    loss_sum = pg_sum - hyper.entropy_coef * entropy_sum
+    if hyper.entropy_coef:
+        entropy_sum, _ = ppo_math.entropy_from_logits(out["logits"], mask)
+        loss_sum = pg_sum - hyper.entropy_coef * entropy_sum
+    else:  # a metric only: no backward pass through the [B, A, V] softmax
+        entropy_sum, _ = ppo_math.entropy_from_logits(jax.lax.stop_gradient(out["logits"]), mask)
+        loss_sum = pg_sum
     # The train step divides every metric by the total token count, so report
     # sums: a per-minibatch mean times its count.
     metrics = {"policy_loss": pg_sum, "update_entropy": jax.lax.stop_gradient(entropy_sum),
