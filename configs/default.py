@@ -2,12 +2,15 @@
 
 Sized to finish on a 2-core CPU in about 20 minutes, so every stage is small:
 24 red-team and 24 helpful prompts with one critique-revision round, 160
-answer pairs, a few hundred PPO rollouts. The preference model's labels are
+answer pairs, 64 PPO rollouts (8 iterations of 8). The preference model's labels are
 made by construction (RLCD) rather than by the paper's multiple-choice judge:
 Qwen2.5-Coder-0.5B-Instruct answers 160 red-team training prompts under the
 constitution's better and worse framing, because no offline model judges
 well enough at this size and these labels gave the best preference model of
-those measured (README, "The default run"). This shows every stage working on
+those measured (README, "The default run"). Half of those prompts' labels
+train PPO's reward model and the other half a second preference model that
+evaluation judges harmlessness with (pm_train.judge_fraction, stage defaults),
+so RL-CAI is not judged by its own reward. This shows every stage working on
 real models, not the paper's effect sizes. The stage modules' own defaults
 (configs/base.py's experiment_config, which this file starts from) follow the
 paper where it gives a value (four revisions, T = 1 pairs, ...).
