@@ -170,11 +170,15 @@ def unscored_hh_file(args, work: str) -> str:
     turn is also the first turn of a line before them. Only their first turns
     are read (as red-team prompts); their human labels are not."""
     import gzip
-    import re
+
+    from cai_jax.data.conversation import parse_hh
 
     def first_turn(line: str):
-        found = re.search(r"\n\nHuman: (.*?)\n\nAssistant:", json.loads(line).get("chosen", ""), re.S)
-        return found.group(1).strip() if found else None
+        try:
+            opening = parse_hh(json.loads(line)["chosen"])[0]
+        except (ValueError, KeyError, TypeError):  # a malformed line excludes nothing
+            return None
+        return opening.content if opening.role == "user" else None
 
     with gzip.open(args.pairs, "rt") if args.pairs.endswith(".gz") else open(args.pairs) as f:
         lines = f.read().splitlines()
@@ -300,19 +304,23 @@ def main(argv=None) -> None:
                         lambda: direct(args, source, labeler, hh[:args.judge_limit]))
     work = os.path.join(args.out, "work")
     generators = list(filter(None, args.generators.split(",")))
+    suffix = on_prompts(args)
+
+    def cell_dir(*parts: str) -> str:
+        return os.path.join(work, *parts[:-1], (parts[-1] + suffix).replace(" ", "_"))
+
     for generator in generators:
-        label = generator + on_prompts(args)
-        workdir = os.path.join(work, "construction", label.replace(" ", "_"))
-        results.run(f"pairs/{label}", lambda: contrastive_pairs(args, generator, workdir))
-        results.run(f"pm/construction/{label}",
+        workdir = cell_dir("construction", generator)
+        results.run(f"pairs/{generator}{suffix}", lambda: contrastive_pairs(args, generator, workdir))
+        results.run(f"pm/construction/{generator}{suffix}",
                     lambda: pm_cell(args, workdir, hh, "feedback.source=construction"))
-    made = os.path.join(work, "construction", (generators[0] + on_prompts(args)).replace(" ", "_"))
+    made = cell_dir("construction", generators[0])
     for labeler in filter(None, args.pm_labelers.split(",")):
         for source in sources:
-            workdir = os.path.join(work, source, (labeler + on_prompts(args)).replace(" ", "_"))
+            workdir = cell_dir(source, labeler)
             os.makedirs(workdir, exist_ok=True)
             shutil.copyfile(os.path.join(made, "pairs.jsonl"), os.path.join(workdir, "pairs.jsonl"))
-            results.run(f"pm/{source}/{labeler}{on_prompts(args)}", lambda: pm_cell(
+            results.run(f"pm/{source}/{labeler}{suffix}", lambda: pm_cell(
                 args, workdir, hh, f"feedback.source={source}", f"feedback.model_source={labeler}"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table(results.cells, args) + "\n")
