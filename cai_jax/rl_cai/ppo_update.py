@@ -80,12 +80,11 @@ def _policy_terms(out, batch, hyper: PPOHyper):
     mask = batch["action_mask"].astype(jnp.float32)
     pg_sum, count, stats = ppo_math.ppo_policy_loss(
         out["logp"], batch["logp_old"], batch["advantages"], mask, hyper.clip_eps)
-    if hyper.entropy_coef:
-        entropy_sum, _ = ppo_math.entropy_from_logits(out["logits"], mask)
-        loss_sum = pg_sum - hyper.entropy_coef * entropy_sum
-    else:  # a metric only: no backward pass through the [B, A, V] softmax
-        entropy_sum, _ = ppo_math.entropy_from_logits(jax.lax.stop_gradient(out["logits"]), mask)
-        loss_sum = pg_sum
+    # With a zero coefficient the entropy is a metric only: no backward pass
+    # through the [B, A, V] softmax.
+    logits = out["logits"] if hyper.entropy_coef else jax.lax.stop_gradient(out["logits"])
+    entropy_sum, _ = ppo_math.entropy_from_logits(logits, mask)
+    loss_sum = pg_sum - hyper.entropy_coef * entropy_sum
     # The train step divides every metric by the total token count, so report
     # sums: a per-minibatch mean times its count.
     metrics = {"policy_loss": pg_sum, "update_entropy": jax.lax.stop_gradient(entropy_sum),

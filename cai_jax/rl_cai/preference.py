@@ -352,26 +352,24 @@ def run_stage(ctx) -> dict:
         raise ValueError(f"pm_train.judge_fraction is {section.judge_fraction} but {ctx.path('labels.jsonl')} "
                          "holds the pairs of one prompt, which cannot train two PMs on disjoint prompts; "
                          "make pairs of more prompts or set pm_train.judge_fraction=0")
-    if judge_pairs:
-        # Both PMs start from the same weights; training donates them, so the
-        # judge keeps a host copy.
-        start_params = jax.tree.map(np.asarray, params)
     artifacts.write_json_atomic(ctx.path("pm_train", "prompts.json"), {
         "pm": sorted({prompt_key(e["id"]) for e in reward_pairs}),
         "pm_judge": sorted({prompt_key(e["id"]) for e in judge_pairs})})
-    phases = [("pm", "main", "models/pm", reward_pairs, config.seed + 1, "")]
+    phases = [("pm", "main", "models/pm", reward_pairs, params, config.seed + 1, "")]
     if judge_pairs:
-        phases.append(("pm_judge", "judge", "models/pm_judge", judge_pairs, config.seed + 2, "judge_"))
-    for name, scratch, out, pairs, seed, prefix in phases:
+        # Both PMs start from the same weights; training the first donates
+        # them, so the judge starts from a host copy taken now.
+        phases.append(("pm_judge", "judge", "models/pm_judge", judge_pairs, jax.tree.map(np.asarray, params),
+                       config.seed + 2, "judge_"))
+    for name, scratch, out, pairs, start_params, seed, prefix in phases:
         # Pairs made from one prompt stay on one side of the split.
         train, held_out = split_heldout(pairs, section.eval_fraction, salt=HELDOUT_SALT, group=prompt_key)
         steps = _steps(section.num_steps, section.num_epochs, len(train), section.batch_size)
         trained, metrics = train_phase(
-            name=name, model_config=cfg, params=params if name == "pm" else start_params, train=train,
-            held_out=held_out, num_steps=steps, section=section, optimizer_cfg=section.optimizer.to_dict(),
-            mesh=mesh, directory=ctx.path("pm_train", scratch), seed=seed, pad_id=pad_id, max_len=max_len,
+            name=name, model_config=cfg, params=start_params, train=train, held_out=held_out,
+            num_steps=steps, section=section, optimizer_cfg=section.optimizer.to_dict(), mesh=mesh, directory=ctx.path("pm_train", scratch), seed=seed, pad_id=pad_id, max_len=max_len,
             progress=ctx.progress)
-        save_model_dir(ctx.path(*out.split("/")), cfg, jax.tree.map(np.asarray, trained), tokenizer,
+        save_model_dir(ctx.path(out), cfg, jax.tree.map(np.asarray, trained), tokenizer,
                        about={"render": style, "max_seq_len": max_len, "made_from": section.init_source,
                               "stage": "pm_train", "trained_on": f"{len(train)} pairs of "
                               f"{len({prompt_key(e['id']) for e in train})} prompts"})
