@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from cai_jax import artifacts, sharding as shd
+from cai_jax.errors import UserError
 from cai_jax.inference.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section
 from cai_jax.data.conversation import as_conversation
@@ -349,7 +350,7 @@ def run_stage(ctx) -> dict:
     reward_pairs, judge_pairs = split_heldout(examples, section.judge_fraction, salt=JUDGE_SALT,
                                               group=prompt_key)
     if section.judge_fraction and not judge_pairs:
-        raise ValueError(f"pm_train.judge_fraction is {section.judge_fraction} but {ctx.path('labels.jsonl')} "
+        raise UserError(f"pm_train.judge_fraction is {section.judge_fraction} but {ctx.path('labels.jsonl')} "
                          "holds the pairs of one prompt, which cannot train two PMs on disjoint prompts; "
                          "make pairs of more prompts or set pm_train.judge_fraction=0")
     artifacts.write_json_atomic(ctx.path("pm_train", "prompts.json"), {
