@@ -48,3 +48,27 @@ def test_model_field_validation():
         model_config_from_dict({"name": "tiny", "num_kv_heads": 3})
     with pytest.raises(ValueError, match="not a model field"):
         model_config_from_dict({"name": "tiny", "hidden": 3})
+
+
+def test_the_reproduce_config_grows_the_default_and_changes_nothing_else():
+    """configs/reproduce.py differs from the default only in size, so the two
+    runs' results can be compared (README, "The reproduce run")."""
+    default = load_config("configs/default.py").to_dict()
+    reproduce = load_config("configs/reproduce.py").to_dict()
+
+    def flat(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    default, reproduce = dict(flat(default)), dict(flat(reproduce))
+    assert default.keys() == reproduce.keys()
+    changed = {k for k in default if default[k] != reproduce[k]}
+    assert changed == {
+        "sl_generate.red_team_limit", "sl_generate.helpful_limit", "sl_generate.num_revisions",
+        "pairs.red_team_limit", "ppo.iterations", "ppo.save_every", "ppo.eval_prompts",
+        "eval.red_team_limit", "eval.helpful_limit", "eval.n_bootstrap"}
+    assert reproduce["sl_generate.num_revisions"] == 4  # the paper's
+    assert reproduce["ppo.iterations"] % reproduce["ppo.save_every"] == 0

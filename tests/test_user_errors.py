@@ -75,7 +75,8 @@ def test_bad_values_are_caught_before_any_stage(override, message):
     _one_line(error)
 
 
-@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/default.py", "configs/base.py"])
+@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/default.py", "configs/reproduce.py",
+                                  "configs/base.py"])
 def test_shipped_configs_pass(path):
     check_config(load_config(path))
 
