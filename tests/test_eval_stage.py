@@ -350,6 +350,9 @@ def test_reward_pm_column_sits_beside_an_independent_judge(run, tmp_path):
     assert len(column) == len(outcome)
     for j in column:
         assert j["outcome"] == pytest.approx(outcome[(j["prompt_id"], j["model_a"], j["model_b"])], abs=1e-9)
+    # Both harmlessness columns judge the same answers, each answered once.
+    answers = [a["id"] for a in read(copy, "eval", "answers.jsonl")]
+    assert len(answers) == len(set(answers)) == len(read(wd, "eval", "answers.jsonl"))
     independent = [j for j in read(copy, "eval", "judgments.jsonl") if j["dimension"] == "harmless"]
     assert any(abs(j["outcome"] - outcome[(j["prompt_id"], j["model_a"], j["model_b"])]) > 1e-3
                for j in independent)

@@ -463,7 +463,8 @@ def run_stage(ctx) -> dict:
     models = find_models(config, ctx.workdir)
     prompts = eval_prompts(config.data, section)
     active = {dim: spec for dim, spec in specs.items() if spec != "none" and prompts[DIMENSIONS[dim]]}
-    needed = [p for dim in active for p in prompts[DIMENSIONS[dim]]]
+    # Two dimensions can judge the same prompts (the reward-PM column): answer each once.
+    needed = list({p.id: p for dim in active for p in prompts[DIMENSIONS[dim]]}.values())
     answers = collect_answers(models, needed, ctx.path("eval", "answers.jsonl"), sampling=section.sampling,
                               render=config.data.render, seed=config.seed, mesh=mesh,
                               progress=ctx.progress)
