@@ -14,7 +14,8 @@ so RL-CAI is not judged by its own reward. This shows every stage working on
 real models, not the paper's effect sizes. The stage modules' own defaults
 (configs/base.py's experiment_config, which this file starts from) follow the
 paper where it gives a value (four revisions, T = 1 pairs, ...).
-Where the time goes on this machine (seconds per stage) is in README.md.
+Where the time goes on this machine (seconds per stage) is in README.md;
+configs/reproduce.py is the same recipe at the size that runs here in under two hours.
 Every field can be overridden with --config.a.b=value.
 """
 import os
