@@ -244,6 +244,9 @@ def collect_answers(models: Sequence[EvalModel], prompts: Sequence[Prompt], path
     text) matches; otherwise it is answered again.
     """
     answer_fn_factory = answer_fn_factory or make_answer_fn
+    # A prompt listed twice (two dimensions judging the same prompts, such as
+    # the reward-PM column) is answered and recorded once.
+    prompts = list({p.id: p for p in prompts}.values())
     log = _reopen(path)
     plain = sampling.to_dict() if hasattr(sampling, "to_dict") else dict(sampling)
     settings = {"sampling": plain, "render": render, "seed": seed}
@@ -463,8 +466,7 @@ def run_stage(ctx) -> dict:
     models = find_models(config, ctx.workdir)
     prompts = eval_prompts(config.data, section)
     active = {dim: spec for dim, spec in specs.items() if spec != "none" and prompts[DIMENSIONS[dim]]}
-    # Two dimensions can judge the same prompts (the reward-PM column): answer each once.
-    needed = list({p.id: p for dim in active for p in prompts[DIMENSIONS[dim]]}.values())
+    needed = [p for dim in active for p in prompts[DIMENSIONS[dim]]]
     answers = collect_answers(models, needed, ctx.path("eval", "answers.jsonl"), sampling=section.sampling,
                               render=config.data.render, seed=config.seed, mesh=mesh,
                               progress=ctx.progress)
