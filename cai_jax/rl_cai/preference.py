@@ -351,8 +351,8 @@ def run_stage(ctx) -> dict:
                                               group=prompt_key)
     if section.judge_fraction and not judge_pairs:
         raise UserError(f"pm_train.judge_fraction is {section.judge_fraction} but {ctx.path('labels.jsonl')} "
-                         "holds the pairs of one prompt, which cannot train two PMs on disjoint prompts; "
-                         "make pairs of more prompts or set pm_train.judge_fraction=0")
+                        "holds the pairs of one prompt, which cannot train two PMs on disjoint prompts; "
+                        "make pairs of more prompts or set pm_train.judge_fraction=0")
     artifacts.write_json_atomic(ctx.path("pm_train", "prompts.json"), {
         "pm": sorted({prompt_key(e["id"]) for e in reward_pairs}),
         "pm_judge": sorted({prompt_key(e["id"]) for e in judge_pairs})})
@@ -368,7 +368,8 @@ def run_stage(ctx) -> dict:
         steps = _steps(section.num_steps, section.num_epochs, len(train), section.batch_size)
         trained, metrics = train_phase(
             name=name, model_config=cfg, params=start_params, train=train, held_out=held_out,
-            num_steps=steps, section=section, optimizer_cfg=section.optimizer.to_dict(), mesh=mesh, directory=ctx.path("pm_train", scratch), seed=seed, pad_id=pad_id, max_len=max_len,
+            num_steps=steps, section=section, optimizer_cfg=section.optimizer.to_dict(), mesh=mesh,
+            directory=ctx.path("pm_train", scratch), seed=seed, pad_id=pad_id, max_len=max_len,
             progress=ctx.progress)
         save_model_dir(ctx.path(out), cfg, jax.tree.map(np.asarray, trained), tokenizer,
                        about={"render": style, "max_seq_len": max_len, "made_from": section.init_source,
