@@ -4,8 +4,9 @@ the paper's effects need room.
 
 - SL-CAI: 32 red-team prompts through the paper's four critique-revision
   rounds (figure 5 scores each round), plus 32 helpful answers. Each round
-  prefills the whole growing transcript, so SL-CAI's generation costs about
-  25 minutes here: 64 prompts would take most of the two hours.
+  prefills the whole growing transcript, so SL-CAI's generation took 35
+  minutes here (2,088 s, partly beside other work): 64 prompts would take
+  most of the two hours.
 - Labels by construction on all 200 red-team training prompts; half train
   PPO's reward model, half the independent judge PM (as in the default).
 - PPO: 32 iterations of 8 rollouts (four times the default), a policy saved
