@@ -20,14 +20,16 @@ beside transformers + torch doing the same step on the same weights (exported
 with write_hf_dir), the same batch, AdamW with the same hyper-parameters and
 global-norm clipping, torch on --torch_threads threads. Shapes come from the
 config's sections unless given; --long_len adds SFT and PM cells at that length.
+--matmul_dtype bfloat16 times our steps with bfloat16-operand products
+(model.matmul_dtype, models/matmul.py) beside torch under autocast(bfloat16).
 Both sides use a constant learning rate (the stages' warm-up would make the
 first update zero), so the loss after one update is compared as well.
 
 A token is one position of the padded batch (rows x width, both answers of a
 pair); tokens/s is tokens per step over the median step time after one
 untimed step, ours and torch alternating over --repeats rounds. "% peak" is
-6 x (matmul weights a token passes through) x tokens/s over a float32 matmul
-peak measured around each cell (jitted jnp.dot, best of several); attention's
+6 x (matmul weights a token passes through) x tokens/s over the matmul peak
+at --matmul_dtype measured around each cell (jitted product, best of several); attention's
 score and value products are left out. The table goes to <out_dir>/<name>.md
 (name: today's date), the raw numbers to <name>.json.
 """
@@ -76,6 +78,9 @@ def parse_args(argv=None):
                         "OpenMP's default: spinning, which on a shared machine made a 2-thread "
                         "torch step ~4x slower than a 1-thread one)")
     p.add_argument("--skip_torch", action="store_true", help="ours only")
+    p.add_argument("--matmul_dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="ours: model.matmul_dtype; torch: bfloat16 runs the step under "
+                        "torch.autocast(bfloat16); the peak is that dtype's product")
     p.add_argument("--peak_size", type=int, default=3072, help="side of the matmul timed for the peak")
     p.add_argument("--out_dir", default=os.path.join(REPO, "benchmarks", "results", "train"))
     p.add_argument("--name", help="file stem of the results (default: today's date)")
@@ -292,8 +297,12 @@ class TorchStep:
     tied LM head and/or a linear scalar head with our initial values, AdamW
     with the optimizer section's numbers and global-norm clipping."""
 
-    def __init__(self, kind, hf_dir, params, batch, opt_cfg, hyper, accum: int):
+    def __init__(self, kind, hf_dir, params, batch, opt_cfg, hyper, accum: int, autocast_bf16: bool = False):
+        import contextlib
+
         import torch
+        self.autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast_bf16
+                         else contextlib.nullcontext)
         from transformers import AutoModelForCausalLM
         self.torch, self.kind, self.hyper, self.accum = torch, kind, hyper, accum
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
@@ -385,7 +394,8 @@ class TorchStep:
         self.opt.zero_grad(set_to_none=True)
         denom, total = max(self.denominator(), 1e-9), 0.0
         for i in range(self.accum):
-            s = self.loss_sum({k: v.chunk(self.accum)[i] for k, v in self.batch.items()})
+            with self.autocast():
+                s = self.loss_sum({k: v.chunk(self.accum)[i] for k, v in self.batch.items()})
             (s / denom).backward()
             total += s.item()
         if self.clip:
@@ -396,13 +406,17 @@ class TorchStep:
 
 # ------------------------------------------------------------------ arithmetic
 
-def matmul_peak_gflops(n: int, repeats: int = 5) -> float:
-    """float32 GFLOP/s of a jitted n x n jnp.dot, best of `repeats`."""
+def matmul_peak_gflops(n: int, repeats: int = 5, matmul_dtype: str = "float32") -> float:
+    """GFLOP/s of a jitted n x n product at `matmul_dtype` (models/matmul.py),
+    best of `repeats`."""
     import jax
     import jax.numpy as jnp
+    from cai_jax.models import matmul
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
+    if matmul_dtype != "float32":  # operands stored rounded, as the model's weights are not
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    dot = jax.jit(lambda a, b: matmul.einsum("ij,jk->ik", a, b, matmul_dtype))
     dot(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -468,7 +482,8 @@ def run_cell(shape: Shape, args, config, mesh, hf_dir, pad_id: int) -> dict:
     compared too. The matmul peak is measured right before and after."""
     from cai_jax.rl_cai import ppo
     cell = {"kind": shape.kind, "shape": shape.label, "tokens": shape.tokens,
-            "peak_gflops": [matmul_peak_gflops(args.peak_size)], "load": [os.getloadavg()[0]]}
+            "peak_gflops": [matmul_peak_gflops(args.peak_size, matmul_dtype=args.matmul_dtype)],
+            "load": [os.getloadavg()[0]]}
     trainer, params, opt_cfg = our_setup(shape.kind, config, shape, mesh, num_steps=100)
     cell["flops"] = step_flops(shape, trainer.model_config)
     batch = make_batch(shape, pad_id)
@@ -480,7 +495,8 @@ def run_cell(shape: Shape, args, config, mesh, hf_dir, pad_id: int) -> dict:
         batch = fill_ppo_batch(batch, logp, hyper)
     sides = {}
     if not args.skip_torch:
-        sides["torch"] = TorchStep(shape.kind, hf_dir, params, batch, dict(opt_cfg), hyper, shape.accum)
+        sides["torch"] = TorchStep(shape.kind, hf_dir, params, batch, dict(opt_cfg), hyper, shape.accum,
+                                   autocast_bf16=args.matmul_dtype == "bfloat16")
     sides = {"ours": OurStep(trainer, params, batch), **sides}
     del params
     start = time.perf_counter()
@@ -498,7 +514,7 @@ def run_cell(shape: Shape, args, config, mesh, hf_dir, pad_id: int) -> dict:
                 if len(losses[name]) == 1:
                     losses[name].append(loss)
     del sides
-    cell["peak_gflops"].append(matmul_peak_gflops(args.peak_size))
+    cell["peak_gflops"].append(matmul_peak_gflops(args.peak_size, matmul_dtype=args.matmul_dtype))
     cell["load"].append(os.getloadavg()[0])
     return {**cell, "seconds": seconds, "losses": losses}
 
@@ -522,11 +538,12 @@ def table(cells: list[dict], meta: dict) -> str:
     loads = [x for c in cells for x in c["load"]]
     steps = sorted({len(t) for c in cells for t in c["seconds"].values()})
     lines = [f"# Train steps: ours against transformers + torch ({meta['date']})", "",
-             f"{meta['model']}, float32; jax {meta['jax']}, torch {meta.get('torch', '-')} "
+             f"{meta['model']}, float32 weights, {meta.get('matmul_dtype', 'float32')} products "
+             f"(torch: {'autocast bfloat16' if meta.get('matmul_dtype') == 'bfloat16' else 'float32'}); jax {meta['jax']}, torch {meta.get('torch', '-')} "
              f"({meta['torch_threads']} threads, OMP_WAIT_POLICY={meta.get('omp_wait_policy') or '-'}, "
              f"fused AdamW), transformers {meta.get('transformers', '-')}; "
              f"{meta['cpus']} CPUs, load average {min(loads):.1f}-{max(loads):.1f}.",
-             f"float32 matmul peak (jitted jnp.dot {meta['peak_size']}^2, best of 5, before and after "
+             f"{meta.get('matmul_dtype', 'float32')} matmul peak (jitted product {meta['peak_size']}^2, best of 5, before and after "
              f"each cell; the cell's larger reading is its peak): {min(peaks):.0f}-{max(peaks):.0f} GFLOP/s; "
              f"torch.mm: {meta.get('torch_gflops', float('nan')):.0f} GFLOP/s.",
              f"Median of {'/'.join(map(str, steps))} timed steps a side after one untimed step, ours and "
@@ -561,12 +578,13 @@ def main(argv=None) -> dict:
     from cai_jax.weights.tokenizer import pad_token_id
 
     config = load_config(args.config)
+    config.model.matmul_dtype = args.matmul_dtype
     base = resolve("base", config).load(seed=config.seed, to_device=False)
     pad_id = pad_token_id(base.tokenizer) if base.tokenizer is not None else 0
     mesh = shd.make_mesh(config.mesh.to_dict())
     meta = {"date": datetime.date.today().isoformat(), "config": os.path.relpath(args.config, REPO),
             "model": f"{base.source} ({config.model.name})", "jax": jax.__version__, "cpus": os.cpu_count(),
-            "torch_threads": args.torch_threads, "peak_size": args.peak_size}
+            "torch_threads": args.torch_threads, "peak_size": args.peak_size, "matmul_dtype": args.matmul_dtype}
     if not args.skip_torch:
         import torch
         import transformers

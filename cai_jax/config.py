@@ -26,7 +26,7 @@ def model_section(name: str = "smollm2-135m", source: str = "auto") -> ml_collec
     """`model` section: a ladder name, where weights come from, and optional
     per-field overrides (None = keep the ladder's value)."""
     section = {"name": name, "source": source, "dtype": "float32", "param_dtype": "float32",
-               "scan_layers": True, "remat": "none"}
+               "matmul_dtype": "float32", "scan_layers": True, "remat": "none"}
     typed = {"vocab_size": int, "d_model": int, "num_layers": int, "num_heads": int,
              "num_kv_heads": int, "head_dim": int, "mlp_dim": int, "max_seq_len": int,
              "rope_theta": float, "norm_eps": float, "tie_embeddings": bool, "qkv_bias": bool,

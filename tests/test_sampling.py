@@ -393,14 +393,17 @@ FAMILIES = {  # every parameter kind the feature-major trunk handles
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_feature_major_trunk_equals_the_flax_model(family, tiny):
+@pytest.mark.parametrize("family,matmul_dtype", [(f, "float32") for f in sorted(FAMILIES)]
+                         + [("qwen2_bias", "bfloat16"), ("llama_gqa_untied", "bfloat16")])
+def test_feature_major_trunk_equals_the_flax_model(family, matmul_dtype, tiny):
     """The default sampler (feature-major trunk) against the scanned one, which
     runs the Flax model itself: same tokens, same log-probs, same scores, with
-    one row (the [D, V] head) and with several (the [V, D] head)."""
+    one row (the [D, V] head) and with several (the [V, D] head). With
+    bfloat16 products both round the same operands (the sampler its weights
+    once, ahead of time)."""
     from cai_jax.models.config import TransformerConfig
     from cai_jax.models.transformer import init_params
-    cfg = TransformerConfig(**SMALL, **FAMILIES[family])
+    cfg = TransformerConfig(**SMALL, **FAMILIES[family], matmul_dtype=matmul_dtype)
     leaves, tree = jax.tree.flatten(init_params(cfg, jax.random.key(0)))
     rng = np.random.default_rng(1)  # init leaves norms at 1 and biases at 0: randomize every term
     params = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, 0.2, x.shape), jnp.float32)
@@ -408,6 +411,8 @@ def test_feature_major_trunk_equals_the_flax_model(family, tiny):
     fm = Sampler(cfg, tiny.tokenizer, progress=False)
     flax_model = Sampler(cfg, tiny.tokenizer, progress=False, unroll_layers=False)
     assert fm._program.feature_major and not flax_model._program.feature_major
+    placed = fm.place_params(params)
+    assert {placed["layers"][0]["qkv"]["kernel_t"].dtype, placed["head_vd"].dtype} == {jnp.dtype(matmul_dtype)}
     with pytest.raises(ValueError, match="feature_major=True needs one device"):
         Sampler(cfg, tiny.tokenizer, unroll_layers=False, feature_major=True)
     prompts = [[5, 6, 7], [9], [10, 20, 30, 40, 50, 60, 70]]

@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding
 from cai_jax import sharding as shd
 from cai_jax.inference.batched_forward import batch_row_multiple, batched_forward, place_batch
 from cai_jax.models.config import TransformerConfig
-from cai_jax.models import feature_major
+from cai_jax.models import feature_major, matmul
 from cai_jax.models.transformer import Transformer, cache_shapes, init_cache, positions_from_mask
 from cai_jax.inference.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
                                       length_sorted_batches, tokens_within, width_bucket)
@@ -189,8 +189,7 @@ class _Program:
         # took 88 ms against 14 for a [V, D] copy at 32 rows on XLA:CPU, and a
         # transposed [N, V] product folds back into that slow form: hence HEAD_VD.
         w_vd = params["embed"] if cfg.tie_embeddings else params[HEAD_VD]
-        return jnp.einsum("vd,dn->vn", w_vd.astype(cfg.compute_dtype), hidden_dn,
-                          preferred_element_type=jnp.float32)
+        return matmul.einsum("vd,dn->vn", w_vd.astype(cfg.compute_dtype), hidden_dn, cfg.matmul_dtype)
 
     def constrain(self, tree, names):
         """Shards every leaf of `tree` by the logical axis `names` (on a mesh)."""
@@ -216,6 +215,11 @@ def _transposed(program: _Program, w, names: tuple):
     by the logical axis `names` of the result on a mesh."""
     TRACE_COUNTS["lm_head"] += 1
     return program.constrain(w.T, names)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _product_operands(program: _Program, weights):
+    return [feature_major.product_operand(program.config, w) for w in weights]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -404,6 +408,8 @@ class Sampler:
         else:
             kernel = params["lm_head"]["kernel"]
             out[HEAD_VD], out[HEAD_DV] = _transposed(self._program, kernel, ("vocab", "embed")), kernel
+        if cfg.matmul_dtype != "float32":
+            out[HEAD_VD], out[HEAD_DV] = _product_operands(self._program, (out[HEAD_VD], out[HEAD_DV]))
         return out
 
     def _put_batch(self, x):

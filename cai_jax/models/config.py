@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from cai_jax.models.matmul import MATMUL_DTYPES
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEADS = ("lm", "scalar")
@@ -39,6 +41,9 @@ class TransformerConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Precision of the matrix products (models/matmul.py): "bfloat16" rounds
+    # their operands and sums in float32, 3-4x faster on CPUs with AMX.
+    matmul_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
     heads: tuple[str, ...] = ("lm",)
@@ -55,6 +60,8 @@ class TransformerConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model.{name} is {getattr(self, name)!r}; one of {sorted(DTYPES)}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"model.matmul_dtype is {self.matmul_dtype!r}; one of {MATMUL_DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat is {self.remat!r}; one of {REMAT_POLICIES}")
         bad = [h for h in self.heads if h not in HEADS]

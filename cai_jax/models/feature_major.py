@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from cai_jax.models import matmul
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import attend, normalize, rope, write_cache
 from cai_jax.weights import layout
@@ -32,8 +33,15 @@ def _kernel_t(kernel, n_in_axes: int = 1):
     return kernel.reshape(math.prod(kernel.shape[:n_in_axes]), -1).T
 
 
-def _dense_t(dense: dict, n_in_axes: int = 1) -> dict:
-    out = {"kernel_t": _kernel_t(dense["kernel"], n_in_axes)}
+def product_operand(cfg: TransformerConfig, w):
+    """A weight as the products read it: rounded to bfloat16 once, here, when
+    the products round their operands anyway (model.matmul_dtype), so a decode
+    step reads half the bytes and rounds nothing."""
+    return w.astype(jnp.bfloat16) if cfg.matmul_dtype == "bfloat16" else w
+
+
+def _dense_t(cfg: TransformerConfig, dense: dict, n_in_axes: int = 1) -> dict:
+    out = {"kernel_t": product_operand(cfg, _kernel_t(dense["kernel"], n_in_axes))}
     if "bias" in dense:
         out["bias"] = dense["bias"].reshape(-1)
     return out
@@ -42,12 +50,12 @@ def _dense_t(dense: dict, n_in_axes: int = 1) -> dict:
 def _layer(cfg: TransformerConfig, p: dict) -> dict:
     mlp = p["mlp"]
     layer = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
-             "qkv": _dense_t(p["attn"]["qkv"]), "o": _dense_t(p["attn"]["o"], n_in_axes=2),
-             "down": _dense_t(mlp["down"])}
+             "qkv": _dense_t(cfg, p["attn"]["qkv"]), "o": _dense_t(cfg, p["attn"]["o"], n_in_axes=2),
+             "down": _dense_t(cfg, mlp["down"])}
     if cfg.arch == "llama":
-        layer["gate_up"] = _dense_t(mlp["gate_up"])  # [2 * mlp, D]: gate rows, then up rows
+        layer["gate_up"] = _dense_t(cfg, mlp["gate_up"])  # [2 * mlp, D]: gate rows, then up rows
     else:
-        layer["up"] = _dense_t(mlp["up"])
+        layer["up"] = _dense_t(cfg, mlp["up"])
     return layer
 
 
@@ -62,10 +70,16 @@ def transposed_layers(cfg: TransformerConfig, params: dict) -> list:
 
 def _project(cfg: TransformerConfig, dense: dict, x_in_n):
     """[out, in] @ [in, N] (+ bias): the weights-first product, in compute dtype."""
-    y = jnp.dot(dense["kernel_t"].astype(cfg.compute_dtype), x_in_n.astype(cfg.compute_dtype))
+    y = matmul.einsum("oi,in->on", _compute(cfg, dense["kernel_t"]), x_in_n.astype(cfg.compute_dtype),
+                      cfg.matmul_dtype, out_dtype=cfg.compute_dtype)
     if "bias" in dense:
         y = y + dense["bias"].astype(cfg.compute_dtype)[:, None]
     return y
+
+
+def _compute(cfg: TransformerConfig, w):
+    """A weight in compute dtype, unless `product_operand` already rounded it."""
+    return w if cfg.matmul_dtype == "bfloat16" else w.astype(cfg.compute_dtype)
 
 
 def _norm(cfg: TransformerConfig, p: dict, x_dn):
@@ -104,7 +118,8 @@ def forward(cfg: TransformerConfig, params: dict, tokens_bt, positions_bt, key_m
         if cache is not None:
             new_k.append(layer_cache[0])
             new_v.append(layer_cache[1])
-        out = attend(q, k_read, v_read, key_mask, cache_index, cfg.compute_dtype)  # [B, T, H, hd]
+        out = attend(q, k_read, v_read, key_mask, cache_index, cfg.compute_dtype,
+                     cfg.matmul_dtype)  # [B, T, H, hd]
         x = x + _project(cfg, p["o"], out.reshape(n, h * hd).T)
         normed = _norm(cfg, p["mlp_norm"], x)
         if cfg.arch == "llama":
@@ -128,7 +143,6 @@ def logits_vb(cfg: TransformerConfig, head_vd, head_dv, hidden_dn):
     with one row that one measured faster (SmolLM2's head: 3.4 against 3.9 ms,
     `benchmarks/bench_orientation.py`)."""
     if hidden_dn.shape[1] == 1:
-        row = jnp.dot(hidden_dn.reshape(1, -1), head_dv.astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
+        row = matmul.einsum("nd,dv->nv", hidden_dn.reshape(1, -1), _compute(cfg, head_dv), cfg.matmul_dtype)
         return row.reshape(-1, 1)
-    return jnp.dot(head_vd.astype(cfg.compute_dtype), hidden_dn, preferred_element_type=jnp.float32)
+    return matmul.einsum("vd,dn->vn", _compute(cfg, head_vd), hidden_dn, cfg.matmul_dtype)

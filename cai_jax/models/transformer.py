@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cai_jax.models import matmul
 from cai_jax.models.config import TransformerConfig
 
 KVCache = dict  # {"k": [L, B, H_kv, D, S], "v": [L, B, H_kv, S, D]}, see cache_shapes
@@ -107,7 +108,8 @@ def _dense(features, names, cfg, use_bias, axis=-1, name=None):
     return nn.DenseGeneral(
         features=features, axis=axis, use_bias=use_bias, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=_param_init(names),
-        bias_init=_param_init(names[-n_out:], nn.initializers.zeros), name=name)
+        bias_init=_param_init(names[-n_out:], nn.initializers.zeros), name=name,
+        dot_general=matmul.dot_general(cfg.matmul_dtype))
 
 
 class Attention(nn.Module):
@@ -135,7 +137,7 @@ class Attention(nn.Module):
         v_bksd = v.transpose(0, 2, 1, 3)
         new_cache, k_bkds, v_bksd, key_mask_bs = write_cache(layer_cache, k_bkds, v_bksd, key_mask_bs,
                                                              cache_index)
-        out = attend(q, k_bkds, v_bksd, key_mask_bs, cache_index, cfg.compute_dtype)
+        out = attend(q, k_bkds, v_bksd, key_mask_bs, cache_index, cfg.compute_dtype, cfg.matmul_dtype)
         out = _dense(cfg.d_model, ("heads", "head_dim", "embed"), cfg, cfg.out_bias,
                      axis=(-2, -1), name="o")(out)
         return out, new_cache
@@ -159,7 +161,7 @@ def write_cache(layer_cache, k_bkds, v_bksd, key_mask_bs, cache_index):
     return new_cache, new_cache[0], new_cache[1], key_mask_bs
 
 
-def attend(q_bthd, k_bkds, v_bksd, key_mask_bs, cache_index, compute_dtype):
+def attend(q_bthd, k_bkds, v_bksd, key_mask_bs, cache_index, compute_dtype, matmul_dtype="float32"):
     """Causal attention of T new queries (at slots cache_index + [0, T)) over S
     keys: q [B, T, H, hd], keys [B, H_kv, hd, S], values [B, H_kv, S, hd] -> [B, T, H, hd].
 
@@ -179,15 +181,15 @@ def attend(q_bthd, k_bkds, v_bksd, key_mask_bs, cache_index, compute_dtype):
         scores = jnp.sum(q_bkrd.astype(jnp.float32)[..., None] * k_bkds.astype(jnp.float32)[:, :, None],
                          axis=-2)
     else:
-        scores = jnp.einsum("bkrd,bkds->bkrs", q_bkrd, k_bkds.astype(q_bthd.dtype),
-                            preferred_element_type=jnp.float32)
+        scores = matmul.einsum("bkrd,bkds->bkrs", q_bkrd, k_bkds.astype(q_bthd.dtype), matmul_dtype)
     scores = scores / jnp.sqrt(hd).astype(jnp.float32)
     query_slot = cache_index + jnp.repeat(jnp.arange(t), g)
     causal_rs = jnp.arange(s)[None, :] <= query_slot[:, None]
     allowed = causal_rs[None, None] & key_mask_bs[:, None, None, :].astype(bool)
     scores = jnp.where(allowed, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
-    out = jnp.einsum("bkrs,bksd->bkrd", probs, v_bksd.astype(compute_dtype))
+    out = matmul.einsum("bkrs,bksd->bkrd", probs, v_bksd.astype(compute_dtype), matmul_dtype,
+                        out_dtype=compute_dtype)
     return out.reshape(b, kv, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
 
 
@@ -301,8 +303,8 @@ class Transformer(nn.Module):
         outputs = {"hidden": x}
         if "lm" in cfg.heads:
             if cfg.tie_embeddings:
-                logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype),
-                                    preferred_element_type=jnp.float32)
+                logits = matmul.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype),
+                                       cfg.matmul_dtype)
             else:
                 logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, False, name="lm_head")(x)
             outputs["logits"] = logits.astype(jnp.float32)

@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from cai_jax.models import matmul
 from cai_jax.models.transformer import Transformer, positions_from_mask
 
 # Positions per chunk: [B, 64, V] float32 is 100 MB at B = 8 for SmolLM2.
@@ -39,20 +40,27 @@ def _unchunk(x):
     return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-def _chunk_logits(hidden_bcd, weight_vd):
-    return jnp.einsum("bcd,vd->bcv", hidden_bcd, weight_vd.astype(hidden_bcd.dtype),
-                      preferred_element_type=jnp.float32)
+def _chunk_logits(hidden_bcd, weight_vd, matmul_dtype):
+    return matmul.einsum("bcd,vd->bcv", hidden_bcd, weight_vd.astype(hidden_bcd.dtype), matmul_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _target_logprobs(hidden_btd, weight_vd, targets_bt, chunk):
-    return _target_logprobs_fwd(hidden_btd, weight_vd, targets_bt, chunk)[0]
+def _rounded_once(weight_vd, matmul_dtype):
+    """The head as every chunk's product reads it: rounded here, once, rather
+    than in each chunk's product."""
+    return weight_vd.astype(jnp.bfloat16) if matmul_dtype == "bfloat16" else weight_vd
 
 
-def _target_logprobs_fwd(hidden_btd, weight_vd, targets_bt, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _target_logprobs(hidden_btd, weight_vd, targets_bt, chunk, matmul_dtype):
+    return _target_logprobs_fwd(hidden_btd, weight_vd, targets_bt, chunk, matmul_dtype)[0]
+
+
+def _target_logprobs_fwd(hidden_btd, weight_vd, targets_bt, chunk, matmul_dtype):
+    head_vd = _rounded_once(weight_vd, matmul_dtype)
+
     def one_chunk(_, xs):
         h, tgt = xs
-        logits = _chunk_logits(h, weight_vd)
+        logits = _chunk_logits(h, head_vd, matmul_dtype)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         return None, (picked - lse, lse)
@@ -61,20 +69,21 @@ def _target_logprobs_fwd(hidden_btd, weight_vd, targets_bt, chunk):
     return _unchunk(logp), (hidden_btd, weight_vd, targets_bt, _unchunk(lse))
 
 
-def _target_logprobs_bwd(chunk, residuals, g_bt):
+def _target_logprobs_bwd(chunk, matmul_dtype, residuals, g_bt):
     hidden_btd, weight_vd, targets_bt, lse_bt = residuals
     vocab = weight_vd.shape[0]
+    head_vd = _rounded_once(weight_vd, matmul_dtype)
 
     def one_chunk(grad_dv, xs):
         h, tgt, lse, g = xs
-        probs = jnp.exp(_chunk_logits(h, weight_vd) - lse[..., None])
+        probs = jnp.exp(_chunk_logits(h, head_vd, matmul_dtype) - lse[..., None])
         # d logp[target] / d logits = onehot(target) - softmax
         dlogits = g[..., None] * (jax.nn.one_hot(tgt, vocab, dtype=jnp.float32) - probs)
         dlogits = dlogits.astype(h.dtype)
-        dh = jnp.einsum("bcv,vd->bcd", dlogits, weight_vd.astype(h.dtype),
-                        preferred_element_type=jnp.float32).astype(h.dtype)
+        dh = matmul.einsum("bcv,vd->bcd", dlogits, head_vd.astype(h.dtype), matmul_dtype,
+                           out_dtype=h.dtype)
         # [D, V], contracting the leading axes of both: no transposed copy of dlogits.
-        grad_dv = grad_dv + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
+        grad_dv = grad_dv + matmul.einsum("bcd,bcv->dv", h, dlogits, matmul_dtype)
         return grad_dv, dh
 
     grad_dv = jnp.zeros(weight_vd.shape[::-1], jnp.float32)
@@ -86,17 +95,18 @@ def _target_logprobs_bwd(chunk, residuals, g_bt):
 _target_logprobs.defvjp(_target_logprobs_fwd, _target_logprobs_bwd)
 
 
-def target_logprobs(hidden_btd, weight_vd, targets_bt, chunk: int = CHUNK_POSITIONS):
+def target_logprobs(hidden_btd, weight_vd, targets_bt, chunk: int = CHUNK_POSITIONS,
+                    matmul_dtype: str = "float32"):
     """log softmax(hidden @ weight.T)[target] per position, [B, T], a chunk of
     positions at a time (equal to the whole-tensor computation up to float
-    rounding). Targets are token ids, [B, T]."""
+    rounding), the products at `matmul_dtype`. Targets are token ids, [B, T]."""
     t = hidden_btd.shape[1]
     chunk = max(1, min(chunk, t))
     pad = -t % chunk
     if pad:
         hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
         targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-    return _target_logprobs(hidden_btd, weight_vd, targets_bt, chunk)[:, :t]
+    return _target_logprobs(hidden_btd, weight_vd, targets_bt, chunk, matmul_dtype)[:, :t]
 
 
 def token_logprobs(model: Transformer, params, tokens_bt, attention_mask_bt):
@@ -104,7 +114,8 @@ def token_logprobs(model: Transformer, params, tokens_bt, attention_mask_bt):
     positions = positions_from_mask(attention_mask_bt)
     # Only the trunk's output is read: jit drops the model's own [B, T, V] logits.
     outputs, _ = model.apply({"params": params}, tokens_bt, positions, attention_mask_bt)
-    return target_logprobs(outputs["hidden"][:, :-1], head_weight(model, params), tokens_bt[:, 1:])
+    return target_logprobs(outputs["hidden"][:, :-1], head_weight(model, params), tokens_bt[:, 1:],
+                           matmul_dtype=model.config.matmul_dtype)
 
 
 def make_lm_loss(model: Transformer):

@@ -23,7 +23,7 @@ from cai_jax.weights import converted_cache, layout, model_dir, tokenizer as tok
 from cai_jax.weights.packaged import PACKAGED_MODELS, packaged_gguf_path
 
 # Fields that may differ from the stored weights without changing any shape.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "heads", "max_seq_len")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "matmul_dtype", "scan_layers", "remat", "heads", "max_seq_len")
 
 
 @dataclasses.dataclass
