@@ -15,6 +15,8 @@ import os
 import tempfile
 from typing import Any, Iterable, Iterator
 
+from cai_jax.errors import MalformedFileError
+
 log = logging.getLogger(__name__)
 
 # Beside every training checkpoint directory D lies D + CHECKSUMS_SUFFIX
@@ -85,7 +87,9 @@ def read_jsonl(path: str, drop_torn_tail: bool = False) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
             if not (drop_torn_tail and i == len(lines) - 1):
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from e
+                # A stage reads its inputs through links in its staging directory: name the real file.
+                shown = os.path.realpath(path) if os.path.islink(path) else path
+                raise MalformedFileError(f"{shown} line {number}: not valid JSON ({e.msg})") from e
             log.warning("%s line %d: dropped a torn last line (a writer killed mid-line)", path, number)
     return out
 

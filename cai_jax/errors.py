@@ -23,6 +23,12 @@ class UserError(Exception):
     """Bad input from the user; the message alone says what to fix."""
 
 
+class MalformedFileError(UserError, ValueError):
+    """A file the user can read and fix (an artifact, a data file) has a bad
+    line; the message names the file and the line. Still a ValueError, so
+    code that handles bad values handles it too."""
+
+
 class DivergenceError(UserError):
     """Training produced a non-finite loss, gradient or update. Raised before
     anything from that step is saved, so the last good checkpoint stays the

@@ -263,8 +263,11 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
     lines = open(writer.path).read().splitlines()
     with open(writer.path, "w") as f:  # a bad line that is not the last is not a kill: say where
         f.write("\n".join([lines[0], "{torn", lines[1]]) + "\n")
-    with pytest.raises(ValueError, match=f"{writer.path} line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=f"{writer.path} line 2: not valid JSON") as e:
         read_metrics(writer.path)
+    # A user error too: the command line prints this one line, not a traceback.
+    assert isinstance(e.value, UserError)
+    _one_line(e)
 
 
 # ------------------------------------------------------------ row: score_pairs arguments
@@ -308,3 +311,16 @@ def test_score_pairs_rejects_a_negative_limit(pairs_file, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: --limit is -3; use 0 for all pairs or a positive count"]
+
+
+def test_a_malformed_artifact_read_through_a_staging_link_names_the_real_file(tmp_path):
+    from cai_jax import artifacts
+
+    real = tmp_path / "labels.jsonl"
+    real.write_text('{"id": "a"}\n{"id": "b", torn\n{"id": "c"}\n')
+    staging = tmp_path / ".staging" / "pm_train"
+    staging.mkdir(parents=True)
+    (staging / "labels.jsonl").symlink_to(real)  # how a stage sees its inputs
+    with pytest.raises(UserError) as e:
+        artifacts.read_jsonl(str(staging / "labels.jsonl"))
+    assert _one_line(e).startswith(f"{real} line 2: not valid JSON")
