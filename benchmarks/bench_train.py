@@ -36,6 +36,7 @@ score and value products are left out. The table goes to <out_dir>/<name>.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -298,8 +299,6 @@ class TorchStep:
     with the optimizer section's numbers and global-norm clipping."""
 
     def __init__(self, kind, hf_dir, params, batch, opt_cfg, hyper, accum: int, autocast_bf16: bool = False):
-        import contextlib
-
         import torch
         self.autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast_bf16
                          else contextlib.nullcontext)
@@ -414,8 +413,8 @@ def matmul_peak_gflops(n: int, repeats: int = 5, matmul_dtype: str = "float32") 
     from cai_jax.models import matmul
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    if matmul_dtype != "float32":  # operands stored rounded, as the model's weights are not
-        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    # Operands stored as the products read them (rounded ahead, as the sampler's weights are).
+    a, b = matmul.stored_operand(a, matmul_dtype), matmul.stored_operand(b, matmul_dtype)
     dot = jax.jit(lambda a, b: matmul.einsum("ij,jk->ik", a, b, matmul_dtype))
     dot(a, b).block_until_ready()
     best = float("inf")

@@ -219,7 +219,7 @@ def _transposed(program: _Program, w, names: tuple):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _product_operands(program: _Program, weights):
-    return [feature_major.product_operand(program.config, w) for w in weights]
+    return [matmul.stored_operand(w, program.config.matmul_dtype) for w in weights]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from cai_jax.models.matmul import MATMUL_DTYPES
+from cai_jax.models.matmul import check_matmul_dtype
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -60,8 +60,7 @@ class TransformerConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model.{name} is {getattr(self, name)!r}; one of {sorted(DTYPES)}")
-        if self.matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(f"model.matmul_dtype is {self.matmul_dtype!r}; one of {MATMUL_DTYPES}")
+        check_matmul_dtype(self.matmul_dtype)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat is {self.remat!r}; one of {REMAT_POLICIES}")
         bad = [h for h in self.heads if h not in HEADS]

@@ -33,15 +33,8 @@ def _kernel_t(kernel, n_in_axes: int = 1):
     return kernel.reshape(math.prod(kernel.shape[:n_in_axes]), -1).T
 
 
-def product_operand(cfg: TransformerConfig, w):
-    """A weight as the products read it: rounded to bfloat16 once, here, when
-    the products round their operands anyway (model.matmul_dtype), so a decode
-    step reads half the bytes and rounds nothing."""
-    return w.astype(jnp.bfloat16) if cfg.matmul_dtype == "bfloat16" else w
-
-
 def _dense_t(cfg: TransformerConfig, dense: dict, n_in_axes: int = 1) -> dict:
-    out = {"kernel_t": product_operand(cfg, _kernel_t(dense["kernel"], n_in_axes))}
+    out = {"kernel_t": matmul.stored_operand(_kernel_t(dense["kernel"], n_in_axes), cfg.matmul_dtype)}
     if "bias" in dense:
         out["bias"] = dense["bias"].reshape(-1)
     return out
@@ -78,8 +71,7 @@ def _project(cfg: TransformerConfig, dense: dict, x_in_n):
 
 
 def _compute(cfg: TransformerConfig, w):
-    """A weight in compute dtype, unless `product_operand` already rounded it."""
-    return w if cfg.matmul_dtype == "bfloat16" else w.astype(cfg.compute_dtype)
+    return matmul.read_operand(w, cfg.matmul_dtype, cfg.compute_dtype)
 
 
 def _norm(cfg: TransformerConfig, p: dict, x_dn):

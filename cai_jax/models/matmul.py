@@ -25,9 +25,22 @@ from jax import lax
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 
-def _check(matmul_dtype: str) -> None:
+def check_matmul_dtype(matmul_dtype: str) -> None:
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f"model.matmul_dtype is {matmul_dtype!r}; one of {MATMUL_DTYPES}")
+
+
+def stored_operand(w, matmul_dtype: str):
+    """A weight prepared once for many products: rounded to bfloat16 here when
+    the products round their operands anyway, so each product need not (and a
+    decode step reads half the bytes); otherwise unchanged."""
+    return w.astype(jnp.bfloat16) if matmul_dtype == "bfloat16" else w
+
+
+def read_operand(w, matmul_dtype: str, compute_dtype):
+    """A weight from `stored_operand` as a product takes it: as stored when
+    rounded (casting it up would only be undone), else in compute dtype."""
+    return w if matmul_dtype == "bfloat16" else w.astype(compute_dtype)
 
 
 def einsum(spec: str, a, b, matmul_dtype: str = "float32", out_dtype=jnp.float32):
@@ -37,7 +50,7 @@ def einsum(spec: str, a, b, matmul_dtype: str = "float32", out_dtype=jnp.float32
     operand or in the output (true of every matrix product), so that the
     gradients are einsums too.
     """
-    _check(matmul_dtype)
+    check_matmul_dtype(matmul_dtype)
     if matmul_dtype == "float32":
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
     return _rounded_einsum(_checked_spec(spec), (jnp.dtype(a.dtype), jnp.dtype(b.dtype)),
@@ -119,5 +132,5 @@ def _rounded_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_
 
 def dot_general(matmul_dtype: str):
     """The `dot_general` for Flax's Dense layers at `matmul_dtype`."""
-    _check(matmul_dtype)
+    check_matmul_dtype(matmul_dtype)
     return lax.dot_general if matmul_dtype == "float32" else _rounded_dot_general

@@ -40,14 +40,10 @@ def _unchunk(x):
     return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-def _chunk_logits(hidden_bcd, weight_vd, matmul_dtype):
-    return matmul.einsum("bcd,vd->bcv", hidden_bcd, weight_vd.astype(hidden_bcd.dtype), matmul_dtype)
-
-
-def _rounded_once(weight_vd, matmul_dtype):
-    """The head as every chunk's product reads it: rounded here, once, rather
-    than in each chunk's product."""
-    return weight_vd.astype(jnp.bfloat16) if matmul_dtype == "bfloat16" else weight_vd
+def _chunk_logits(hidden_bcd, head_vd, matmul_dtype):
+    """`head_vd` comes from matmul.stored_operand: rounded once per call, not per chunk."""
+    head = matmul.read_operand(head_vd, matmul_dtype, hidden_bcd.dtype)
+    return matmul.einsum("bcd,vd->bcv", hidden_bcd, head, matmul_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -56,7 +52,7 @@ def _target_logprobs(hidden_btd, weight_vd, targets_bt, chunk, matmul_dtype):
 
 
 def _target_logprobs_fwd(hidden_btd, weight_vd, targets_bt, chunk, matmul_dtype):
-    head_vd = _rounded_once(weight_vd, matmul_dtype)
+    head_vd = matmul.stored_operand(weight_vd, matmul_dtype)
 
     def one_chunk(_, xs):
         h, tgt = xs
@@ -72,7 +68,7 @@ def _target_logprobs_fwd(hidden_btd, weight_vd, targets_bt, chunk, matmul_dtype)
 def _target_logprobs_bwd(chunk, matmul_dtype, residuals, g_bt):
     hidden_btd, weight_vd, targets_bt, lse_bt = residuals
     vocab = weight_vd.shape[0]
-    head_vd = _rounded_once(weight_vd, matmul_dtype)
+    head_vd = matmul.stored_operand(weight_vd, matmul_dtype)
 
     def one_chunk(grad_dv, xs):
         h, tgt, lse, g = xs
@@ -80,8 +76,8 @@ def _target_logprobs_bwd(chunk, matmul_dtype, residuals, g_bt):
         # d logp[target] / d logits = onehot(target) - softmax
         dlogits = g[..., None] * (jax.nn.one_hot(tgt, vocab, dtype=jnp.float32) - probs)
         dlogits = dlogits.astype(h.dtype)
-        dh = matmul.einsum("bcv,vd->bcd", dlogits, head_vd.astype(h.dtype), matmul_dtype,
-                           out_dtype=h.dtype)
+        dh = matmul.einsum("bcv,vd->bcd", dlogits, matmul.read_operand(head_vd, matmul_dtype, h.dtype),
+                           matmul_dtype, out_dtype=h.dtype)
         # [D, V], contracting the leading axes of both: no transposed copy of dlogits.
         grad_dv = grad_dv + matmul.einsum("bcd,bcv->dv", h, dlogits, matmul_dtype)
         return grad_dv, dh
