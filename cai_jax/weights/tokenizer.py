@@ -1,30 +1,34 @@
-"""Tokenizers as transformers objects: built from GGUF metadata or read from a directory.
+"""Tokenizers: built from GGUF metadata or read from a directory.
 
 A GGUF's tokenizer is built by `gguf_tokenizer` without torch. Reading the
 metadata with the `gguf` package takes ~2 s for SmolLM2 and ~6 s for Qwen2.5's
 152k vocabulary, so the built tokenizer is also saved under the cache directory
-(`$CAI_JAX_CACHE`, default ~/.cache/cai_jax), keyed by a hash of the file's
-leading bytes, which hold all of its metadata; a rewritten file gets a new key.
+(`$CAI_JAX_CACHE`, default ~/.cache/cai_jax), keyed like the converted weights
+by the file's path, size and modification time: a rewritten file gets a new
+key. (Hashing the file's leading 64 MB instead took 0.14 s of every start-up.)
+
+Folders that `saved_tokenizer` reproduces exactly (the ones cai_jax writes)
+are read by it without importing transformers; any other goes to transformers.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 
+from cai_jax.weights import saved_tokenizer
 from cai_jax.weights.cache import cache_dir
 
-_KEYED_BYTES = 64 << 20  # the hashed prefix; files whose metadata runs past it are not cached
-_CACHE_FORMAT = "1"  # bump when gguf_tokenizer builds differently, so old entries are not reused
+_CACHE_FORMAT = "2"  # bump when gguf_tokenizer builds differently, so old entries are not reused
 
 
-def _metadata_digest(path: str) -> str:
-    digest = hashlib.sha256(_CACHE_FORMAT.encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(_KEYED_BYTES))
-    return digest.hexdigest()[:32]
+def _source_digest(path: str) -> str:
+    st = os.stat(path)
+    key = [_CACHE_FORMAT, os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
 def _save(tok, target: str) -> None:
@@ -40,27 +44,31 @@ def _save(tok, target: str) -> None:
 @functools.lru_cache(maxsize=8)
 def tokenizer_from_gguf(path: str):
     """The tokenizer in a GGUF file's metadata, with its chat template and special tokens."""
-    from transformers import PreTrainedTokenizerFast
+    target = os.path.join(cache_dir(), "tokenizers", f"gguf-{_source_digest(path)}")
+    if not os.path.exists(os.path.join(target, "tokenizer.json")):
+        from cai_jax.weights import gguf_tokenizer  # imports transformers: only to build one
 
-    from cai_jax.weights import gguf_tokenizer  # imports transformers: only when a tokenizer is wanted
+        built = gguf_tokenizer.tokenizer_from_gguf_metadata(path)
+        try:
+            _save(built, target)
+        except OSError:
+            return built  # the cache folder cannot be written: use the built one as it is
+    return _from_saved(target)
 
-    target = os.path.join(cache_dir(), "tokenizers", f"gguf-{_metadata_digest(path)}")
-    if os.path.exists(os.path.join(target, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(target)
-    meta, metadata_end = gguf_tokenizer.read_metadata(path)
-    tok = gguf_tokenizer.tokenizer_from_metadata(path, meta)
-    if metadata_end <= _KEYED_BYTES:
-        _save(tok, target)
-    return tok
+
+def _from_saved(directory: str):
+    if saved_tokenizer.readable(directory):
+        return saved_tokenizer.SavedTokenizer(directory)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
 
 
 @functools.lru_cache(maxsize=8)
 def tokenizer_from_dir(directory: str):
-    from transformers import AutoTokenizer
-
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
-    return AutoTokenizer.from_pretrained(directory)
+    return _from_saved(directory)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
