@@ -22,6 +22,8 @@ global-norm clipping, torch on --torch_threads threads. Shapes come from the
 config's sections unless given; --long_len adds SFT and PM cells at that length.
 --matmul_dtype bfloat16 times our steps with bfloat16-operand products
 (model.matmul_dtype, models/matmul.py) beside torch under autocast(bfloat16).
+In each round a side takes --settle_steps untimed steps before its timed
+ones, so each is timed as a training loop runs it, one step after another.
 Both sides use a constant learning rate (the stages' warm-up would make the
 first update zero), so the loss after one update is compared as well.
 
@@ -61,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="one timed step per side, one round, no long cells")
     p.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
     p.add_argument("--repeats", type=int, default=2, help="rounds, ours and torch alternating")
+    p.add_argument("--settle_steps", type=int, default=1,
+                   help="untimed steps a side takes in each round before its timed ones: the first step "
+                        "after the other side's re-faults the memory that side freed (our PM step took "
+                        "17-19 s right after a torch step, 11.9 s after one of ours; benchmarks/README.md)")
     p.add_argument("--long_len", type=int, default=1024, help="also SFT and PM at this width (0: no)")
     p.add_argument("--long_sft_batch", type=int, default=2, help="SFT rows at --long_len")
     p.add_argument("--long_pm_pairs", type=int, default=1, help="PM pairs at --long_len")
@@ -506,10 +512,11 @@ def run_cell(shape: Shape, args, config, mesh, hf_dir, pad_id: int) -> dict:
     seconds = {name: [] for name in sides}
     for _ in range(args.repeats):  # interleaved: machine load hits both sides alike
         for name, step in sides.items():
-            for _ in range(args.steps):
+            for i in range(args.settle_steps + args.steps):
                 start = time.perf_counter()
                 loss = step()
-                seconds[name].append(time.perf_counter() - start)
+                if i >= args.settle_steps:
+                    seconds[name].append(time.perf_counter() - start)
                 if len(losses[name]) == 1:
                     losses[name].append(loss)
     del sides
@@ -546,7 +553,8 @@ def table(cells: list[dict], meta: dict) -> str:
              f"each cell; the cell's larger reading is its peak): {min(peaks):.0f}-{max(peaks):.0f} GFLOP/s; "
              f"torch.mm: {meta.get('torch_gflops', float('nan')):.0f} GFLOP/s.",
              f"Median of {'/'.join(map(str, steps))} timed steps a side after one untimed step, ours and "
-             "torch alternating. A token is one position of the padded batch; % peak is 6 x matmul "
+             f"torch alternating, each side's timed steps in a round after {meta.get('settle_steps', 0)} "
+             "untimed one(s) of its own. A token is one position of the padded batch; % peak is 6 x matmul "
              "weights per token x tokens/s over the peak.", "",
              "| step | shape | tokens/step | ours s/step | torch s/step | ours tok/s | torch tok/s | "
              "ours / torch | ours % peak | torch % peak | first loss (ours) | first-step \\|Δloss\\| (rel) "
@@ -583,7 +591,8 @@ def main(argv=None) -> dict:
     mesh = shd.make_mesh(config.mesh.to_dict())
     meta = {"date": datetime.date.today().isoformat(), "config": os.path.relpath(args.config, REPO),
             "model": f"{base.source} ({config.model.name})", "jax": jax.__version__, "cpus": os.cpu_count(),
-            "torch_threads": args.torch_threads, "peak_size": args.peak_size, "matmul_dtype": args.matmul_dtype}
+            "torch_threads": args.torch_threads, "peak_size": args.peak_size, "matmul_dtype": args.matmul_dtype,
+            "settle_steps": args.settle_steps}
     if not args.skip_torch:
         import torch
         import transformers
