@@ -105,6 +105,17 @@ def test_other_folders_go_to_transformers(pair, tmp_path):
     assert not saved_tokenizer.readable(str(tmp_path))  # no tokenizer.json at all
 
 
+def test_padding_side_follows_the_config(pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    ours, _ = pair
+    folder = tmp_path / "left"
+    ours.save_pretrained(str(folder))
+    config = json.loads((folder / saved_tokenizer.CONFIG_FILE).read_text())
+    (folder / saved_tokenizer.CONFIG_FILE).write_text(json.dumps(dict(config, padding_side="left")))
+    assert SavedTokenizer(str(folder)).padding_side == AutoTokenizer.from_pretrained(str(folder)).padding_side == "left"
+
+
 def test_a_warm_start_does_not_import_transformers(tmp_path):
     """The second load of the packaged model reads its tokenizer without
     transformers (about 0.9 s of every process, issue #20)."""

@@ -82,8 +82,6 @@ class SavedTokenizer:
     an optional chat_template.jinja), with the subset of transformers' API
     that cai_jax calls."""
 
-    padding_side = "right"
-
     def __init__(self, directory: str):
         if not readable(directory):
             raise ValueError(f"{directory}: not a plain tokenizer folder (see saved_tokenizer.readable)")
@@ -96,6 +94,7 @@ class SavedTokenizer:
                 self.chat_template = f.read()
         else:
             self.chat_template = config.get("chat_template")
+        self.padding_side = config.get("padding_side", "right")  # transformers' default
         self._special = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
         for name, text in self._special.items():
             setattr(self, name, text)
