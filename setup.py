@@ -33,7 +33,7 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.0",
         "tqdm>=4.60",
-        "jinja2>=3.1",  # chat templates (torch brings it in the test extra, not here)
+        "jinja2>=3.1.6",  # chat templates, sandboxed (older releases have known sandbox escapes)
     ],
     extras_require={
         # torch is only the reference implementation the tests compare logits with.
