@@ -14,6 +14,13 @@ def cache_dir() -> str:
     return os.environ.get("CAI_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cai_jax"))
 
 
+def file_stamp(path: str) -> dict:
+    """What the caches key a source file by: its real path, size and
+    modification time, so a moved-in or rewritten file gets new entries."""
+    st = os.stat(path)
+    return {"source": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def switched_on(env_var: str) -> bool:
     """Whether a cache that is on by default is left on by `$env_var` (unset: on)."""
     value = os.environ.get(env_var, "").strip().lower()

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from cai_jax.models.config import TransformerConfig
-from cai_jax.weights.cache import cache_dir, switched_on
+from cai_jax.weights.cache import cache_dir, file_stamp, switched_on
 
 ENV_SWITCH = "CAI_JAX_WEIGHTS_CACHE"
 _FORMAT = 2  # bump when the entry layout below changes
@@ -71,9 +71,7 @@ def source_key(path: str) -> dict:
     for name in _CONVERSION_CODE:
         with open(os.path.join(here, name), "rb") as f:
             code.update(f.read())
-    st = os.stat(path)
-    return {"format": _FORMAT, "source": os.path.realpath(path), "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "gguf": importlib.metadata.version("gguf"),
+    return {"format": _FORMAT, **file_stamp(path), "gguf": importlib.metadata.version("gguf"),
             "code": code.hexdigest()[:16]}
 
 

@@ -20,14 +20,14 @@ import shutil
 import tempfile
 
 from cai_jax.weights import saved_tokenizer
-from cai_jax.weights.cache import cache_dir
+from cai_jax.weights.cache import cache_dir, file_stamp
 
 _CACHE_FORMAT = "2"  # bump when gguf_tokenizer builds differently, so old entries are not reused
 
 
 def _source_digest(path: str) -> str:
-    st = os.stat(path)
-    key = [_CACHE_FORMAT, os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    stamp = file_stamp(path)
+    key = [_CACHE_FORMAT, stamp["source"], stamp["size"], stamp["mtime_ns"]]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
