@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -121,12 +122,10 @@ def time_adamw_xla(cfg, opt: dict, repeats: int) -> float:
                                  weight_decay=opt["weight_decay"]))
     state = [params, tx.init(params)]
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
-
-    update = jax.jit(update, donate_argnums=(0, 1))
 
     def one():
         state[0], state[1] = update(state[0], state[1], grads)
