@@ -9,6 +9,10 @@ ppo, eval); complete stages are skipped, a killed stage resumes. The whole
 config is checked before the first stage; a user error (bad config, command
 line or data) prints one line `error: ...` and exits with status 2.
 """
+if __name__ == "__main__":  # first, so the re-run starts before jax is imported
+    from cai_jax.huge_pages import rerun_with_huge_pages
+    rerun_with_huge_pages()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
