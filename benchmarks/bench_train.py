@@ -25,7 +25,11 @@ config's sections unless given; --long_len adds SFT and PM cells at that length.
 In each round a side takes --settle_steps untimed steps before its timed
 ones, so each is timed as a training loop runs it, one step after another.
 Both sides use a constant learning rate (the stages' warm-up would make the
-first update zero), so the loss after one update is compared as well.
+first update zero), so the loss after one update is compared as well. Like
+`cai_jax.main`, the bench re-runs itself with glibc's huge-page tunable
+(cai_jax/huge_pages.py), so both sides run with the allocator setting the
+pipeline has; CAI_JAX_HUGE_PAGES=0 times them without. The header names the CPU
+and the tunables.
 
 A token is one position of the padded batch (rows x width, both answers of a
 pair); tokens/s is tokens per step over the median step time after one
@@ -539,6 +543,15 @@ def row(c: dict) -> str:
             f"{fmt('second_loss_abs_diff', '.1e')} |")
 
 
+def cpu_model() -> str:
+    """The processor's name, since the machines these runs land on differ."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 def table(cells: list[dict], meta: dict) -> str:
     peaks = [p for c in cells for p in c["peak_gflops"]]
     loads = [x for c in cells for x in c["load"]]
@@ -548,7 +561,8 @@ def table(cells: list[dict], meta: dict) -> str:
              f"(torch: {'autocast bfloat16' if meta.get('matmul_dtype') == 'bfloat16' else 'float32'}); jax {meta['jax']}, torch {meta.get('torch', '-')} "
              f"({meta['torch_threads']} threads, OMP_WAIT_POLICY={meta.get('omp_wait_policy') or '-'}, "
              f"fused AdamW), transformers {meta.get('transformers', '-')}; "
-             f"{meta['cpus']} CPUs, load average {min(loads):.1f}-{max(loads):.1f}.",
+             f"{meta['cpus']} CPUs ({meta.get('cpu', '?')}), load average {min(loads):.1f}-{max(loads):.1f}, "
+             f"GLIBC_TUNABLES={meta.get('glibc_tunables') or '-'}.",
              f"{meta.get('matmul_dtype', 'float32')} matmul peak (jitted product {meta['peak_size']}^2, best of 5, before and after "
              f"each cell; the cell's larger reading is its peak): {min(peaks):.0f}-{max(peaks):.0f} GFLOP/s; "
              f"torch.mm: {meta.get('torch_gflops', float('nan')):.0f} GFLOP/s.",
@@ -592,7 +606,8 @@ def main(argv=None) -> dict:
     meta = {"date": datetime.date.today().isoformat(), "config": os.path.relpath(args.config, REPO),
             "model": f"{base.source} ({config.model.name})", "jax": jax.__version__, "cpus": os.cpu_count(),
             "torch_threads": args.torch_threads, "peak_size": args.peak_size, "matmul_dtype": args.matmul_dtype,
-            "settle_steps": args.settle_steps}
+            "settle_steps": args.settle_steps, "cpu": cpu_model(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     if not args.skip_torch:
         import torch
         import transformers
@@ -630,4 +645,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    # The steps as the pipeline runs them: with its huge-page allocator setting
+    # (cai_jax/huge_pages.py), which torch then shares. CAI_JAX_HUGE_PAGES=0: without.
+    from cai_jax.huge_pages import rerun_with_huge_pages
+    rerun_with_huge_pages()
     main()
