@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from bench_train import best_of
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -81,16 +83,6 @@ def step_products(cfg, rows: int, width: int, micro_batches: int, lm_head: bool)
     return out
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def time_xla(p: Product, repeats: int) -> float:
     import jax
     import jax.numpy as jnp
@@ -114,12 +106,11 @@ def time_adamw_xla(cfg, opt: dict, repeats: int) -> float:
     import optax
 
     from cai_jax.models.transformer import init_params
+    from cai_jax.training.optimizers import make_optimizer
 
     params = init_params(cfg, jax.random.key(0))
     grads = jax.tree.map(lambda x: x * 1e-3, params)
-    tx = optax.chain(optax.clip_by_global_norm(opt["grad_clip_norm"]),
-                     optax.adamw(opt["learning_rate"], b1=opt["b1"], b2=opt["b2"], eps=opt["eps"],
-                                 weight_decay=opt["weight_decay"]))
+    tx = make_optimizer(dict(opt, schedule="constant", warmup_steps=0, total_steps=0))  # the trainers' AdamW
     state = [params, tx.init(params)]
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))

@@ -415,6 +415,17 @@ class TorchStep:
 
 # ------------------------------------------------------------------ arithmetic
 
+def best_of(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `fn`, after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_peak_gflops(n: int, repeats: int = 5, matmul_dtype: str = "float32") -> float:
     """GFLOP/s of a jitted n x n product at `matmul_dtype` (models/matmul.py),
     best of `repeats`."""
@@ -426,25 +437,13 @@ def matmul_peak_gflops(n: int, repeats: int = 5, matmul_dtype: str = "float32") 
     # Operands stored as the products read them (rounded ahead, as the sampler's weights are).
     a, b = matmul.stored_operand(a, matmul_dtype), matmul.stored_operand(b, matmul_dtype)
     dot = jax.jit(lambda a, b: matmul.einsum("ij,jk->ik", a, b, matmul_dtype))
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best_of(lambda: dot(a, b).block_until_ready(), repeats) / 1e9
 
 
 def torch_matmul_gflops(n: int, repeats: int = 5) -> float:
     import torch
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / best_of(lambda: torch.mm(a, b), repeats) / 1e9
 
 
 def matmul_params(cfg) -> tuple[int, int]:

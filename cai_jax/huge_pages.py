@@ -1,14 +1,17 @@
-"""Transparent huge pages for XLA's buffers: the entry points re-run themselves
-once with glibc's `glibc.malloc.hugetlb=1` tunable.
+"""Transparent huge pages for XLA's buffers: `cai_jax.main` (and
+benchmarks/bench_train.py) re-run themselves once with glibc's
+`glibc.malloc.hugetlb=1` tunable.
 
 Why: every train step allocates its temporaries afresh (several GB for the
 preference-model step) and glibc hands large blocks straight back to the
 kernel, so each step first-touches them again, 4 KB page by 4 KB page: about
-1.7 million page faults and 3 s of system time per PM step on the dev machine.
+1.7 million page faults and 3 s of system time per PM step (Intel dev machine).
 With the tunable, glibc asks for transparent huge pages (2 MB) on the memory it
-maps; measured in one `benchmarks/bench_train.py --quick` run each way, the PM
-step went from 17.2 to 14.7 s and the SFT step from 24.1 to 23.2 s, torch's
-unchanged (benchmarks/README.md).
+maps; on an AMD EPYC machine, in one `benchmarks/bench_train.py --quick` run
+each way, the PM step went from 17.2 to 14.7 s and the SFT step from 24.1 to
+23.2 s, torch's unchanged, and the default run from 1,315 to 1,249 s
+(benchmarks/README.md). `cai_jax.tools.generate` does not re-run: decoding
+got slower with it (18.0 against 16.9 s for 32 x 128 tokens).
 
 glibc reads its tunables only when a process starts, hence the re-run: it
 happens before jax is imported, costs a fresh interpreter (tens of ms) and keeps
