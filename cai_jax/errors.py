@@ -23,6 +23,11 @@ class UserError(Exception):
     """Bad input from the user; the message alone says what to fix."""
 
 
+class BadSwitchError(UserError, ValueError):
+    """An on/off environment variable (CAI_JAX_*_CACHE, CAI_JAX_HUGE_PAGES) with
+    a value that is neither; still a ValueError, like MalformedFileError."""
+
+
 class MalformedFileError(UserError, ValueError):
     """A file the user can read and fix (an artifact, a data file) has a bad
     line; the message names the file and the line. Still a ValueError, so

@@ -10,8 +10,9 @@ config is checked before the first stage; a user error (bad config, command
 line or data) prints one line `error: ...` and exits with status 2.
 """
 if __name__ == "__main__":  # first, so the re-run starts before jax is imported
+    from cai_jax.errors import exit_on_user_error
     from cai_jax.huge_pages import rerun_with_huge_pages
-    rerun_with_huge_pages()
+    exit_on_user_error(rerun_with_huge_pages)  # a bad $CAI_JAX_HUGE_PAGES is one line
 
 from absl import app, flags, logging
 from ml_collections import config_flags

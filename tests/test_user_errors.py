@@ -30,12 +30,12 @@ def _one_line(error) -> str:
     return message
 
 
-def _main(tmp_path, *overrides):
+def _main(tmp_path, *overrides, env=None):
     """cai_jax.main in a fresh process: (exit status, stderr lines)."""
     argv = [sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py",
             f"--workdir={tmp_path / 'run'}", "--noprogress", *overrides]
     out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
     return out.returncode, out.stderr.strip().splitlines()
 
 
@@ -120,6 +120,13 @@ def test_a_workdir_locked_by_a_live_process_is_one_line_and_exit_2(tmp_path):
     assert status == 2 and len(stderr) == 1, stderr
     assert stderr[0].startswith(f"error: work directory {tmp_path / 'run'} is in use by pid {os.getppid()} "
                                 f"on {socket.gethostname()}")
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+@pytest.mark.parametrize("switch", ["CAI_JAX_HUGE_PAGES", "CAI_JAX_COMPILATION_CACHE"])
+def test_a_bad_on_off_switch_is_one_line_and_exit_2(tmp_path, switch):
+    status, stderr = _main(tmp_path, env={switch: "maybe"})
+    assert status == 2 and stderr == [f"error: ${switch} is 'maybe'; use 0 to turn it off or 1 to keep it on"]
     assert not (tmp_path / "run" / "stages").exists()
 
 

@@ -6,6 +6,8 @@ and XLA's compiled programs (see cai_jax/compile_cache.py).
 """
 import os
 
+from cai_jax.errors import BadSwitchError
+
 _OFF = ("0", "false", "no", "off")
 _ON = ("", "1", "true", "yes", "on")
 
@@ -22,10 +24,10 @@ def file_stamp(path: str) -> dict:
 
 
 def switched_on(env_var: str) -> bool:
-    """Whether a cache that is on by default is left on by `$env_var` (unset: on)."""
+    """Whether something on by default (a cache, huge pages) is left on by `$env_var` (unset: on)."""
     value = os.environ.get(env_var, "").strip().lower()
     if value in _OFF:
         return False
     if value in _ON:
         return True
-    raise ValueError(f"${env_var} is {os.environ[env_var]!r}; use 0 to turn that cache off or 1 to keep it on")
+    raise BadSwitchError(f"${env_var} is {os.environ[env_var]!r}; use 0 to turn it off or 1 to keep it on")
