@@ -57,3 +57,13 @@ def test_prompts_file_errors_name_the_line(tmp_path):
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
     with pytest.raises(ValueError, match="line 2"):
         read_prompts_file(str(path))
+
+
+def test_a_bad_prompts_file_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "ok"}) + "\n" + "{not json\n")
+    proc = subprocess.run([sys.executable, "-m", "cai_jax.tools.generate", "--prompts_file", str(path)],
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path} line 2: not JSON"), lines

@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from cai_jax.errors import MalformedFileError, exit_on_user_error
+
 # Short names for the bundled model; anything else goes to load_model as is.
 MODEL_ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
 
@@ -73,9 +75,9 @@ def read_prompts_file(path: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not JSON ({e}); use one prompt per line or JSONL") from e
+            raise MalformedFileError(f"{path} line {n}: not JSON ({e}); use one prompt per line or JSONL") from e
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{path} line {n}: expected an object with a 'prompt' string")
+            raise MalformedFileError(f"{path} line {n}: expected an object with a 'prompt' string")
         prompts.append(record["prompt"])
     return prompts
 
@@ -129,4 +131,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))  # a bad prompts file or switch: one line, exit 2
