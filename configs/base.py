@@ -27,7 +27,11 @@ def base_config() -> ml_collections.ConfigDict:
         "render": "chat"})
     # Default sampling settings for generation stages.
     config.sampling = ml_collections.ConfigDict({
-        "temperature": 1.0, "top_k": 0, "top_p": 0.95, "max_new_tokens": 128, "batch_size": 16})
+        "temperature": 1.0, "top_k": 0, "top_p": 0.95, "max_new_tokens": 128, "batch_size": 16,
+        # Compute the start that prompts share (few-shot exemplars, system
+        # messages, chat headers) once per batch; the answers are the same
+        # within float rounding (inference/prefix_groups.py).
+        "shared_prefix": True})
     config.distributed = ml_collections.ConfigDict({
         "enabled": False, "coordinator_address": "", "num_processes": 0, "process_id": -1})
     return config

@@ -189,7 +189,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
-                   samplers: Optional[dict] = None) -> Callable:
+                   samplers: Optional[dict] = None, shared_prefix: bool = False) -> Callable:
     """Loads the model; returns prompts -> list of (answer, finish_reason, n_tokens).
 
     `samplers` caches Sampler objects by model shape and tokenizer: SL-CAI and
@@ -208,7 +208,8 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
     samplers = {} if samplers is None else samplers
     key = (loaded.config, _tokenizer_fingerprint(tokenizer))
     if key not in samplers:
-        samplers[key] = Sampler(loaded.config, tokenizer, mesh=mesh, progress=False)
+        samplers[key] = Sampler(loaded.config, tokenizer, mesh=mesh, progress=False,
+                                shared_prefix=shared_prefix)
     sampler = samplers[key]
     stops = answer_stop_strings(render)
     params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
@@ -236,12 +237,13 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
 
 def collect_answers(models: Sequence[EvalModel], prompts: Sequence[Prompt], path: str, *,
                     sampling, render: str, seed: int, mesh=None, progress: bool = True,
-                    answer_fn_factory: Optional[Callable] = None) -> dict[tuple[str, str], dict]:
+                    answer_fn_factory: Optional[Callable] = None, shared_prefix: bool = False) -> dict[tuple[str, str], dict]:
     """Answers of every model to every prompt, from the cache or the sampler.
 
     Returns {(model name, prompt id): record}. A cached record counts only if
     its stamp (model version, sampling settings, render style, seed, prompt
-    text) matches; otherwise it is answered again.
+    text) matches; otherwise it is answered again. `shared_prefix` (the
+    sampler's, a speed switch) is not part of the stamp.
     """
     answer_fn_factory = answer_fn_factory or make_answer_fn
     # A prompt listed twice (two dimensions judging the same prompts, such as
@@ -262,7 +264,7 @@ def collect_answers(models: Sequence[EvalModel], prompts: Sequence[Prompt], path
         bar.update(len(prompts) - len(todo))
         if not todo:
             continue
-        answer = answer_fn_factory(model, sampling, render, seed, mesh, samplers)
+        answer = answer_fn_factory(model, sampling, render, seed, mesh, samplers, shared_prefix=shared_prefix)
         for chunk in artifacts.iter_batches(todo, max(1, sampling.batch_size)):
             records = [{"id": answer_key(model.name, p.id), "model": model.name, "prompt_id": p.id,
                         "kind": p.kind, "category": p.category, "prompt": p.text, "answer": text,
@@ -469,7 +471,7 @@ def run_stage(ctx) -> dict:
     needed = [p for dim in active for p in prompts[DIMENSIONS[dim]]]
     answers = collect_answers(models, needed, ctx.path("eval", "answers.jsonl"), sampling=section.sampling,
                               render=config.data.render, seed=config.seed, mesh=mesh,
-                              progress=ctx.progress)
+                              progress=ctx.progress, shared_prefix=config.sampling.shared_prefix)
 
     factory = JudgeFactory(config, ctx.workdir, mesh)
     log = _reopen(ctx.path("eval", "judgments.jsonl"))

@@ -6,24 +6,20 @@ often share leading tokens (SmolLM2 splits " (A)" into " (", "A", ")"): the
 shared prefix is appended to every prompt and the first differing tokens are
 compared there.
 
-Prompts that share a start (given the same `keys`) can have it computed once
-(inference/prefix_scorer.py); the log-probs are the same within float rounding.
+The forward pass is the sampler's (`Sampler.next_token_logprobs`): the same
+trunk as generation, and prompts that share a start (given the same `keys`)
+have it computed once (inference/prefix_groups.py); the log-probs are the
+same within float rounding.
 """
 from __future__ import annotations
 
-import functools
 from typing import Hashable, Optional, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import sharding as shd
-from cai_jax.inference.batched_forward import batched_forward
-from cai_jax.inference.prefix_scorer import make_prefix_forward, shared_prefix_forward
-from cai_jax.models.transformer import Transformer, positions_from_mask
+from cai_jax.inference.sampling import Sampler
 from cai_jax.weights.tokenizer import encode_text
 
 
@@ -51,30 +47,19 @@ class OptionScorer:
     forward pass per batch (`p_first_and_mass` turns them into a label).
 
     Prompts are token ids that already end with the options' shared prefix.
-    Rows are left-padded so the last position is the answer position and the
-    model computes logits only there (`last_only`), never [B, T, vocab].
+    The model computes logits only at each prompt's last position, never
+    [B, T, vocab].
     """
 
-    def __init__(self, model_config, params, token_a: int, token_b: int, *, pad_id: int = 0,
-                 batch_size: int = 8, max_len: int = 1024, min_bucket: int = 128, mesh=None):
+    def __init__(self, model_config, params, token_a: int, token_b: int, *, batch_size: int = 8,
+                 max_len: int = 1024, min_bucket: int = 128, mesh=None):
         if "lm" not in model_config.heads:
             raise ValueError(f"the feedback model needs a language-model head; it has {model_config.heads}")
-        self.model = Transformer(model_config)
         self.mesh = mesh or shd.make_mesh({"data": -1})
         self.params = shd.place(params, shd.param_shardings(model_config, self.mesh))
-        self.token_ids = jnp.asarray([token_a, token_b], jnp.int32)
-        self.pad_id, self.max_len, self.min_bucket = pad_id, max_len, min_bucket
-        self.batch_size = batch_size
-        self._forward = jax.jit(self._option_logprobs)
-        self._prefix_forward = make_prefix_forward(
-            self.model, shd.DEFAULT_RULES, lambda logits_bv: jax.nn.log_softmax(logits_bv)[:, self.token_ids])
-
-    def _option_logprobs(self, params, tokens_bt, mask_bt):
-        with nn.logical_axis_rules(shd.DEFAULT_RULES):
-            outputs, _ = self.model.apply({"params": params}, tokens_bt, positions_from_mask(mask_bt),
-                                          mask_bt, last_only=True)
-        logp_bv = jax.nn.log_softmax(outputs["logits"][:, -1].astype(jnp.float32), axis=-1)
-        return logp_bv[:, self.token_ids]  # [batch, 2]
+        self.sampler = Sampler(model_config, None, mesh=self.mesh, progress=False)
+        self.token_ids = (int(token_a), int(token_b))
+        self.max_len, self.min_bucket, self.batch_size = max_len, min_bucket, batch_size
 
     def option_logprobs(self, prompts: Sequence[Sequence[int]], progress: bool = False,
                         keys: Optional[Sequence[Hashable]] = None) -> np.ndarray:
@@ -83,19 +68,14 @@ class OptionScorer:
         keys: one per prompt; prompts with the same key have their common
         start computed once (a full forward pass per prompt without them).
         """
+        for i, p in enumerate(prompts):
+            if len(p) > self.max_len:
+                raise ValueError(f"feedback prompt {i} has {len(p)} tokens, more than the limit of {self.max_len}")
         bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress, leave=False)
-        if keys is not None:
-            logp_rows = shared_prefix_forward(
-                functools.partial(self._prefix_forward, self.params), prompts, keys,
-                batch_size=self.batch_size, min_width=self.min_bucket, max_width=self.max_len,
-                pad_id=self.pad_id, mesh=self.mesh, on_batch=bar.update)
-        else:
-            logp_rows = batched_forward(functools.partial(self._forward, self.params), prompts,
-                                        batch_size=self.batch_size, min_width=self.min_bucket,
-                                        max_width=self.max_len, pad_id=self.pad_id, left=True,
-                                        mesh=self.mesh, on_batch=bar.update)
+        logp = self.sampler.next_token_logprobs(self.params, prompts, self.token_ids, batch_size=self.batch_size,
+                                                keys=keys, min_width=self.min_bucket, on_batch=bar.update)
         bar.close()
-        return np.asarray(logp_rows, np.float64).reshape(len(prompts), 2)
+        return np.asarray(logp, np.float64)
 
 
 def p_first_and_mass(logp_n2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

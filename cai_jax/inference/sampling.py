@@ -51,6 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from cai_jax import sharding as shd
+from cai_jax.inference import prefix_groups
 from cai_jax.inference.batched_forward import batch_row_multiple, batched_forward, place_batch
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models import feature_major, matmul
@@ -198,15 +199,24 @@ class _Program:
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
             x, NamedSharding(self.mesh, shd.spec_for(x.shape, names, self.mesh, self.rules))), tree)
 
+    @property
+    def cache_batch_axis(self) -> int:
+        return 1 if self.config.scan_layers else 0
+
+    @property
+    def cache_names(self) -> tuple:
+        batch_first = ("batch", "kv_heads", None, None)
+        return (None,) + batch_first if self.config.scan_layers else batch_first
+
     def new_cache(self, batch: int, length: int):
         """An empty KV cache: [L, ...] arrays when scanned, else lists of per-layer
         buffers, each updated in place by the decode loop (shapes in `cache_shapes`)."""
         cfg = self.config
         if cfg.scan_layers:
-            return self.constrain(init_cache(cfg, batch, length), (None, "batch", "kv_heads", None, None))
+            return self.constrain(init_cache(cfg, batch, length), self.cache_names)
         cache = {name: [jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)]
                  for name, shape in cache_shapes(cfg, batch, length).items()}
-        return self.constrain(cache, ("batch", "kv_heads", None, None))
+        return self.constrain(cache, self.cache_names)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -243,16 +253,52 @@ def _relayout(program: _Program, params):
         params, shd.param_shardings(cfg, program.mesh, program.rules))
 
 
+def _run_prompts(program: _Program, params, prompt: dict, free_slots: int, last_only: bool = True):
+    """The prompts through the trunk into a new KV cache with `free_slots`
+    empty slots after them. `prompt` is one of the two layouts `_prompt_arrays`
+    makes: whole rows ("tokens", "mask": [B, W], left-padded), or shared
+    prefixes ("prefix", "prefix_mask": [G, Wp]) that run once each and
+    suffixes ("suffix", "suffix_mask": [B, Ws]) that read their "group"'s
+    prefix from the cache. A suffix's padding sits between its prefix and its
+    tokens, masked out, and its positions continue from its prefix's length,
+    so every row sees exactly its unpadded prompt.
+
+    Returns (final hidden states [D, B] of each row's last token, or [D, B*W]
+    of every prompt slot without `last_only`; the cache; the key mask
+    [B, prompt slots + free_slots]; the prompt lengths [B])."""
+    if "tokens" in prompt:
+        tokens_bp, mask_bp = prompt["tokens"], prompt["mask"]
+        b, p = tokens_bp.shape
+        key_mask_bs = jnp.concatenate([mask_bp, jnp.ones((b, free_slots), bool)], axis=1)
+        hidden, cache = program.trunk(params, tokens_bp, positions_from_mask(mask_bp), key_mask_bs,
+                                      cache=program.new_cache(b, p + free_slots), cache_index=0,
+                                      last_only=last_only)
+        return hidden, cache, key_mask_bs, jnp.sum(mask_bp, axis=1, dtype=jnp.int32)
+    prefix_gp, prefix_mask_gp = prompt["prefix"], prompt["prefix_mask"]
+    suffix_bs, suffix_mask_bs, group_b = prompt["suffix"], prompt["suffix_mask"], prompt["group"]
+    (g, wp), (b, ws) = prefix_gp.shape, suffix_bs.shape
+    # Written from slot 0, the prefix attends only to its own slots (write_cache).
+    _, cache = program.trunk(params, prefix_gp, positions_from_mask(prefix_mask_gp), prefix_mask_gp,
+                             cache=program.new_cache(g, wp + ws + free_slots), cache_index=0,
+                             last_only=True)
+    cache = program.constrain(jax.tree.map(lambda c: jnp.take(c, group_b, axis=program.cache_batch_axis),
+                                           cache), program.cache_names)
+    prefix_len_b = jnp.sum(prefix_mask_gp, axis=1, dtype=jnp.int32)[group_b]
+    key_mask_bs = jnp.concatenate([prefix_mask_gp[group_b], suffix_mask_bs,
+                                   jnp.ones((b, free_slots), bool)], axis=1)
+    positions_bs = prefix_len_b[:, None] + positions_from_mask(suffix_mask_bs)
+    hidden, cache = program.trunk(params, suffix_bs, positions_bs, key_mask_bs, cache=cache,
+                                  cache_index=wp, last_only=last_only)
+    return hidden, cache, key_mask_bs, prefix_len_b + jnp.sum(suffix_mask_bs, axis=1, dtype=jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("gen_width", "mode"))
-def _prefill(program: _Program, params, prompt_bp, prompt_mask_bp, row_ids_b, active_b, seed, knobs,
+def _prefill(program: _Program, params, prompt: dict, row_ids_b, active_b, seed, knobs,
              *, gen_width: int, mode: Mode):
-    """Fills the cache from the left-padded prompts and picks each row's first token."""
+    """Fills the cache from the prompts (`_run_prompts`) and picks each row's first token."""
     TRACE_COUNTS["prefill"] += 1
-    b, p = prompt_bp.shape
-    key_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.ones((b, gen_width), bool)], axis=1)
-    hidden_db, cache = program.trunk(params, prompt_bp, positions_from_mask(prompt_mask_bp), key_mask_bs,
-                                     cache=program.new_cache(b, p + gen_width), cache_index=0,
-                                     last_only=True)
+    hidden_db, cache, key_mask_bs, prompt_lens_b = _run_prompts(program, params, prompt, gen_width)
+    b = hidden_db.shape[1]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_b)
     logits = program.logits_vb(params, hidden_db)
     first, first_logp = choose_tokens(logits, _step_keys(row_keys, 0),
@@ -266,7 +312,7 @@ def _prefill(program: _Program, params, prompt_bp, prompt_mask_bp, row_ids_b, ac
         "num_tokens": active_b.astype(jnp.int32),  # valid tokens per row
         "done": ~active_b | _is_stop(first, knobs["stop_ids"]),
         "step": jnp.ones((), jnp.int32),  # tokens generated so far
-        "prompt_lens": jnp.sum(prompt_mask_bp, axis=1, dtype=jnp.int32),
+        "prompt_lens": prompt_lens_b,
         "key_mask": key_mask_bs,
         "row_keys": row_keys,
     }
@@ -308,15 +354,26 @@ def _decode(program: _Program, params, state, limit, force_done_b, knobs, *, mod
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(program: _Program, params, tokens_bt, mask_bt):
-    """log p(token t | tokens before t) for t >= 1: [B, T-1], right-padded rows."""
+def _score(program: _Program, params, prompt: dict):
+    """log p(slot t + 1 | slots up to t) over each row's prompt slots (whole
+    rows, or the suffixes after the shared prefixes): [B, W-1]."""
     TRACE_COUNTS["score"] += 1
+    hidden_dn, _, _, _ = _run_prompts(program, params, prompt, free_slots=0, last_only=False)
+    tokens_bt = prompt["tokens" if "tokens" in prompt else "suffix"]
     b, t = tokens_bt.shape
-    hidden_dn, _ = program.trunk(params, tokens_bt, positions_from_mask(mask_bt), mask_bt)
     predicting = hidden_dn.reshape(-1, b, t)[:, :, :-1].reshape(hidden_dn.shape[0], -1)
     logits = program.logits_vb(params, predicting).reshape(-1, b, t - 1)  # [V, B, T-1]
     target = jnp.take_along_axis(logits, tokens_bt[None, :, 1:], axis=0)[0]
     return target - jax.nn.logsumexp(logits, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token_logprobs(program: _Program, params, prompt: dict, token_ids_k):
+    """log p(token k | the whole prompt) for the given tokens: [B, K]."""
+    TRACE_COUNTS["next_token"] += 1
+    hidden_db, _, _, _ = _run_prompts(program, params, prompt, free_slots=0)
+    logits_vb = program.logits_vb(params, hidden_db)
+    return (logits_vb[token_ids_k] - jax.nn.logsumexp(logits_vb, axis=0)).T
 
 
 # ----------------------------------------------------------- the sampler
@@ -344,7 +401,8 @@ class Sampler:
 
     def __init__(self, model_config: TransformerConfig, tokenizer, mesh: Optional[Mesh] = None,
                  rules=shd.DEFAULT_RULES, stop_check_interval: int = 16, progress: bool = True,
-                 unroll_layers: bool = True, feature_major: Optional[bool] = None):
+                 unroll_layers: bool = True, feature_major: Optional[bool] = None,
+                 shared_prefix: bool = False):
         if "lm" not in model_config.heads:
             raise ValueError(f"the sampler needs a model with an 'lm' head; heads are "
                              f"{model_config.heads}")
@@ -354,6 +412,7 @@ class Sampler:
         self.rules = tuple(rules)
         self.stop_check_interval = stop_check_interval
         self.progress = progress
+        self.shared_prefix = shared_prefix
         self.pad_id = pad_token_id(tokenizer)
         self.default_stop_ids = tuple(stop_token_ids(tokenizer)) if tokenizer is not None else ()
         self.decode_steps = 0  # while-loop iterations run, summed over calls
@@ -436,11 +495,14 @@ class Sampler:
 
     def generate(self, params, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(),
                  seed: int = 0, example_ids: Optional[Sequence[ExampleId]] = None,
-                 batch_size: int = 8, progress: Optional[bool] = None) -> list[Sample]:
+                 batch_size: int = 8, progress: Optional[bool] = None,
+                 shared_prefix: Optional[bool] = None) -> list[Sample]:
         """One answer per prompt (a string or token ids), in input order.
 
         `example_ids` (ints or strings; default the input index) pick each
-        prompt's random stream; `batch_size` caps the rows decoded together.
+        prompt's random stream; `batch_size` caps the rows decoded together;
+        `shared_prefix` (default: the sampler's) computes starts that prompts
+        share once per batch (`prefix_groups.auto_keys` finds them).
         """
         prompts = [self.encode(p) for p in prompts]
         example_ids = list(range(len(prompts))) if example_ids is None else list(example_ids)
@@ -460,9 +522,9 @@ class Sampler:
         mode, knobs = _mode_of(sampling), self._knobs(sampling)
         results: list[Optional[Sample]] = [None] * len(prompts)
         bar = _progress_bar(len(prompts), "sampling", self.progress if progress is None else progress)
-        for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
-            batch = self._generate_batch(params, [prompts[i] for i in idx],
-                                         [example_key_id(example_ids[i]) for i in idx],
+        for groups in self._batches(prompts, batch_size, shared_prefix):
+            idx = [i for g in groups for i in g.rows]
+            batch = self._generate_batch(params, prompts, groups, [example_key_id(example_ids[i]) for i in idx],
                                          sampling, mode, knobs, seed)
             for i, sample in zip(idx, batch):
                 results[i] = sample
@@ -470,17 +532,50 @@ class Sampler:
         bar.close()
         return results
 
-    def _generate_batch(self, params, prompts, row_ids, sampling: SamplingParams, mode: Mode,
+    def _batches(self, prompts: list[list[int]], batch_size: int, shared_prefix: Optional[bool],
+                 keys: Optional[Sequence] = None) -> list[list[prefix_groups.Group]]:
+        """The batches a call runs, each as its groups of rows. Without sharing
+        a batch is one group with an empty prefix: whole prompts, as long as
+        one another (`length_sorted_batches`)."""
+        if self.shared_prefix if shared_prefix is None else shared_prefix:
+            keys = prefix_groups.auto_keys(prompts) if keys is None else keys
+            return prefix_groups.batches_of_groups(prompts, keys, batch_size)
+        return [[prefix_groups.Group([], [int(i) for i in idx], [prompts[i] for i in idx])]
+                for idx in length_sorted_batches([len(p) for p in prompts], batch_size)]
+
+    def _prompt_arrays(self, groups: Sequence[prefix_groups.Group], rows: int, min_width: int) -> dict:
+        """A batch's prompts in one of `_run_prompts`' two layouts, padded to
+        `rows` rows: whole rows unless some group of two or more shares a prefix."""
+        put = self._put_batch
+        if not any(g.prefix and len(g.rows) > 1 for g in groups):
+            whole = [g.prefix + s for g in groups for s in g.suffixes]
+            tokens, mask = left_pad(whole, rows, width_bucket(max(map(len, whole)), min_width), self.pad_id)
+            return {"tokens": put(tokens), "mask": put(mask)}
+        num_groups = bucket(len(groups), self.batch_multiple)
+        # An empty prefix still needs one (masked) slot to write.
+        prefixes = [g.prefix or [self.pad_id] for g in groups]
+        prefix, prefix_mask = left_pad(prefixes, num_groups, width_bucket(max(map(len, prefixes)), min_width),
+                                       self.pad_id)
+        for r, g in enumerate(groups):
+            prefix_mask[r] &= bool(g.prefix)
+        suffixes = [s for g in groups for s in g.suffixes]
+        suffix, suffix_mask = left_pad(suffixes, rows, width_bucket(max(map(len, suffixes)), min_width),
+                                       self.pad_id)
+        group = np.zeros((rows,), np.int32)
+        group[:len(suffixes)] = [gi for gi, g in enumerate(groups) for _ in g.rows]
+        return {"prefix": put(prefix), "prefix_mask": put(prefix_mask), "suffix": put(suffix),
+                "suffix_mask": put(suffix_mask), "group": put(group)}
+
+    def _generate_batch(self, params, prompts, groups, row_ids, sampling: SamplingParams, mode: Mode,
                         knobs: dict, seed: int) -> list[Sample]:
-        n, rows = len(prompts), bucket(len(prompts), self.batch_multiple)
-        prompt_bp, mask_bp = left_pad(prompts, rows, width_bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET),
-                                      self.pad_id)
+        idx = [i for g in groups for i in g.rows]
+        n, rows = len(idx), bucket(len(idx), self.batch_multiple)
         ids_b = np.zeros((rows,), np.uint32)
         ids_b[:n] = row_ids
         put = self._put_batch
-        state = _prefill(self._program, params, put(prompt_bp), put(mask_bp), put(ids_b),
-                              put(np.arange(rows) < n), np.uint32(seed % (1 << 32)), knobs,
-                              gen_width=bucket(sampling.max_new_tokens, MIN_GEN_BUCKET), mode=mode)
+        state = _prefill(self._program, params, self._prompt_arrays(groups, rows, MIN_PROMPT_BUCKET),
+                         put(ids_b), put(np.arange(rows) < n), np.uint32(seed % (1 << 32)), knobs,
+                         gen_width=bucket(sampling.max_new_tokens, MIN_GEN_BUCKET), mode=mode)
         interval = self.stop_check_interval if sampling.stop_strings else sampling.max_new_tokens
         stopped = np.zeros((rows,), bool)  # rows the host found a stop string in
         step = 1
@@ -502,8 +597,8 @@ class Sampler:
         tokens, logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
         num = np.asarray(state["num_tokens"])
         stop_ids = set(int(t) for t in knobs["stop_ids"] if t >= 0)
-        return [self._finish(prompts[r], tokens[r, :num[r]], logprobs[r, :num[r]], stop_ids,
-                             sampling.stop_strings) for r in range(n)]
+        return [self._finish(prompts[i], tokens[r, :num[r]], logprobs[r, :num[r]], stop_ids,
+                             sampling.stop_strings) for r, i in enumerate(idx)]
 
     def _finish(self, prompt, tokens, logprobs, stop_ids, stop_strings) -> Sample:
         """Text, finish reason and the cut at the earliest stop string."""
@@ -524,9 +619,11 @@ class Sampler:
     # -- scoring
 
     def score(self, params, prompts: Sequence[Prompt], continuations: Sequence[Prompt],
-              batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+              batch_size: int = 8, progress: bool = False,
+              shared_prefix: Optional[bool] = None) -> list[np.ndarray]:
         """log p(continuation[j] | prompt, continuation[:j]) for each pair: a list
-        of float32 arrays in input order, one forward pass per batch."""
+        of float32 arrays in input order, one forward pass per batch (starts the
+        prompts share computed once with `shared_prefix`)."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         prompts = [self.encode(p) for p in prompts]
@@ -538,15 +635,55 @@ class Sampler:
                 raise ValueError(f"prompt {i} with its continuation has {len(p) + len(c)} tokens, "
                                  f"more than the model's context of {self.config.max_seq_len}")
         bar = _progress_bar(len(prompts), "scoring", progress)
-        logp_rows = batched_forward(
-            functools.partial(_score, self._program, self.place_params(params)),
-            [p + c for p, c in zip(prompts, conts)], batch_size=batch_size,
-            min_width=MIN_PROMPT_BUCKET, max_width=self.config.max_seq_len, pad_id=self.pad_id,
-            mesh=self.mesh, rules=self.rules, on_batch=bar.update)
+        if not (self.shared_prefix if shared_prefix is None else shared_prefix):
+            logp_rows = batched_forward(
+                lambda tokens, mask: _score(self._program, self.place_params(params),
+                                            {"tokens": tokens, "mask": mask}),
+                [p + c for p, c in zip(prompts, conts)], batch_size=batch_size,
+                min_width=MIN_PROMPT_BUCKET, max_width=self.config.max_seq_len, pad_id=self.pad_id,
+                mesh=self.mesh, rules=self.rules, on_batch=bar.update)
+            bar.close()
+            # The log-prob at t is of token t + 1: a continuation starts at len(prompt) - 1.
+            return [logp[len(p) - 1:len(p) - 1 + len(c)].astype(np.float32)
+                    for logp, p, c in zip(logp_rows, prompts, conts)]
+        # Groups by the prompts alone, so every suffix holds the prompt's last
+        # token; the suffixes are left-padded, so a continuation ends each row.
+        placed, out = self.place_params(params), [None] * len(prompts)
+        for groups in self._batches(prompts, batch_size, True):
+            for g in groups:
+                g.suffixes = [s + conts[i] for s, i in zip(g.suffixes, g.rows)]
+            idx = [i for g in groups for i in g.rows]
+            logp = np.asarray(_score(self._program, placed, self._prompt_arrays(
+                groups, bucket(len(idx), self.batch_multiple), MIN_PROMPT_BUCKET)))
+            for r, i in enumerate(idx):
+                out[i] = logp[r, logp.shape[1] - len(conts[i]):].astype(np.float32)
+            bar.update(len(idx))
         bar.close()
-        # The log-prob at t is of token t + 1: a continuation starts at len(prompt) - 1.
-        return [logp[len(p) - 1:len(p) - 1 + len(c)].astype(np.float32)
-                for logp, p, c in zip(logp_rows, prompts, conts)]
+        return out
+
+    def next_token_logprobs(self, params, prompts: Sequence[Prompt], token_ids: Sequence[int], *,
+                            batch_size: int = 8, keys: Optional[Sequence] = None,
+                            min_width: int = MIN_PROMPT_BUCKET, on_batch=None) -> np.ndarray:
+        """[N, K] log p(token_ids[k] | prompt n): one forward pass per batch,
+        logits only at each prompt's end (multiple-choice options). `keys`
+        (one per prompt) name the groups whose common start is computed once;
+        None runs whole prompts."""
+        prompts = [self.encode(p) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) > self.config.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than the model's context of "
+                                 f"{self.config.max_seq_len}")
+        placed, tokens_k = self.place_params(params), jnp.asarray(token_ids, jnp.int32)
+        out = np.zeros((len(prompts), len(token_ids)), np.float32)
+        for groups in self._batches(prompts, batch_size, keys is not None, keys):
+            idx = [i for g in groups for i in g.rows]
+            arrays = self._prompt_arrays(groups, bucket(len(idx), self.batch_multiple), min_width)
+            out[idx] = np.asarray(_next_token_logprobs(self._program, placed, arrays, tokens_k))[:len(idx)]
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out
 
 
 class _DerivedWhileAlive:

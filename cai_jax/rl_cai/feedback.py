@@ -53,7 +53,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
-from cai_jax.inference import prefix_scorer
+from cai_jax.inference import prefix_groups
 from cai_jax.inference.option_scorer import OptionScorer, option_token_ids, p_first_and_mass
 from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
                                   sample_principles)
@@ -62,7 +62,7 @@ from cai_jax.model_ref import resolve
 from cai_jax.rl_cai import feedback_prompts as fp
 from cai_jax.weights.loader import LoadedModel
 from cai_jax.inference.sampling_buckets import cut_at_stops
-from cai_jax.weights.tokenizer import encode_text, pad_token_id
+from cai_jax.weights.tokenizer import encode_text
 
 KINDS = ("harmless", "helpful")
 SOURCES = ("multiple_choice", "pointwise", "construction")
@@ -104,7 +104,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         "batch_size": 8,
         # Compute the start that a comparison's questions share (exemplars,
         # conversation) once, and only the differing ends per question; the same
-        # labels within float rounding (inference/prefix_scorer.py).
+        # labels within float rounding (inference/prefix_groups.py).
         "shared_prefix": True,
         "max_seq_len": 1024,
         "min_bucket": 128,
@@ -243,7 +243,6 @@ class FeedbackLabeler:
         self.cot_exemplars = cot if num_exemplars < 0 else cot[:num_exemplars]
         self.prefix_ids, token_a, token_b = option_token_ids(self.tokenizer, self.options)
         self.scorer = OptionScorer(model.config, model.params, token_a, token_b,
-                                   pad_id=pad_token_id(self.tokenizer),
                                    batch_size=batch_size, max_len=self.max_len, min_bucket=min_bucket,
                                    mesh=mesh)
         self.shared_prefix = shared_prefix
@@ -319,7 +318,7 @@ class FeedbackLabeler:
         if self._sampler is None:
             from cai_jax.inference.sampling import Sampler
             self._sampler = Sampler(self._model.config, self.tokenizer, mesh=self.scorer.mesh,
-                                    progress=False)
+                                    progress=False, shared_prefix=self.shared_prefix)
         return self._sampler
 
     def _reason(self, queries: list[_Query], comparisons: Sequence[FeedbackComparison]) -> None:
@@ -357,7 +356,7 @@ class FeedbackLabeler:
         rows = [q.ids + self.prefix_ids for q in queries]
         keys = None
         if self.shared_prefix:
-            keys = prefix_scorer.pick_keys(rows, [
+            keys = prefix_groups.pick_keys(rows, [
                 [(q.comparison, q.principle) for q in queries],
                 [(comparisons[q.comparison].kind, principles[q.comparison][q.principle].id) for q in queries],
                 [q.comparison for q in queries]])

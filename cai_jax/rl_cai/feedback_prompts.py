@@ -148,7 +148,7 @@ def pointwise_question(conversation: Sequence[Turn], principle: str, answer: str
     """One answer under one principle, without any answer cue. The answer
     comes before the principle so that, without exemplars, the prompts about
     one conversation share everything up to the answer whatever the principle
-    (computed once, see inference/prefix_scorer.py)."""
+    (computed once, see inference/prefix_groups.py)."""
     shown = tuple(conversation) + (assistant(answer.strip()),)
     return (f"{INTRO}\n\n{conversation_text(shown)}\n\n"
             f"Reviewers compare replies by asking: \"{principle_as_standard(principle)}\"\n{POINTWISE_ASK}")

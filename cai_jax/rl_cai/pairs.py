@@ -208,7 +208,8 @@ def run_stage(ctx) -> dict:
             raise ValueError(f"pairs.model_source {section.model_source!r} has no tokenizer")
         style = generator_style(model.tokenizer, config.data.render, section.mode)
         mesh = shd.make_mesh(config.mesh.to_dict())
-        sampler = Sampler(model.config, model.tokenizer, mesh=mesh, progress=False)
+        sampler = Sampler(model.config, model.tokenizer, mesh=mesh, progress=False,
+                          shared_prefix=config.sampling.shared_prefix)
         params = shd.place(model.params, shd.param_shardings(model.config, mesh))
         sampling = SamplingParams(
             temperature=section.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,

@@ -141,6 +141,7 @@ class PPOSetup:
     eval_prompts: list
     render: str = "chat"  # how prompts were rendered ("hh" adds the HH stop string)
     ref_config: Optional[TransformerConfig] = None  # default: policy config, heads ("lm",)
+    shared_prefix: bool = False  # rollouts compute the prompts' shared start once (config.sampling)
 
 
 def hyper_from_config(c) -> ppo_update.PPOHyper:
@@ -245,7 +246,8 @@ class PPORunner:
         ref_params = _cast(_head_view(setup.policy_params, ("lm",)), ref_config.weight_dtype)
         self.ref_params = shd.place(ref_params, shd.param_shardings(ref_config, self.mesh))
         self.sample_config = setup.policy_config.replace(heads=("lm",))
-        self.sampler = Sampler(self.sample_config, setup.tokenizer, mesh=self.mesh)
+        self.sampler = Sampler(self.sample_config, setup.tokenizer, mesh=self.mesh,
+                               shared_prefix=setup.shared_prefix)
         self.data_sharding = shd.data_sharding(self.mesh, 2)
         self.pad_id = pad_token_id(setup.tokenizer)
 
@@ -543,7 +545,7 @@ def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) ->
                     policy_config=policy.config, policy_params=policy.params,
                     value_config=value_config, value_params=value_params, reward_fn=reward_fn,
                     train_red_team=train_red, train_helpful=train_helpful,
-                    eval_prompts=eval_prompts, render=style)
+                    eval_prompts=eval_prompts, render=style, shared_prefix=config.sampling.shared_prefix)
 
 
 def run_stage(ctx) -> dict:

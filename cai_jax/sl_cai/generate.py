@@ -376,7 +376,7 @@ class _Model:
             if loaded.tokenizer is None:
                 raise ValueError(f"model source {self.source!r} has no tokenizer; sl_generate needs one")
             sampler = Sampler(loaded.config, loaded.tokenizer, mesh=make_mesh(self.config.mesh.to_dict()),
-                              progress=self.progress)
+                              progress=self.progress, shared_prefix=self.config.sampling.shared_prefix)
             self._parts = (make_generate_fn(sampler, loaded.params, self.settings, self.config.seed),
                            PromptBuilder(loaded.tokenizer, self.config.data.render, loaded.config.max_seq_len))
         return self._parts

@@ -5,7 +5,7 @@ import pytest
 
 from cai_jax.constitution import load_default_constitution
 from cai_jax.data.conversation import user
-from cai_jax.inference import prefix_scorer as pxs
+from cai_jax.inference import prefix_groups as pxs
 from cai_jax.inference.option_scorer import OptionScorer
 from cai_jax.rl_cai import feedback as fb
 from cai_jax.weights.loader import LoadedModel, load_model
@@ -38,10 +38,38 @@ def test_split_groups_by_hand():
     assert [g.rows for g in parts] == [[0, 1], [2, 3], [4]] and all(g.prefix == [1, 2] for g in parts)
 
 
-def test_pack_groups_respects_both_limits():
-    groups = [pxs.Group([0] * n, list(range(k)), [[1]] * k) for n, k in ((5, 2), (9, 3), (1, 1), (7, 2))]
-    batches = pxs.pack_groups(groups, group_rows=2, suffix_rows=4)
-    assert batches == [[1], [3, 0], [2]]  # longest prefixes first; 3 + 2 suffixes > 4
+def test_auto_keys_groups_prompts_that_share_a_start():
+    head = list(range(100, 120))  # 20 tokens
+    prompts = [head + [1, 2], [7] * 30, head + [3], head + [1, 5, 6], [8, 9]]
+    keys = pxs.auto_keys(prompts, min_prefix=16)
+    assert keys[0] == keys[2] == keys[3]
+    assert len({keys[0], keys[1], keys[4]}) == 3
+    # A short common start is not worth a group.
+    assert len(set(pxs.auto_keys([[1, 2, 3, 4], [1, 2, 3, 5]], min_prefix=16))) == 2
+
+
+def test_auto_keys_keeps_a_long_start_rather_than_a_short_one_for_all():
+    a, b = [1] * 16 + [2] * 40, [1] * 16 + [3] * 40
+    # Two pairs sharing 56 tokens each beat one group of four sharing 16: 2 * 55 > 3 * 16.
+    prompts = [a + [4], a + [5], b + [6], b + [7]]
+    keys = pxs.auto_keys(prompts, min_prefix=8)
+    assert keys[0] == keys[1] != keys[2] == keys[3]
+
+
+def test_batches_of_groups_cut_groups_at_batch_boundaries():
+    prompts = [[1] * 20 + [i] * (i + 1) for i in range(5)] + [[2] * 30, [3] * 4]
+    keys = [0] * 5 + [1, 2]
+    batches = pxs.batches_of_groups(prompts, keys, batch_size=3)
+    rows = [[r for g in batch for r in g.rows] for batch in batches]
+    assert sorted(r for batch in rows for r in batch) == list(range(7))
+    assert all(len(batch) == 3 for batch in rows[:-1])
+    assert rows[0] == [5, 4, 3]  # longest group first, its rows longest first
+    for batch in batches:
+        for g in batch:
+            for r, suffix in zip(g.rows, g.suffixes):
+                assert g.prefix + suffix == prompts[r]
+            if len(g.rows) > 1 and keys[g.rows[0]] == 0:
+                assert g.prefix == [1] * 20
 
 
 def test_shared_prefix_log_probs_equal_full_forward(tiny):
