@@ -360,12 +360,15 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     from cai_jax.weights.loader import load_model
     assert len(jax.devices()) == 8, jax.devices()
     m = load_model("init:tiny")
-    prompts = [[5, 6, 7], list(range(100, 120)), [42], [7, 8, 9, 10, 11], [300, 301]]
+    head = list(range(200, 220))  # a start three prompts share (shared-prefix prefill)
+    prompts = [[5, 6, 7], head + [1, 2], list(range(100, 120)), head + [3], [42], [7, 8, 9, 10, 11],
+               head + [4, 5, 6], [300, 301]]
     sp = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True)
     out = {}
-    for name, mesh in (("single", None), ("sharded", make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    for name, mesh, shared in (("single", None, False), ("sharded", mesh, False), ("sharded/shared", mesh, True)):
         samples = Sampler(m.config, m.tokenizer, mesh=mesh, progress=False).generate(
-            m.params, prompts, sp, seed=11)
+            m.params, prompts, sp, seed=11, shared_prefix=shared)
         out[name] = [s.tokens.tolist() for s in samples]
         out[name + "/logp"] = [s.logprobs.tolist() for s in samples]
     print("RESULT" + json.dumps(out))
@@ -379,9 +382,10 @@ def test_sharded_equals_unsharded():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1][6:])
-    assert out["sharded"] == out["single"]
-    for a, b in zip(out["sharded/logp"], out["single/logp"]):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert out["sharded"] == out["single"] == out["sharded/shared"]
+    for name in ("sharded", "sharded/shared"):
+        for a, b in zip(out[name + "/logp"], out["single/logp"]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 SMALL = dict(vocab_size=97, d_model=64, num_layers=2, num_heads=4, head_dim=16, mlp_dim=96,

@@ -129,3 +129,33 @@ def full_logits(loaded, prompts, width=128):
     out, _ = Transformer(loaded.config).apply({"params": loaded.params}, jnp.asarray(tokens),
                                               positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
     return np.asarray(out["logits"], np.float64)
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_a_kv_store_continues_the_last_call(tiny, unroll, monkeypatch):
+    """A second call whose prompts extend the first call's prompts and answers
+    (SL-CAI's next step) reads those starts from the store: the same answers
+    as whole prompts."""
+    from cai_jax.inference import kv_store as kv
+
+    used = []
+    original = kv.prefix_arrays
+    monkeypatch.setattr(kv, "prefix_arrays", lambda *a, **k: used.append(1) or original(*a, **k))
+    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False, unroll_layers=unroll, shared_prefix=True)
+    rng = np.random.default_rng(6)
+    vocab = tiny.config.vocab_size
+    prompts = mixed_prompts(vocab, seed=6)
+    ids = [f"p{i}" for i in range(len(prompts))]
+    store = kv.KVStore()
+    first = sampler.generate(tiny.params, prompts, GREEDY, example_ids=ids, batch_size=4, kv_store=store)
+    assert len(store) == len(prompts)
+    following = [p + list(a.tokens[:k]) + list(rng.integers(1, vocab, 5))
+                 for p, a, k in zip(prompts, first, rng.integers(0, 12, len(prompts)))]
+    following[1] = following[1][:3] + [5, 6]  # leaves its stored sequence early
+    following.append(list(rng.integers(1, vocab, 25)))  # a new example: nothing stored
+    ids.append("new")
+    whole = sampler.generate(tiny.params, following, GREEDY, example_ids=ids, batch_size=4, shared_prefix=False)
+    continued = sampler.generate(tiny.params, following, GREEDY, example_ids=ids, batch_size=4, kv_store=store)
+    assert used, "the second call did not read the store"
+    assert_same_samples(whole, continued)
+    assert len(store) == len(following)  # the store now holds the second call's sequences

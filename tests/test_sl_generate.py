@@ -294,9 +294,11 @@ class CountingSampler:
         monkeypatch.setattr(sampling, "Sampler", Recording)
 
 
-def test_stage_on_tiny_model_writes_records_and_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_stage_on_tiny_model_writes_records_and_resumes(tmp_path, monkeypatch, shared_prefix):
     CountingSampler.install(monkeypatch)
     config = tiny_config()
+    config.sampling.shared_prefix = shared_prefix
     summary = gen.run_stage(StageContext(config, str(tmp_path / "a"), progress=False))
     records = artifacts.read_jsonl(str(tmp_path / "a" / "sl_data.jsonl"))
     helpful = artifacts.read_jsonl(str(tmp_path / "a" / "helpful_data.jsonl"))

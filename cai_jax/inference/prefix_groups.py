@@ -31,6 +31,7 @@ class Group:
     prefix: list[int]
     rows: list[int]  # indices into the prompts
     suffixes: list[list[int]]
+    stored: bool = False  # the prefix's keys and values come from a KVStore, not a forward pass
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

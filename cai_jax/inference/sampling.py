@@ -51,6 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from cai_jax import sharding as shd
+from cai_jax.inference import kv_store as kv_store_lib
 from cai_jax.inference import prefix_groups
 from cai_jax.inference.batched_forward import batch_row_multiple, batched_forward, place_batch
 from cai_jax.models.config import TransformerConfig
@@ -255,13 +256,15 @@ def _relayout(program: _Program, params):
 
 def _run_prompts(program: _Program, params, prompt: dict, free_slots: int, last_only: bool = True):
     """The prompts through the trunk into a new KV cache with `free_slots`
-    empty slots after them. `prompt` is one of the two layouts `_prompt_arrays`
+    empty slots after them. `prompt` is one of the layouts `_prompt_arrays`
     makes: whole rows ("tokens", "mask": [B, W], left-padded), or shared
     prefixes ("prefix", "prefix_mask": [G, Wp]) that run once each and
     suffixes ("suffix", "suffix_mask": [B, Ws]) that read their "group"'s
-    prefix from the cache. A suffix's padding sits between its prefix and its
-    tokens, masked out, and its positions continue from its prefix's length,
-    so every row sees exactly its unpadded prompt.
+    prefix from the cache; or, instead of prefix tokens, their keys and values
+    from an earlier call ("prefix_kv", one row per suffix: `kv_store.py`). A
+    suffix's padding sits between its prefix and its tokens, masked out, and
+    its positions continue from its prefix's length, so every row sees
+    exactly its unpadded prompt.
 
     Returns (final hidden states [D, B] of each row's last token, or [D, B*W]
     of every prompt slot without `last_only`; the cache; the key mask
@@ -274,15 +277,24 @@ def _run_prompts(program: _Program, params, prompt: dict, free_slots: int, last_
                                       cache=program.new_cache(b, p + free_slots), cache_index=0,
                                       last_only=last_only)
         return hidden, cache, key_mask_bs, jnp.sum(mask_bp, axis=1, dtype=jnp.int32)
-    prefix_gp, prefix_mask_gp = prompt["prefix"], prompt["prefix_mask"]
+    prefix_mask_gp = prompt["prefix_mask"]
     suffix_bs, suffix_mask_bs, group_b = prompt["suffix"], prompt["suffix_mask"], prompt["group"]
-    (g, wp), (b, ws) = prefix_gp.shape, suffix_bs.shape
-    # Written from slot 0, the prefix attends only to its own slots (write_cache).
-    _, cache = program.trunk(params, prefix_gp, positions_from_mask(prefix_mask_gp), prefix_mask_gp,
-                             cache=program.new_cache(g, wp + ws + free_slots), cache_index=0,
-                             last_only=True)
-    cache = program.constrain(jax.tree.map(lambda c: jnp.take(c, group_b, axis=program.cache_batch_axis),
-                                           cache), program.cache_names)
+    (g, wp), (b, ws) = prefix_mask_gp.shape, suffix_bs.shape
+    if "prefix_kv" in prompt:  # computed by an earlier call, one row per suffix
+        cache = program.new_cache(b, wp + ws + free_slots)
+        stored = prompt["prefix_kv"]
+        cache = {"k": jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, c.ndim - 1),
+                                   cache["k"], stored["k"]),
+                 "v": jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, c.ndim - 2),
+                                   cache["v"], stored["v"])}
+    else:
+        prefix_gp = prompt["prefix"]
+        # Written from slot 0, the prefix attends only to its own slots (write_cache).
+        _, cache = program.trunk(params, prefix_gp, positions_from_mask(prefix_mask_gp), prefix_mask_gp,
+                                 cache=program.new_cache(g, wp + ws + free_slots), cache_index=0,
+                                 last_only=True)
+        cache = program.constrain(jax.tree.map(lambda c: jnp.take(c, group_b, axis=program.cache_batch_axis),
+                                               cache), program.cache_names)
     prefix_len_b = jnp.sum(prefix_mask_gp, axis=1, dtype=jnp.int32)[group_b]
     key_mask_bs = jnp.concatenate([prefix_mask_gp[group_b], suffix_mask_bs,
                                    jnp.ones((b, free_slots), bool)], axis=1)
@@ -496,13 +508,17 @@ class Sampler:
     def generate(self, params, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(),
                  seed: int = 0, example_ids: Optional[Sequence[ExampleId]] = None,
                  batch_size: int = 8, progress: Optional[bool] = None,
-                 shared_prefix: Optional[bool] = None) -> list[Sample]:
+                 shared_prefix: Optional[bool] = None,
+                 kv_store: Optional[kv_store_lib.KVStore] = None) -> list[Sample]:
         """One answer per prompt (a string or token ids), in input order.
 
         `example_ids` (ints or strings; default the input index) pick each
         prompt's random stream; `batch_size` caps the rows decoded together;
         `shared_prefix` (default: the sampler's) computes starts that prompts
         share once per batch (`prefix_groups.auto_keys` finds them).
+        `kv_store` keeps each example's sequence for the next call that passes
+        it, and reads from it the starts this call's prompts have in common
+        with the last one's (`kv_store.py`).
         """
         prompts = [self.encode(p) for p in prompts]
         example_ids = list(range(len(prompts))) if example_ids is None else list(example_ids)
@@ -522,31 +538,62 @@ class Sampler:
         mode, knobs = _mode_of(sampling), self._knobs(sampling)
         results: list[Optional[Sample]] = [None] * len(prompts)
         bar = _progress_bar(len(prompts), "sampling", self.progress if progress is None else progress)
-        for groups in self._batches(prompts, batch_size, shared_prefix):
+        reuse = None
+        if kv_store is not None:
+            reuse = [kv_store.reusable(example_key_id(e), p) for e, p in zip(example_ids, prompts)]
+        for groups in self._batches(prompts, batch_size, shared_prefix, reuse=reuse):
             idx = [i for g in groups for i in g.rows]
             batch = self._generate_batch(params, prompts, groups, [example_key_id(example_ids[i]) for i in idx],
-                                         sampling, mode, knobs, seed)
+                                         sampling, mode, knobs, seed, kv_store)
             for i, sample in zip(idx, batch):
                 results[i] = sample
             bar.update(len(idx))
         bar.close()
+        if kv_store is not None:
+            kv_store.end_call()
         return results
 
     def _batches(self, prompts: list[list[int]], batch_size: int, shared_prefix: Optional[bool],
-                 keys: Optional[Sequence] = None) -> list[list[prefix_groups.Group]]:
+                 keys: Optional[Sequence] = None,
+                 reuse: Optional[Sequence[int]] = None) -> list[list[prefix_groups.Group]]:
         """The batches a call runs, each as its groups of rows. Without sharing
         a batch is one group with an empty prefix: whole prompts, as long as
-        one another (`length_sorted_batches`)."""
+        one another (`length_sorted_batches`). `reuse` (a KVStore's reusable
+        start per prompt) wins over shared prefixes where it saves more tokens;
+        then every row is a group of its own, its prefix read from the store."""
+        batches = None
         if self.shared_prefix if shared_prefix is None else shared_prefix:
             keys = prefix_groups.auto_keys(prompts) if keys is None else keys
-            return prefix_groups.batches_of_groups(prompts, keys, batch_size)
+            batches = prefix_groups.batches_of_groups(prompts, keys, batch_size)
+        if reuse is not None:
+            left = sum(map(len, prompts)) - sum(reuse)
+            if left < (sum(prefix_groups.tokens_to_run(b) for b in batches) if batches
+                       else sum(map(len, prompts))):
+                order = sorted(range(len(prompts)), key=lambda i: reuse[i] - len(prompts[i]))
+                return [[prefix_groups.Group(prompts[i][:reuse[i]], [i], [prompts[i][reuse[i]:]], stored=True)
+                         for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        if batches is not None:
+            return batches
         return [[prefix_groups.Group([], [int(i) for i in idx], [prompts[i] for i in idx])]
                 for idx in length_sorted_batches([len(p) for p in prompts], batch_size)]
 
-    def _prompt_arrays(self, groups: Sequence[prefix_groups.Group], rows: int, min_width: int) -> dict:
-        """A batch's prompts in one of `_run_prompts`' two layouts, padded to
-        `rows` rows: whole rows unless some group of two or more shares a prefix."""
+    def _prompt_arrays(self, groups: Sequence[prefix_groups.Group], rows: int, min_width: int,
+                       stored: Optional[list] = None) -> dict:
+        """A batch's prompts in one of `_run_prompts`' layouts, padded to `rows`
+        rows: whole rows unless some group of two or more shares a prefix, or
+        the prefixes' keys and values are `stored` (one per group, a group per row)."""
         put = self._put_batch
+        if stored is not None:
+            width = width_bucket(max(max(len(g.prefix) for g in groups), 1), min_width)
+            suffixes = [g.suffixes[0] for g in groups]
+            suffix, suffix_mask = left_pad(suffixes, rows, width_bucket(max(map(len, suffixes)), min_width),
+                                           self.pad_id)
+            prefix_mask = np.zeros((rows, width), bool)
+            for r, g in enumerate(groups):
+                prefix_mask[r, width - len(g.prefix):] = bool(g.prefix)
+            kv = kv_store_lib.prefix_arrays(stored, rows, width, self.config.scan_layers)
+            return {"prefix_kv": self._put_cache(kv), "prefix_mask": put(prefix_mask), "suffix": put(suffix),
+                    "suffix_mask": put(suffix_mask), "group": put(np.arange(rows, dtype=np.int32))}
         if not any(g.prefix and len(g.rows) > 1 for g in groups):
             whole = [g.prefix + s for g in groups for s in g.suffixes]
             tokens, mask = left_pad(whole, rows, width_bucket(max(map(len, whole)), min_width), self.pad_id)
@@ -566,14 +613,27 @@ class Sampler:
         return {"prefix": put(prefix), "prefix_mask": put(prefix_mask), "suffix": put(suffix),
                 "suffix_mask": put(suffix_mask), "group": put(group)}
 
+    def _put_cache(self, kv: dict):
+        """Host cache arrays on the device, or split over the mesh as the cache is."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, kv)
+        return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(self.mesh, shd.spec_for(
+            x.shape, self._program.cache_names, self.mesh, self.rules))), kv)
+
     def _generate_batch(self, params, prompts, groups, row_ids, sampling: SamplingParams, mode: Mode,
-                        knobs: dict, seed: int) -> list[Sample]:
+                        knobs: dict, seed: int, kv_store: Optional[kv_store_lib.KVStore] = None) -> list[Sample]:
         idx = [i for g in groups for i in g.rows]
         n, rows = len(idx), bucket(len(idx), self.batch_multiple)
         ids_b = np.zeros((rows,), np.uint32)
         ids_b[:n] = row_ids
         put = self._put_batch
-        state = _prefill(self._program, params, self._prompt_arrays(groups, rows, MIN_PROMPT_BUCKET),
+        stored = None
+        if groups[0].stored:
+            stored = [kv_store.prefix(key, len(g.prefix)) if g.prefix else None
+                      for key, g in zip(row_ids, groups)]
+            if all(p is None for p in stored):
+                stored, groups = None, [prefix_groups.Group([], idx, [prompts[i] for i in idx])]
+        state = _prefill(self._program, params, self._prompt_arrays(groups, rows, MIN_PROMPT_BUCKET, stored),
                          put(ids_b), put(np.arange(rows) < n), np.uint32(seed % (1 << 32)), knobs,
                          gen_width=bucket(sampling.max_new_tokens, MIN_GEN_BUCKET), mode=mode)
         interval = self.stop_check_interval if sampling.stop_strings else sampling.max_new_tokens
@@ -596,6 +656,11 @@ class Sampler:
                         stopped[r] = True
         tokens, logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
         num = np.asarray(state["num_tokens"])
+        if kv_store is not None:
+            key_mask = np.asarray(state["key_mask"])
+            kv_store_lib.store_rows(kv_store, state["cache"], self.config.scan_layers, row_ids,
+                                    [prompts[i] for i in idx], tokens, num, key_mask,
+                                    key_mask.shape[1] - tokens.shape[1])
         stop_ids = set(int(t) for t in knobs["stop_ids"] if t >= 0)
         return [self._finish(prompts[i], tokens[r, :num[r]], logprobs[r, :num[r]], stop_ids,
                              sampling.stop_strings) for r, i in enumerate(idx)]

@@ -126,16 +126,25 @@ def step_seed(seed: int, purpose: str) -> int:
 
 # A sampled section ends at the next HH transcript label (chat models end with
 # their end-of-turn token; the strings are harmless there). Clean-up cuts again.
+#
+# With the sampler's shared_prefix on, each step's keys and values are kept
+# for the next step (a KVStore): a revision prompt continues its critique
+# prompt and critique, the next critique prompt the revision, so only what was
+# added since runs through the model.
 def make_generate_fn(sampler, params, settings: StepSettings, seed: int,
                      extra_stops: Sequence[str] = TRANSCRIPT_STOP_STRINGS) -> GenerateFn:
+    from cai_jax.inference.kv_store import KVStore
     from cai_jax.inference.sampling import SamplingParams
+
+    store = KVStore() if sampler.shared_prefix else None
 
     def generate(prompts, max_new_tokens, purpose, example_ids):
         params_ = SamplingParams(temperature=settings.temperature, top_k=settings.top_k,
                                  top_p=settings.top_p, max_new_tokens=max_new_tokens,
                                  stop_strings=tuple(extra_stops))
         samples = sampler.generate(params, prompts, params_, seed=step_seed(seed, purpose),
-                                   example_ids=list(example_ids), batch_size=settings.batch_size)
+                                   example_ids=list(example_ids), batch_size=settings.batch_size,
+                                   kv_store=store)
         return [s.text for s in samples]
 
     return generate
