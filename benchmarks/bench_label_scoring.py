@@ -100,7 +100,7 @@ def timed_labels(labeler, comparisons):
 def run(args) -> dict:
     from cai_jax.constitution import load_default_constitution
     from cai_jax.data.hh_rlhf import read_pairs
-    from cai_jax.inference import prefix_scorer
+    from cai_jax.inference import prefix_groups
     from cai_jax.rl_cai import feedback as fb
     from cai_jax.weights.loader import load_model
     from cai_jax.weights.tokenizer import pad_token_id
@@ -122,12 +122,12 @@ def run(args) -> dict:
               "load_average_at_start": os.getloadavg()[0], "methods": {}}
     # Work before padding: every prompt whole, against each group's prefix once
     # plus its suffixes, under the grouping the labeller picks.
-    keys = prefix_scorer.pick_keys(rows, [
+    keys = prefix_groups.pick_keys(rows, [
         [(q.comparison, q.principle) for q in queries],
         [(comparisons[q.comparison].kind, principles[q.comparison][q.principle].id) for q in queries],
         [q.comparison for q in queries]])
     result["tokens_full"] = sum(len(r) for r in rows)
-    result["tokens_shared"] = prefix_scorer.tokens_to_run(prefix_scorer.split_groups(rows, keys))
+    result["tokens_shared"] = prefix_groups.tokens_to_run(prefix_groups.split_groups(rows, keys))
     print(f"tokens: {result['tokens_full']} full, {result['tokens_shared']} shared "
           f"({result['tokens_full'] / result['tokens_shared']:.2f}x fewer)", flush=True)
     if args.tokens_only:

@@ -11,6 +11,15 @@ forward pass that fills the KV cache and picks the first token) and `decode` (a
 `lax.while_loop` of one-token steps over the donated cache, which exits as soon
 as every row has stopped). Results come back in input order.
 
+With `shared_prefix`, prompts that share a start (few-shot exemplars, a
+system message, the chat header) are batched together and prefill runs each
+batch's shared starts once, then only each row's own suffix over a copy of
+its start's cache (`prefix_groups.py` finds the groups; `_run_prompts` holds
+both layouts). A `KVStore` carries each example's sequence from one call to
+the next, so a prompt that continues the last call's prompt and answer
+prefills only what is new (`kv_store.py`). Either way the answers are those
+of whole prompts up to float rounding (greedy tokens identical in the tests).
+
 On one device the forward pass is `models/feature_major.py` (the model's math
 with weights-first products, faster on XLA:CPU); with a mesh it is the Flax
 model. Either way the logits come out vocabulary-major, [V, B].

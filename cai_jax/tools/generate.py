@@ -56,6 +56,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="text: a readable block per answer; jsonl: one JSON object per answer "
                         "(index, prompt, text, finish_reason, num_tokens)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no_shared_prefix", action="store_true",
+                   help="prefill every prompt whole, even where prompts share a start (a chat "
+                        "header, a system message); by default a shared start runs once per batch")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompts_file:
         p.error("give at least one --prompt or a --prompts_file")
@@ -110,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
                               ignore_eos=args.ignore_eos)
-    sampler = Sampler(loaded.config, loaded.tokenizer, progress=not args.no_progress)
+    sampler = Sampler(loaded.config, loaded.tokenizer, progress=not args.no_progress,
+                      shared_prefix=not args.no_shared_prefix)
     samples = sampler.generate(loaded.params, texts, sampling, seed=args.seed,
                                batch_size=args.batch_size)
     for i, (prompt, sample) in enumerate(zip(prompts, samples)):
