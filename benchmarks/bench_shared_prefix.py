@@ -9,7 +9,11 @@ answers are canned, since only the prompts' tokens matter here):
   sl_critique    SmolLM2-135M, configs/default.py's round-1 critique requests
                  (one exemplar from the constitution, drawn per prompt), 32 prompts
   sl_revision_4  SmolLM2-135M, configs/reproduce.py's round-4 revision requests
-                 (the longest transcripts of that run), 32 prompts
+                 (the longest transcripts of that run), 32 prompts; also "stored":
+                 the round-4 critique requests sampled first with a KVStore, as
+                 sl_generate does, so each revision prompt reads its critique
+                 prompt's keys and values (the sampled critique is not the canned
+                 one the prompt holds, so only the critique prompt is reused)
   pairs          Qwen2.5-Coder-0.5B-Instruct, configs/default.py's pairs: 64
                  red-team prompts under the better and the worse system
                  message of their framing (128 rows)
@@ -19,7 +23,8 @@ every row decoding exactly that many tokens (ignore_eos here, min_new_tokens
 in transformers). Prefill seconds are a one-token call; decode seconds the
 full call less that. Best of --repeats after an untimed call that compiles;
 the sides interleave so machine load hits them alike. "programs" counts the
-compilations our side made for the shape (prefill and decode).
+prefill and decode programs our side compiled for the full-length call
+(after "stored", the previous step's too).
 """
 from __future__ import annotations
 
@@ -52,9 +57,11 @@ def config(name: str):
     return load_config_module(os.path.join(root, "configs", f"{name}.py")).get_config()
 
 
-def sl_prompts(cfg, tokenizer, max_seq_len: int, n: int, purpose: str) -> tuple[list[list[int]], dict]:
+def sl_prompts(cfg, tokenizer, max_seq_len: int, n: int, purpose: str,
+               previous: str = "") -> tuple[list[list[int]], dict]:
     """The token ids sl_generate sends for `purpose` (e.g. "critique0"), built
-    by the stage's own rounds with canned model text."""
+    by the stage's own rounds with canned model text; with `previous`, the
+    run also holds that step's prompts (run["previous"])."""
     from cai_jax.constitution import constitution_from_config
     from cai_jax.data.prompt_sets import load_prompts
     from cai_jax.sl_cai import generate as g
@@ -77,8 +84,10 @@ def sl_prompts(cfg, tokenizer, max_seq_len: int, n: int, purpose: str) -> tuple[
                      settings, num_revisions=cfg.sl_generate.num_revisions,
                      num_fewshot=cfg.sl_generate.num_fewshot, direct_revision=False, seed=cfg.seed)
     prompts, max_new = sent[purpose]
-    return prompts, {"max_new_tokens": max_new, "temperature": settings.temperature,
-                     "batch_size": settings.batch_size}
+    run = {"max_new_tokens": max_new, "temperature": settings.temperature, "batch_size": settings.batch_size}
+    if previous:
+        run["previous"] = sent[previous]
+    return prompts, run
 
 
 def pairs_prompts(cfg, tokenizer, n: int) -> tuple[list[list[int]], dict]:
@@ -95,11 +104,22 @@ def pairs_prompts(cfg, tokenizer, n: int) -> tuple[list[list[int]], dict]:
                   "batch_size": cfg.pairs.batch_size}
 
 
-def time_ours(sampler, params, prompts, run: dict, new_tokens: int, shared: bool) -> float:
+def time_ours(sampler, params, prompts, run: dict, new_tokens: int, side: str) -> float:
+    """One generate call; "stored" first samples the previous step (untimed) into a KVStore."""
+    from cai_jax.inference.kv_store import KVStore
     from cai_jax.inference.sampling import SamplingParams
     sp = SamplingParams(temperature=run["temperature"], max_new_tokens=new_tokens, ignore_eos=True)
+    ids = list(range(len(prompts)))
+    store = None
+    if side == "stored":
+        store = KVStore()
+        previous, previous_new = run["previous"]
+        sampler.generate(params, previous, SamplingParams(temperature=run["temperature"],
+                                                          max_new_tokens=previous_new),
+                         example_ids=ids, batch_size=run["batch_size"], shared_prefix=True, kv_store=store)
     start = time.perf_counter()
-    out = sampler.generate(params, prompts, sp, batch_size=run["batch_size"], shared_prefix=shared)
+    out = sampler.generate(params, prompts, sp, example_ids=ids, batch_size=run["batch_size"],
+                           shared_prefix=side != "whole", kv_store=store)
     seconds = time.perf_counter() - start
     assert all(len(s.tokens) == new_tokens for s in out)
     return seconds
@@ -131,12 +151,12 @@ def bench_shape(name: str, loaded, prompts, run: dict, args, hf) -> list[str]:
 
     sampler = Sampler(loaded.config, loaded.tokenizer, progress=False)
     n_new = run["max_new_tokens"]
-    sides = {"whole": False, "shared": True}
+    sides = ["whole", "shared"] + (["stored"] if "previous" in run else [])
     programs = {}
-    for side, shared in sides.items():  # untimed: compile both lengths
+    for side in sides:  # untimed: compile both lengths
+        time_ours(sampler, loaded.params, prompts, run, 1, side)
         before = sum(TRACE_COUNTS[k] for k in ("prefill", "decode"))
-        for new_tokens in (1, n_new):
-            time_ours(sampler, loaded.params, prompts, run, new_tokens, shared)
+        time_ours(sampler, loaded.params, prompts, run, n_new, side)
         programs[side] = sum(TRACE_COUNTS[k] for k in ("prefill", "decode")) - before
     if hf is not None:
         time_hf(hf, prompts[:2], run, 2, pad_token_id(loaded.tokenizer))  # warm-up
@@ -144,8 +164,8 @@ def bench_shape(name: str, loaded, prompts, run: dict, args, hf) -> list[str]:
             for n in (1, n_new)}
     for _ in range(args.repeats):
         for n in (1, n_new):
-            for side, shared in sides.items():
-                best[(side, n)] = min(best[(side, n)], time_ours(sampler, loaded.params, prompts, run, n, shared))
+            for side in sides:
+                best[(side, n)] = min(best[(side, n)], time_ours(sampler, loaded.params, prompts, run, n, side))
             if hf is not None:
                 best[("transformers", n)] = min(best[("transformers", n)],
                                                 time_hf(hf, prompts, run, n, pad_token_id(loaded.tokenizer)))
@@ -159,7 +179,7 @@ def bench_shape(name: str, loaded, prompts, run: dict, args, hf) -> list[str]:
              "| side | prefill s | decode s | total s | tokens/s | programs | total vs whole | total vs transformers |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     total = {side: best[(side, n_new)] for side in {s for s, _ in best}}
-    for side in [s for s in ("whole", "shared", "transformers") if s in total]:
+    for side in [s for s in ("whole", "shared", "stored", "transformers") if s in total]:
         prefill = best[(side, 1)]
         ratio_hf = f"{total['transformers'] / total[side]:.2f}x" if "transformers" in total else "-"
         lines.append(f"| {side} | {prefill:.1f} | {total[side] - prefill:.1f} | {total[side]:.1f} | "
@@ -183,10 +203,10 @@ def main():
         if name == "pairs":
             prompts, run = pairs_prompts(config("default"), loaded.tokenizer, args.prompts or 64)
         else:
-            cfg, purpose = ((config("default"), "critique0") if name == "sl_critique"
-                            else (config("reproduce"), "revision3"))
+            cfg, purpose, previous = ((config("default"), "critique0", "") if name == "sl_critique"
+                                      else (config("reproduce"), "revision3", "critique3"))
             prompts, run = sl_prompts(cfg, loaded.tokenizer, loaded.config.max_seq_len, args.prompts or 32,
-                                      purpose)
+                                      purpose, previous)
         hf = None
         if not args.skip_hf:
             from bench_sampler import load_hf

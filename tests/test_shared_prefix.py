@@ -158,4 +158,24 @@ def test_a_kv_store_continues_the_last_call(tiny, unroll, monkeypatch):
     continued = sampler.generate(tiny.params, following, GREEDY, example_ids=ids, batch_size=4, kv_store=store)
     assert used, "the second call did not read the store"
     assert_same_samples(whole, continued)
-    assert len(store) == len(following)  # the store now holds the second call's sequences
+    assert len(store) == len(following)  # both calls' examples (kept for two calls)
+
+
+def test_kv_store_keeps_an_entry_for_keep_calls_calls():
+    from cai_jax.inference.kv_store import KVStore
+    store = KVStore(keep_calls=2)
+    keys = [np.arange(12, dtype=np.float32).reshape(2, 2, 3)]
+    values = [np.arange(12, dtype=np.float32).reshape(2, 3, 2)]
+    store.add("a", np.array([5, 6, 7]), keys, values)
+    assert store.reusable("a", [5, 6, 7, 8]) == 0  # not before its call ends
+    store.end_call()
+    assert store.reusable("a", [5, 6, 7, 8]) == 3
+    assert store.reusable("a", [5, 6, 7]) == 2  # the prompt's last token always runs
+    assert store.reusable("a", [5, 9]) == 1 and store.reusable("b", [5, 6]) == 0
+    k, v = store.prefix("a", 2)
+    np.testing.assert_array_equal(k[0], keys[0][..., :2])
+    np.testing.assert_array_equal(v[0], values[0][:, :2])
+    store.end_call()  # a call without "a": still there (a skipped step)
+    assert len(store) == 1
+    store.end_call()
+    assert len(store) == 0

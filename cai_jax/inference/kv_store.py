@@ -1,5 +1,5 @@
 """Keys and values of one `generate` call's sequences, kept on the host for the
-next call whose prompts continue them.
+next calls whose prompts continue them.
 
 SL-CAI asks for a critique, then for a revision whose prompt is the critique
 prompt, the critique and the revision request; the next round's critique
@@ -7,10 +7,12 @@ prompt extends the revision prompt and the revision in the same way. Each
 row's earlier sequence (prompt and sampled answer) is therefore a start of its
 next prompt, and its keys and values are already computed. A `KVStore` passed
 to `Sampler.generate` remembers, per example id, the tokens the model ran in
-the last call that used it and their cache entries; in the next call a
-prompt's longest common start with its example's sequence is read from here
-instead of prefilled again (`Sampler._batches` chooses this where it saves
-more than sharing prefixes within the call).
+the latest call that held that example and their cache entries; in a later
+call a prompt's longest common start with its example's sequence is read
+from here instead of prefilled again (`Sampler._batches` chooses this where
+it saves more than sharing prefixes within the call). An entry lives for
+`keep_calls` calls: a prompt whose critique was dropped skips the revision
+call, and its next critique prompt still continues its last critique prompt.
 
 Layouts: the sampler's cache is per layer (lists of [B, H_kv, hd, S] keys and
 [B, H_kv, S, hd] values) or stacked with a leading [L] axis (scanned layers).
@@ -28,12 +30,17 @@ from cai_jax.inference.prefix_groups import common_prefix_length
 
 class KVStore:
     """Per example: (tokens [n], keys per layer [H_kv, hd, n], values per layer
-    [H_kv, n, hd]) of the last call's sequence: prompt and answer, less the
+    [H_kv, n, hd]) of its latest sequence: prompt and answer, less the
     answer's last token (whose entries the decode loop never writes)."""
 
-    def __init__(self):
-        self._rows: dict = {}
+    def __init__(self, keep_calls: int = 2):
+        if keep_calls < 1:
+            raise ValueError(f"KVStore keep_calls is {keep_calls}; must be >= 1")
+        self.keep_calls = keep_calls
+        self._rows: dict = {}  # key -> (tokens, keys, values)
+        self._call: dict = {}  # key -> the call that wrote it
         self._pending: dict = {}
+        self._calls = 0
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -55,8 +62,14 @@ class KVStore:
         self._pending[key] = (np.asarray(tokens, np.int32), keys, values)
 
     def end_call(self) -> None:
-        """The sequences added since the last call replace the stored ones."""
-        self._rows, self._pending = self._pending, {}
+        """The sequences added during a call replace their examples' entries;
+        entries no call wrote in the last `keep_calls` calls are dropped."""
+        self._calls += 1
+        for key, row in self._pending.items():
+            self._rows[key], self._call[key] = row, self._calls
+        self._pending = {}
+        for key in [k for k, c in self._call.items() if c <= self._calls - self.keep_calls]:
+            del self._rows[key], self._call[key]
 
 
 def host_layers(cache, scanned: bool) -> tuple[list, list]:

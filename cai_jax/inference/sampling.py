@@ -550,10 +550,11 @@ class Sampler:
         reuse = None
         if kv_store is not None:
             reuse = [kv_store.reusable(example_key_id(e), p) for e, p in zip(example_ids, prompts)]
-        for groups in self._batches(prompts, batch_size, shared_prefix, reuse=reuse):
+        batches = self._batches(prompts, batch_size, shared_prefix, reuse=reuse)
+        for groups, slots in zip(batches, self._call_slots(batches, MIN_PROMPT_BUCKET)):
             idx = [i for g in groups for i in g.rows]
             batch = self._generate_batch(params, prompts, groups, [example_key_id(example_ids[i]) for i in idx],
-                                         sampling, mode, knobs, seed, kv_store)
+                                         sampling, mode, knobs, seed, kv_store, slots)
             for i, sample in zip(idx, batch):
                 results[i] = sample
             bar.update(len(idx))
@@ -586,37 +587,64 @@ class Sampler:
         return [[prefix_groups.Group([], [int(i) for i in idx], [prompts[i] for i in idx])]
                 for idx in length_sorted_batches([len(p) for p in prompts], batch_size)]
 
+    @staticmethod
+    def _shares(groups: Sequence[prefix_groups.Group]) -> bool:
+        """Whether a batch runs with prefixes (shared or stored), not whole rows."""
+        return groups[0].stored or any(g.prefix and len(g.rows) > 1 for g in groups)
+
+    @staticmethod
+    def _prefix_widths(groups: Sequence[prefix_groups.Group], min_width: int) -> tuple[int, int]:
+        """(prefix width, suffix width) of a batch that runs with prefixes."""
+        return (width_bucket(max(max(len(g.prefix) for g in groups), 1), min_width),
+                width_bucket(max(len(s) for g in groups for s in g.suffixes), min_width))
+
+    def _call_slots(self, batches, min_width: int) -> list[int]:
+        """Per batch, the prompt slots (prefix + suffix width) to pad its
+        prefix to, so that a call's batches of one row count share one decode
+        program (its shape is rows x slots). Padding a prefix computes little
+        (it runs once per group, or not at all when stored) but every decode
+        step reads the padded slots, so only batches that can share a program
+        are padded: those with prefixes and the full row count, two or more."""
+        rows = [bucket(sum(len(g.rows) for g in b), self.batch_multiple) for b in batches]
+        alike = [i for i, b in enumerate(batches) if rows[i] == rows[0] and self._shares(b)]
+        if len(alike) < 2:
+            return [0] * len(batches)
+        slots = max(sum(self._prefix_widths(batches[i], min_width)) for i in alike)
+        return [slots if i in alike else 0 for i in range(len(batches))]
+
     def _prompt_arrays(self, groups: Sequence[prefix_groups.Group], rows: int, min_width: int,
-                       stored: Optional[list] = None) -> dict:
+                       stored: Optional[list] = None, slots: int = 0) -> dict:
         """A batch's prompts in one of `_run_prompts`' layouts, padded to `rows`
         rows: whole rows unless some group of two or more shares a prefix, or
-        the prefixes' keys and values are `stored` (one per group, a group per row)."""
+        the prefixes' keys and values are `stored` (one per group, a group per
+        row). With prefixes, the prefix is padded so that it and the suffix
+        fill at least `slots` slots (`_call_slots`)."""
         put = self._put_batch
+        if self._shares(groups):
+            prefix_width, suffix_width = self._prefix_widths(groups, min_width)
+            prefix_width = max(prefix_width, slots - suffix_width)
         if stored is not None:
-            width = width_bucket(max(max(len(g.prefix) for g in groups), 1), min_width)
+            width = prefix_width
             suffixes = [g.suffixes[0] for g in groups]
-            suffix, suffix_mask = left_pad(suffixes, rows, width_bucket(max(map(len, suffixes)), min_width),
-                                           self.pad_id)
+            suffix, suffix_mask = left_pad(suffixes, rows, suffix_width, self.pad_id)
             prefix_mask = np.zeros((rows, width), bool)
             for r, g in enumerate(groups):
                 prefix_mask[r, width - len(g.prefix):] = bool(g.prefix)
             kv = kv_store_lib.prefix_arrays(stored, rows, width, self.config.scan_layers)
             return {"prefix_kv": self._put_cache(kv), "prefix_mask": put(prefix_mask), "suffix": put(suffix),
                     "suffix_mask": put(suffix_mask), "group": put(np.arange(rows, dtype=np.int32))}
-        if not any(g.prefix and len(g.rows) > 1 for g in groups):
+        if not self._shares(groups):
             whole = [g.prefix + s for g in groups for s in g.suffixes]
             tokens, mask = left_pad(whole, rows, width_bucket(max(map(len, whole)), min_width), self.pad_id)
             return {"tokens": put(tokens), "mask": put(mask)}
         num_groups = bucket(len(groups), self.batch_multiple)
         # An empty prefix still needs one (masked) slot to write.
         prefixes = [g.prefix or [self.pad_id] for g in groups]
-        prefix, prefix_mask = left_pad(prefixes, num_groups, width_bucket(max(map(len, prefixes)), min_width),
-                                       self.pad_id)
+        prefix, prefix_mask = left_pad(prefixes, num_groups, prefix_width, self.pad_id)
         for r, g in enumerate(groups):
             prefix_mask[r] &= bool(g.prefix)
         suffixes = [s for g in groups for s in g.suffixes]
-        suffix, suffix_mask = left_pad(suffixes, rows, width_bucket(max(map(len, suffixes)), min_width),
-                                       self.pad_id)
+        suffix, suffix_mask = left_pad(suffixes, rows, suffix_width, self.pad_id)
         group = np.zeros((rows,), np.int32)
         group[:len(suffixes)] = [gi for gi, g in enumerate(groups) for _ in g.rows]
         return {"prefix": put(prefix), "prefix_mask": put(prefix_mask), "suffix": put(suffix),
@@ -630,7 +658,8 @@ class Sampler:
             x.shape, self._program.cache_names, self.mesh, self.rules))), kv)
 
     def _generate_batch(self, params, prompts, groups, row_ids, sampling: SamplingParams, mode: Mode,
-                        knobs: dict, seed: int, kv_store: Optional[kv_store_lib.KVStore] = None) -> list[Sample]:
+                        knobs: dict, seed: int, kv_store: Optional[kv_store_lib.KVStore] = None,
+                        slots: int = 0) -> list[Sample]:
         idx = [i for g in groups for i in g.rows]
         n, rows = len(idx), bucket(len(idx), self.batch_multiple)
         ids_b = np.zeros((rows,), np.uint32)
@@ -642,7 +671,8 @@ class Sampler:
                       for key, g in zip(row_ids, groups)]
             if all(p is None for p in stored):
                 stored, groups = None, [prefix_groups.Group([], idx, [prompts[i] for i in idx])]
-        state = _prefill(self._program, params, self._prompt_arrays(groups, rows, MIN_PROMPT_BUCKET, stored),
+        state = _prefill(self._program, params,
+                         self._prompt_arrays(groups, rows, MIN_PROMPT_BUCKET, stored, slots),
                          put(ids_b), put(np.arange(rows) < n), np.uint32(seed % (1 << 32)), knobs,
                          gen_width=bucket(sampling.max_new_tokens, MIN_GEN_BUCKET), mode=mode)
         interval = self.stop_check_interval if sampling.stop_strings else sampling.max_new_tokens
