@@ -32,9 +32,11 @@ def test_split_groups_by_hand():
     # One prompt the prefix of another: the shorter keeps its last token as suffix.
     [g] = pxs.split_groups([[1, 2, 3], [1, 2, 3, 4]], [0, 0])
     assert g.prefix == [1, 2] and g.suffixes == [[3], [3, 4]]
-    # A lone prompt: all but its last token is prefix. Big groups are split.
+    # A lone prompt: all but its last token is prefix. Big groups are split by
+    # the batches, each part keeping the group's prefix.
     assert pxs.split_groups([[5, 6, 7]], [0])[0].suffixes == [[7]]
-    parts = pxs.split_groups([[1, 2, i] for i in range(5)], [0] * 5, max_suffixes=2)
+    batches = pxs.batches_of_groups([[1, 2, i] for i in range(5)], [0] * 5, batch_size=2)
+    parts = [g for batch in batches for g in batch]
     assert [g.rows for g in parts] == [[0, 1], [2, 3], [4]] and all(g.prefix == [1, 2] for g in parts)
 
 

@@ -237,7 +237,8 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
 
 def collect_answers(models: Sequence[EvalModel], prompts: Sequence[Prompt], path: str, *,
                     sampling, render: str, seed: int, mesh=None, progress: bool = True,
-                    answer_fn_factory: Optional[Callable] = None, shared_prefix: bool = False) -> dict[tuple[str, str], dict]:
+                    answer_fn_factory: Optional[Callable] = None,
+                    shared_prefix: bool = False) -> dict[tuple[str, str], dict]:
     """Answers of every model to every prompt, from the cache or the sampler.
 
     Returns {(model name, prompt id): record}. A cached record counts only if

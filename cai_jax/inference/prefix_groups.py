@@ -43,12 +43,10 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def split_groups(prompts: Sequence[Sequence[int]], keys: Sequence[Hashable],
-                 max_suffixes: int = 0) -> list[Group]:
+def split_groups(prompts: Sequence[Sequence[int]], keys: Sequence[Hashable]) -> list[Group]:
     """Prompts with the same key form a group (in order of first appearance);
     its prefix is their longest common token prefix, less at least one token.
-    Groups of more than `max_suffixes` rows (0: no limit) are split, each part
-    keeping the whole group's prefix."""
+    (Batches cut groups: `batches_of_groups`.)"""
     by_key: dict = {}
     for i, key in enumerate(keys):
         by_key.setdefault(key, []).append(i)
@@ -59,10 +57,7 @@ def split_groups(prompts: Sequence[Sequence[int]], keys: Sequence[Hashable],
         for i in rows[1:]:
             n = min(n, common_prefix_length(first, prompts[i]))
         n = max(n, 0)
-        step = max_suffixes or len(rows)
-        for start in range(0, len(rows), step):
-            part = rows[start:start + step]
-            groups.append(Group(first[:n], part, [list(prompts[i][n:]) for i in part]))
+        groups.append(Group(first[:n], rows, [list(prompts[i][n:]) for i in rows]))
     return groups
 
 

@@ -739,10 +739,10 @@ class Sampler:
                 raise ValueError(f"prompt {i} with its continuation has {len(p) + len(c)} tokens, "
                                  f"more than the model's context of {self.config.max_seq_len}")
         bar = _progress_bar(len(prompts), "scoring", progress)
+        placed = self.place_params(params)
         if not (self.shared_prefix if shared_prefix is None else shared_prefix):
             logp_rows = batched_forward(
-                lambda tokens, mask: _score(self._program, self.place_params(params),
-                                            {"tokens": tokens, "mask": mask}),
+                lambda tokens, mask: _score(self._program, placed, {"tokens": tokens, "mask": mask}),
                 [p + c for p, c in zip(prompts, conts)], batch_size=batch_size,
                 min_width=MIN_PROMPT_BUCKET, max_width=self.config.max_seq_len, pad_id=self.pad_id,
                 mesh=self.mesh, rules=self.rules, on_batch=bar.update)
@@ -752,7 +752,7 @@ class Sampler:
                     for logp, p, c in zip(logp_rows, prompts, conts)]
         # Groups by the prompts alone, so every suffix holds the prompt's last
         # token; the suffixes are left-padded, so a continuation ends each row.
-        placed, out = self.place_params(params), [None] * len(prompts)
+        out = [None] * len(prompts)
         for groups in self._batches(prompts, batch_size, True):
             for g in groups:
                 g.suffixes = [s + conts[i] for s, i in zip(g.suffixes, g.rows)]
