@@ -1,6 +1,7 @@
 """PPO end to end on the tiny model: a reward it can learn, KL exactly 0 while
 policy = reference, resume equality, and the `ppo` stage on fake model dirs."""
 import os
+import types
 
 import jax
 import numpy as np
@@ -164,3 +165,32 @@ def test_ppo_raises_a_learnable_reward_with_bounded_kl(tmp_path):
         assert abs(row["beta"] - beta) <= 1e-5 * beta
         beta *= 1 + np.clip(row["kl_k1"] / 10.0 - 1, -0.2, 0.2) * 16 / 200.0
     assert rows[-1]["beta"] > 0.1
+
+
+def test_pm_with_another_vocabulary_rewards_the_policy_as_text(fake_run, tmp_path):
+    # A PM with a 512-token vocabulary, not the policy's (as SmolLM2's PM
+    # rewards the Qwen policy): it reads the answers' text with its own tokenizer.
+    workdir, config = fake_run
+    pm = load_model("init:tiny", {"heads": ("scalar",), "vocab_size": 512}, seed=2, to_device=False)
+    pm.params["scalar_head"]["kernel"] = np.random.default_rng(1).normal(
+        0, 1.0, pm.params["scalar_head"]["kernel"].shape).astype(np.float32)
+    tokenizer = load_model("init:tiny", to_device=False).tokenizer  # its ids fit both vocabularies
+    save_model_dir(str(tmp_path / "pm512"), pm.config, pm.params, tokenizer)
+    other = config.copy_and_resolve_references()
+    other.ppo.preference_model = f"ckpt:{tmp_path / 'pm512'}"
+    other.ppo.share_trunk = True
+    setup = ppo.load_setup(other, str(workdir))
+    assert setup.reward_fn.scorer.config.vocab_size == 512 != setup.policy_config.vocab_size
+    prompts = setup.train_red_team[:2]
+    # The reward reads only the prompts and the answers' text.
+    rollout = types.SimpleNamespace(prompts=prompts,
+                                    answers=["Sure, here it is.", "I can't help with that."])
+    scores = setup.reward_fn(rollout)
+    expected = setup.reward_fn.scorer.score([p.conversation for p in prompts], rollout.answers)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert scores[0] != scores[1]
+    # A value model started from that PM would read the policy's tokens: refused.
+    other.ppo.share_trunk = False
+    other.ppo.value_init = "pm"
+    with pytest.raises(ValueError, match=r"value_init='pm'.*vocabulary \(512\).*policy's \(\d+\)"):
+        ppo.load_setup(other, str(workdir))

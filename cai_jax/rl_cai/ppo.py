@@ -520,15 +520,19 @@ def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) ->
         value_spec = c.preference_model if c.value_init == "pm" else c.policy
         value = resolve(value_spec, config, workdir).load(overrides["value"], seed=config.seed,
                                                           to_device=False)
+        # The value model reads the policy's tokens; the PM (below) reads text.
+        if value.config.vocab_size != policy.config.vocab_size:
+            raise ValueError(f"config.ppo.value_init='pm' starts the value model from {value_spec!r}, "
+                             f"whose vocabulary ({value.config.vocab_size}) is not the policy's "
+                             f"({policy.config.vocab_size}): set config.ppo.value_init='policy' "
+                             "or config.ppo.share_trunk=True")
         value_config, value_params = value.config, value.params
     if reward_fn is None:
+        # The PM scores the answers as text with its own tokenizer, so it need
+        # not share the policy's (a SmolLM2 PM can reward a Qwen policy).
         reward_fn = preference_reward(resolve(c.preference_model, config, workdir),
                                       overrides["preference_model"],
                                       config.data.render, mesh, c.rollout_batch_size)
-        if reward_fn.scorer.config.vocab_size != policy.config.vocab_size:
-            raise ValueError(f"config.ppo.preference_model {c.preference_model!r} has vocabulary "
-                             f"{reward_fn.scorer.config.vocab_size}, the policy "
-                             f"{policy.config.vocab_size}: they must share a tokenizer")
 
     style, tok = config.data.render, policy.tokenizer
 
