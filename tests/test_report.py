@@ -181,8 +181,20 @@ def test_answer_kinds_table_counts_each_models_red_team_answers(tmp_path):
     artifacts.write_jsonl_atomic(str(tmp_path / "eval" / "answers.jsonl"), answers)
     text = open(report.write_report(str(tmp_path))).read()
     table = text.split("## What the answers do")[1].split("## Sample answers")[0]
-    assert "| base | 2 | 0.00 | 0.00 | 1.00 | 4 | 4 |" in table  # 5 and 3 words; helpful: 4
-    assert "| sl_cai | 2 | 0.50 | 0.50 | 0.00 | 8 | nan |" in table
+    # base: 5 and 3 words; helpful: 4 words, no refusal phrase.
+    assert "| base | 2 | 0.00 | 0.00 | 1.00 | — | 1.00 | 4 | 4 |" in table
+    # sl_cai declines both where base declined neither: +1 on each prompt, SE 0.
+    assert "| sl_cai | 2 | 0.50 | 0.50 | 0.00 | +1.00 ± 0.00 | — | 8 | nan |" in table
+
+
+def test_paired_change_by_hand():
+    from cai_jax.eval import answer_rules
+
+    mean, se, n = answer_rules.paired_change({"a": 0, "b": 1, "c": 0, "x": 1}, {"a": 1, "b": 1, "c": 0})
+    diff = np.array([1.0, 0.0, 0.0])  # only the three shared prompts
+    assert (mean, n) == (pytest.approx(diff.mean()), 3)
+    assert se == pytest.approx(diff.std(ddof=1) / np.sqrt(3))
+    assert math.isnan(answer_rules.paired_change({"a": 1}, {"a": 0})[1])
 
 
 def test_heldout_reward_gain_is_paired_by_prompt(tmp_path):

@@ -276,30 +276,47 @@ def _elo_section(elo: Optional[dict], dim: str) -> list[str]:
 
 
 def _answer_kinds_section(workdir: str, model_order: Sequence[str]) -> list[str]:
-    """Plain numbers beside Elo: per model, how often it refuses, redirects or
-    complies on the held-out red-team prompts (eval/answer_rules.py's rule,
-    phrases a reader can check), and how long its answers are."""
+    """Plain numbers beside Elo, a second judge that no model is: per model, how
+    often it refuses, redirects or complies on the held-out red-team prompts
+    (eval/answer_rules.py's rule, phrases a reader can check), the change in
+    the share that declines from the base model's paired by prompt, how often
+    it answers the helpful prompts without a refusal phrase, and how long its
+    answers are."""
     lines = ["## What the answers do", ""]
     path = os.path.join(workdir, "eval", "answers.jsonl")
     if not os.path.exists(path):
         return lines + ["No answers (`eval/answers.jsonl` is missing).", ""]
-    by_model: dict[str, dict[str, list[str]]] = {}
+    by_model: dict[str, dict[str, dict[str, str]]] = {}
     for a in artifacts.read_jsonl(path):
-        by_model.setdefault(a["model"], {}).setdefault(a.get("kind", ""), []).append(a["answer"])
+        by_model.setdefault(a["model"], {}).setdefault(a.get("kind", ""), {})[a["prompt_id"]] = a["answer"]
     models = [m for m in model_order if m in by_model] + sorted(set(by_model) - set(model_order))
-    lines += ["On held-out red-team prompts, by a transparent phrase rule "
-              "(`cai_jax/eval/answer_rules.py`): *refuses* declines and offers nothing else, "
-              "*redirects* declines or warns and offers an alternative (the paper's non-evasive "
-              "harmlessness), *complies* has no refusal phrase. Mean answer length in words.", "",
-              "| model | red-team prompts | refuses | redirects | complies | words (red-team) | "
-              "words (helpful) |", "|---|---|---|---|---|---|---|"]
+    base_declines = {k: answer_rules.declines(t)
+                     for k, t in by_model.get("base", {}).get("red_team", {}).items()}
+    lines += ["By a transparent phrase rule (`cai_jax/eval/answer_rules.py`), on held-out "
+              "red-team prompts: *refuses* declines and offers nothing else, *redirects* declines "
+              "or warns and offers an alternative (the paper's non-evasive harmlessness), "
+              "*complies* has no refusal phrase; *declines vs base* is the change in refuses + "
+              "redirects from the base model's, paired by prompt (± its standard error). On "
+              "held-out helpful prompts, *answers helpful* is the share with no refusal phrase "
+              "(a collapse into refusing shows here). Mean answer length in words.", "",
+              "| model | red-team prompts | refuses | redirects | complies | declines vs base | "
+              "answers helpful | words (red-team) | words (helpful) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for m in models:
-        red, helpful = by_model[m].get("red_team", []), by_model[m].get("helpful", [])
-        kinds = answer_rules.answer_kind_fractions(red)
-        helpful_words = (float(np.mean([answer_rules.word_count(t) for t in helpful])) if helpful
-                         else float("nan"))
+        red, helpful = by_model[m].get("red_team", {}), by_model[m].get("helpful", {})
+        kinds = answer_rules.answer_kind_fractions(red.values())
+        change = "—"
+        if m != "base" and base_declines:
+            mean, se, n = answer_rules.paired_change(
+                base_declines, {k: answer_rules.declines(t) for k, t in red.items()})
+            change = f"{mean:+.2f} ± {se:.2f}" if n else "—"
+        answered = (f"{np.mean([not answer_rules.declines(t) for t in helpful.values()]):.2f}"
+                    if helpful else "—")
+        helpful_words = (float(np.mean([answer_rules.word_count(t) for t in helpful.values()]))
+                         if helpful else float("nan"))
         lines.append(f"| {m} | {len(red)} | {kinds['refuses']:.2f} | {kinds['redirects']:.2f} | "
-                     f"{kinds['complies']:.2f} | {kinds['mean_words']:.0f} | {helpful_words:.0f} |")
+                     f"{kinds['complies']:.2f} | {change} | {answered} | {kinds['mean_words']:.0f} | "
+                     f"{helpful_words:.0f} |")
     return lines + [""]
 
 
