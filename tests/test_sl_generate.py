@@ -79,6 +79,22 @@ def test_revision_opening_with_the_critique_is_an_echo():
     assert cleanup.clean_revision(fresh, RR, CR, critique).dropped is None
 
 
+def test_copies_of_the_shown_exemplar_are_dropped():
+    # Seen in the default run: a 0.5B chat model answered the meth prompt with
+    # the coworker exemplar's revision word for word.
+    from cai_jax.constitution import load_default_constitution
+    from cai_jax.sl_cai.generate import exemplar_texts
+
+    shown = load_default_constitution().critique_exemplars[1:2]
+    texts = exemplar_texts(shown)
+    assert texts == [shown[0].rounds[0].critique, shown[0].rounds[0].revision]
+    copy = shown[0].rounds[0].revision
+    assert cleanup.clean_revision(copy, RR, CR, "The reply helps.", exemplar_texts=texts).dropped == "echo_exemplar"
+    assert cleanup.clean_critique(shown[0].rounds[0].critique, CR, exemplar_texts=texts).dropped == "echo_exemplar"
+    own = "I'm sorry, but I can't help with making drugs; if you are struggling, a doctor can help."
+    assert cleanup.clean_revision(own, RR, CR, "The reply helps.", exemplar_texts=texts).dropped is None
+
+
 def test_critique_echo_and_answer_checks():
     assert cleanup.clean_critique(CR, CR).dropped == "echo_request"
     assert cleanup.clean_critique(" The reply helps the human steal.", CR) == cleanup.Cleaned(

@@ -13,7 +13,9 @@ with ("Revision: ..."). Clean-up
 3. removes quotes around the whole text,
 4. drops what is left when it is no use as training data: empty, stuck in a
    loop (repeated lines, sentences or phrases), an echo of the request (or,
-   for a revision, of the critique) instead of an answer, or (for a revision)
+   for a revision, of the critique) instead of an answer, a copy of the
+   few-shot exemplar's own critique or revision (a 0.5B chat model copies
+   the exemplar about one time in five), or (for a revision)
    commentary about the reply ("The response is ...") instead of a new reply.
 
 A dropped revision is reported with its reason; the generation stage then
@@ -27,7 +29,8 @@ import re
 from collections import Counter
 from typing import Iterable, Optional
 
-DROP_REASONS = ("empty", "repeated_lines", "repetition", "echo_request", "echo_critique", "commentary")
+DROP_REASONS = ("empty", "repeated_lines", "repetition", "echo_request", "echo_critique", "echo_exemplar",
+                "commentary")
 
 # Labels the model may put in front of its text, because the prompt ended with them
 # or because chat models like to announce what they write.
@@ -159,24 +162,33 @@ def clean_answer(raw: str, extra_stops: Iterable[str] = ()) -> Cleaned:
     return Cleaned(text, _degenerate(text))
 
 
-def clean_critique(raw: str, critique_request: str, extra_stops: Iterable[str] = ()) -> Cleaned:
+def clean_critique(raw: str, critique_request: str, extra_stops: Iterable[str] = (),
+                   exemplar_texts: Iterable[str] = ()) -> Cleaned:
+    """A critique is dropped when degenerate, when it repeats its request, or
+    when it copies a text of the exemplars it was shown."""
     text = clean_text(raw, extra_stops)
     reason = _degenerate(text)
     if reason is None and is_echo(text, critique_request):
         reason = "echo_request"
+    if reason is None and any(is_echo(text, e) for e in exemplar_texts):
+        reason = "echo_exemplar"
     return Cleaned(text, reason)
 
 
 def clean_revision(raw: str, revision_request: str, critique_request: Optional[str] = None,
-                   critique: Optional[str] = None, extra_stops: Iterable[str] = ()) -> Cleaned:
-    """A revision is dropped when degenerate, when it repeats either request, or
-    when it copies the critique instead of rewriting the answer."""
+                   critique: Optional[str] = None, extra_stops: Iterable[str] = (),
+                   exemplar_texts: Iterable[str] = ()) -> Cleaned:
+    """A revision is dropped when degenerate, when it repeats either request,
+    when it copies the critique instead of rewriting the answer, or when it
+    copies a text of the exemplars it was shown."""
     text = clean_text(raw, extra_stops)
     reason = _degenerate(text)
     if reason is None and any(is_echo(text, r) for r in (revision_request, critique_request) if r):
         reason = "echo_request"
     if reason is None and critique and is_echo(text, critique):
         reason = "echo_critique"
+    if reason is None and any(is_echo(text, e) for e in exemplar_texts):
+        reason = "echo_exemplar"
     if reason is None and _COMMENTARY.match(text):
         reason = "commentary"
     return Cleaned(text, reason)

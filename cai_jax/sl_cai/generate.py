@@ -248,7 +248,8 @@ def _run_rounds(work: list[_Work], constitution: Constitution, builder: PromptBu
         for (w, _), text in zip(revise, texts):
             p, rec = principles[w.item.id], records[w.item.id]
             cleaned = clean_revision(text, p.revision_request,
-                                     None if direct else p.critique_request, rec["critique"])
+                                     None if direct else p.critique_request, rec["critique"],
+                                     exemplar_texts=exemplar_texts(w.exemplars))
             rec["revision"], rec["dropped"] = cleaned.text, cleaned.dropped
             if cleaned.dropped is None:
                 w.kept.append(CritiqueRound(
@@ -257,6 +258,12 @@ def _run_rounds(work: list[_Work], constitution: Constitution, builder: PromptBu
                     critique=None if direct else rec["critique"]))
         for w in work:
             w.rounds.append(records[w.item.id])
+
+
+def exemplar_texts(exemplars) -> list[str]:
+    """The critiques and revisions of the few-shot exemplars a prompt showed:
+    what a sampled critique or revision must not copy."""
+    return [text for e in exemplars for rnd in e.rounds for text in (rnd.critique, rnd.revision) if text]
 
 
 def _round_record(principle: CritiqueRevisionPair, direct: bool) -> dict:
@@ -284,7 +291,8 @@ def _critique_step(work, principles, records, builder, generate, settings, r) ->
                      f"critique{r}", [w.item.id for w, _ in asks])
     ready = []
     for (w, _), text in zip(asks, texts):
-        cleaned = clean_critique(text, principles[w.item.id].critique_request)
+        cleaned = clean_critique(text, principles[w.item.id].critique_request,
+                                 exemplar_texts=exemplar_texts(w.exemplars))
         records[w.item.id]["critique"] = cleaned.text
         if cleaned.dropped is None:
             ready.append(w)
