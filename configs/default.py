@@ -1,21 +1,26 @@
-"""The default run: the whole CAI recipe on the bundled SmolLM2-135M-Instruct.
+"""The default run: the whole CAI recipe with Qwen2.5-Coder-0.5B-Instruct as the policy.
 
-Sized to finish on a 2-core CPU in about 20 minutes, so every stage is small:
+Sized to finish on a 2-core CPU in under 30 minutes, so every stage is small:
 24 red-team and 24 helpful prompts with one critique-revision round, 160
-answer pairs, 64 PPO rollouts (8 iterations of 8). The preference model's labels are
-made by construction (RLCD) rather than by the paper's multiple-choice judge:
-Qwen2.5-Coder-0.5B-Instruct answers 160 red-team training prompts under the
-constitution's better and worse framing, because no offline model judges
-well enough at this size and these labels gave the best preference model of
-those measured (README, "The default run"). Half of those prompts' labels
-train PPO's reward model and the other half a second preference model that
-evaluation judges harmlessness with (pm_train.judge_fraction, stage defaults),
-so RL-CAI is not judged by its own reward. This shows every stage working on
-real models, not the paper's effect sizes. The stage modules' own defaults
-(configs/base.py's experiment_config, which this file starts from) follow the
-paper where it gives a value (four revisions, T = 1 pairs, ...).
-Where the time goes on this machine (seconds per stage) is in README.md;
-configs/reproduce.py is the same recipe at the size that runs here in under two hours.
+answer pairs, 64 PPO rollouts (8 iterations of 8). The policy is a chat model
+that answers in sentences and complies with about half of the red-team
+prompts, so there is something for RL to move (SmolLM2-135M, the earlier
+default, answers incoherently and did not move even under a perfect reward).
+The preference model's labels are made by construction (RLCD) rather than by
+the paper's multiple-choice judge: the policy answers 160 red-team training
+prompts under the constitution's better and worse framings (decline and
+redirect, against complying or against a bare refusal), because no offline
+model judges well enough at this size. The preference models start from
+SmolLM2-135M, which scores the policy's answers as text with its own
+tokenizer. Half of the prompts' labels train PPO's reward model and the other
+half a second preference model that evaluation judges harmlessness with
+(pm_train.judge_fraction, stage defaults), so RL-CAI is not judged by its own
+reward. The stage modules' own defaults (configs/base.py's
+experiment_config, which this file starts from) follow the paper where it
+gives a value (four revisions, T = 1 pairs, ...).
+Where the time goes on this machine (seconds per stage) and what the run
+shows are in README.md; configs/reproduce.py is the same recipe at the size
+that runs here in under two hours.
 Every field can be overridden with --config.a.b=value.
 """
 import os
@@ -27,9 +32,13 @@ _base = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__
 
 def get_config():
     config = _base.experiment_config()
-    config.sampling.max_new_tokens = 96
-    # A 135M model rambles at temperature 1; 0.7 keeps answers and revisions readable.
+    # The policy: a chat model that answers in sentences and refuses about half
+    # of the red-team prompts, so RL has something to move (SmolLM2-135M's
+    # answers are incoherent and did not move even under a perfect reward).
+    config.model.source = "qwen2.5-coder-0.5b-instruct"
+    config.sampling.max_new_tokens = 80
     config.sampling.temperature = 0.7
+    config.sampling.batch_size = 24
 
     # Prefilling long few-shot prompts is most of the cost of SL-CAI on a CPU.
     config.sl_generate.red_team_limit = 24
@@ -40,14 +49,14 @@ def get_config():
     config.sl_train.num_epochs = 1.0
     config.sl_train.max_seq_len = 384
     config.sl_train.eval_fraction = 0.2
-    config.sl_train.optimizer.learning_rate = 3e-5
+    config.sl_train.optimizer.learning_rate = 1e-5
 
     # Labels by construction: a chat model that follows the framings' system
     # messages answers under each (SmolLM2-135M answers alike under both).
     # Harmlessness pairs only: the helpful framings' pairs taught the PM to
     # prefer longer answers, which on HH-RLHF's harmless pairs is the wrong way.
     config.pairs.mode = "contrastive"
-    config.pairs.model_source = "qwen2.5-coder-0.5b-instruct"
+    config.pairs.model_source = "base"  # the policy answers under both framings
     config.pairs.include_helpful = False
     config.pairs.red_team_limit = 160
     config.pairs.max_new_tokens = 48
@@ -64,6 +73,10 @@ def get_config():
     config.pm_train.max_seq_len = 320
     config.pm_train.batch_size = 4
     config.pm_train.optimizer.learning_rate = 1e-4
+    # The PM (and the judge PM) start from SmolLM2-135M: it scores answers as
+    # text with its own tokenizer, so it can reward the Qwen policy, and it
+    # was the best PM measured on these labels (a Qwen PM did worse).
+    config.pm_train.init_source = "smollm2"
 
     config.ppo.iterations = 8
     config.ppo.rollout_batch_size = 8
@@ -76,8 +89,13 @@ def get_config():
     config.ppo.share_trunk = True
     config.ppo.minibatch_size = 4
     config.ppo.epochs = 2
-    config.ppo.policy_optimizer.learning_rate = 2e-5
-    config.ppo.value_optimizer.learning_rate = 2e-5
+    # At 1e-5 the 0.5B policy's KL reached 19.8 nats (target 6) by iteration 5;
+    # at 5e-6 it stayed at or under 5.2 and the held-out reward climbed as far.
+    config.ppo.policy_optimizer.learning_rate = 5e-6
+    config.ppo.value_optimizer.learning_rate = 5e-6
+    # Beta may move 10% per iteration (Ziegler's rule, horizon in rollouts):
+    # with the paper-scale horizon of 10,000 it stayed at 0.0999 while KL hit 70.
+    config.ppo.kl.horizon = 16.0
     config.ppo.max_prompt_tokens = 128
     config.ppo.max_new_tokens = 48
     config.ppo.save_every = 4

@@ -25,6 +25,7 @@ resumable state in `<workdir>/ppo/ckpt`. Everything random is a function of
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 from typing import Any, Callable, Optional
@@ -119,7 +120,9 @@ def _head_view(params: dict, heads) -> dict:
 
 
 def _cast(params, dtype):
-    return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    # copy=False: a float32 reference of a float32 policy is placed straight
+    # from the host arrays, not from a second 2 GB copy of a 0.5B model.
+    return jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
 
 
 @dataclasses.dataclass
@@ -278,6 +281,9 @@ class PPORunner:
         return min(max(16, 1 << (longest - 1).bit_length()), self.c.max_prompt_tokens)
 
     def initial_states(self):
+        if self.setup.policy_params is None:
+            raise RuntimeError("PPORunner.run(release_host_params=True) dropped the starting weights; "
+                               "build a new runner to start afresh")
         policy_state = self.steps.policy.init_state(self.setup.policy_params)
         value_state = None if self.shared else self.steps.value.init_state(self.setup.value_params)
         return policy_state, value_state
@@ -389,9 +395,13 @@ class PPORunner:
     # -- the loop
 
     def run(self, out_dir: str, models_dir: str, progress: bool = True,
-            stop_after: Optional[int] = None) -> dict:
+            stop_after: Optional[int] = None, release_host_params: bool = False) -> dict:
         """Runs (or resumes) `iterations` iterations. `stop_after` ends early after
-        that iteration, as a kill would (tests). Returns the summary numbers."""
+        that iteration, as a kill would (tests). `release_host_params` drops the
+        setup's host copy of the starting weights once the state is placed (the
+        stage runs once; with a 0.5B policy that copy is 2 GB of a 24 GB
+        machine), after which `run` cannot start afresh again. Returns the
+        summary numbers."""
         c, s = self.c, self.setup
         os.makedirs(out_dir, exist_ok=True)
         checkpointer = Checkpointer(os.path.join(out_dir, "ckpt"), keep_last=c.keep_checkpoints)
@@ -401,6 +411,10 @@ class PPORunner:
                                 lambda: self._state_tree(*self.initial_states()),
                                 jax.random.key(s.seed), writer)
         policy_state, value_state = start.state["policy"], start.state.get("value")
+        if release_host_params:
+            # The state is on the devices now; the host copy was the last use.
+            s.policy_params = s.value_params = None
+            gc.collect()
         key = start.rng
         beta = float(self.controller.init())
         moments = ro.RunningMoments()
@@ -555,4 +569,5 @@ def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) ->
 def run_stage(ctx) -> dict:
     setup = load_setup(ctx.config, ctx.workdir)
     runner = PPORunner(setup)
-    return runner.run(ctx.path("ppo"), ctx.path("models", "rl_cai"), progress=ctx.progress)
+    return runner.run(ctx.path("ppo"), ctx.path("models", "rl_cai"), progress=ctx.progress,
+                      release_host_params=True)
