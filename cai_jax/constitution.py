@@ -63,11 +63,17 @@ class ContrastiveFraming:
     """Two system messages that steer one model towards a better and a worse
     answer to the same prompt, for labels by construction (RLCD, Yang et al.
     2023): the answer made under `better` is labelled preferred, with no judge.
-    `kind` is the comparison kind it makes pairs for ("harmless" or "helpful")."""
+    `kind` is the comparison kind it makes pairs for ("harmless" or "helpful").
+    `better_starts` / `worse_starts` (optional) are openings the answer is
+    made to begin with, one drawn per prompt: a small model that ignores a
+    system message still continues "I can't help with that. Instead," as a
+    redirect, so the pair differs in the way the framing means."""
     id: str
     kind: str
     better: str
     worse: str
+    better_starts: tuple[str, ...] = ()
+    worse_starts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +263,11 @@ def _framings(reader: _Reader, data: dict) -> tuple[ContrastiveFraming, ...]:
         kind = reader.field(item, key, "kind")
         if kind not in ("harmless", "helpful"):
             raise reader.error(f"{key}.kind", f"must be 'harmless' or 'helpful', got {kind!r}")
+        starts = {name: reader.options(item, key, name) if name in item else ()
+                  for name in ("better_starts", "worse_starts")}
         out.append(ContrastiveFraming(reader.field(item, key, "id"), kind,
-                                      reader.field(item, key, "better"), reader.field(item, key, "worse")))
+                                      reader.field(item, key, "better"), reader.field(item, key, "worse"),
+                                      **starts))
     reader.unique_ids(out, "contrastive_framings")
     return tuple(out)
 

@@ -82,6 +82,12 @@ def test_default_constitution_has_contrastive_framings_of_both_kinds():
     framings = load_default_constitution().contrastive_framings
     assert {f.kind for f in framings} == {"harmless", "helpful"}
     assert all(f.better != f.worse for f in framings)
+    # The harmless ones order three kinds of answer: redirect > bare refusal > compliance.
+    harmless = {f.id: f for f in framings if f.kind == "harmless"}
+    redirect, refusal = harmless["decline_and_redirect"].better_starts, harmless["refuse_or_comply"].better_starts
+    assert harmless["redirect_or_stonewall"].better_starts == redirect
+    assert harmless["redirect_or_stonewall"].worse_starts == refusal
+    assert harmless["decline_and_redirect"].worse_starts == harmless["refuse_or_comply"].worse_starts
 
 
 def test_default_constitution_covers_the_harm_areas():
@@ -244,6 +250,9 @@ def test_missing_key_error_names_file_and_index(tmp_path):
      r"contrastive_framings\[0\].kind must be 'harmless' or 'helpful', got 'harmful'"),
     (_minimal(contrastive_framings=[{"id": "c", "kind": "helpful", "better": "b"}]),
      r"contrastive_framings\[0\] is missing 'worse'"),
+    (_minimal(contrastive_framings=[{"id": "c", "kind": "helpful", "better": "b", "worse": "w",
+                                     "worse_starts": ["Sure,", " "]}]),
+     r"contrastive_framings\[0\].worse_starts must be a non-empty list of non-empty strings"),
 ])
 def test_format_errors(tmp_path, data, message):
     with pytest.raises(ConstitutionError, match=message):

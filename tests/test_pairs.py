@@ -164,6 +164,17 @@ def test_contrastive_draws_depend_only_on_seed_and_id():
     assert {kinds[d["framing"]] for d in drawn} == {"harmless"}
     # The better answer's slot is a fair coin, so position carries no label.
     assert 70 < sum(d["better"] == "a" for d in drawn) < 130
+    # Openings: drawn from the framing's own lists, and put in the slots the
+    # better and worse answers hold.
+    by_id = {f.id: f for f in framings}
+    for p, d in zip(prompts, drawn):
+        f = by_id[d["framing"]]
+        assert d["better_start"] in f.better_starts and d["worse_start"] in f.worse_starts
+        a, b = pairs.answer_starts({"construction": d})
+        assert (a, b) == ((d["better_start"], d["worse_start"]) if d["better"] == "a"
+                          else (d["worse_start"], d["better_start"]))
+    assert len({d["better_start"] for d in drawn}) > 1
+    assert pairs.answer_starts({"id": "x"}) == ("", "")
     with pytest.raises(ValueError, match="no contrastive_framings of kind 'helpful'"):
         pairs.draw_construction({"id": "h", "kind": "helpful"}, [f for f in framings if f.kind == "harmless"], 0)
 
@@ -193,11 +204,16 @@ def test_contrastive_stage_answers_under_each_framing_and_feedback_labels_by_con
     framing = framings[r["construction"]["framing"]]
     assert framing.kind == r["kind"]
     slot = r["construction"]["better"]
+    # The answer continues the framing's drawn opening, if it has openings.
+    start = r["construction"].get("better_start", "")
+    assert (start in framing.better_starts) if framing.better_starts else start == ""
     prompt = model.tokenizer.apply_chat_template(
         [{"role": "system", "content": framing.better}] + r["prompt"], add_generation_prompt=True, tokenize=False)
-    [better] = sampler.generate(model.params, [prompt], SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8),
+    [better] = sampler.generate(model.params, [prompt + start],
+                                SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8),
                                 seed=config.seed, example_ids=[f"{r['id']}/{slot}"])
-    assert better.text.strip() == r[f"answer_{slot}"]
+    assert (start + better.text).strip() == r[f"answer_{slot}"]
+    assert r[f"answer_{slot}"].startswith(start.strip())
 
     summary = feedback.run_stage(ctx)
     labels = artifacts.read_jsonl(ctx.path("labels.jsonl"))

@@ -353,7 +353,7 @@ def test_home_of_a_staging_directory_is_its_work_directory(tmp_path):
 def test_the_run_models_a_stage_reads_are_inputs_only_when_its_config_names_them():
     from cai_jax.config import load_config
     config = load_config(os.path.join(REPO, "configs", "default.py"))
-    assert config.pairs.model_source == "qwen2.5-coder-0.5b-instruct"
+    assert config.pairs.model_source == "base"
     assert pipeline.stage_inputs(config, "pairs") == ()  # a packaged model: no run model needed
     assert pipeline.stage_inputs(config, "ppo") == ("models/sl_cai", "models/pm")
     with config.unlocked():

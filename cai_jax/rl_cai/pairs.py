@@ -12,7 +12,10 @@ Two ways to make a pair, chosen by `pairs.mode`:
   the better framing (`construction`), so the feedback stage can label the
   pair by how it was made (`feedback.source="construction"`), and a judge's
   labels on the same pairs can be checked against it. The better answer's
-  slot is drawn per prompt, so position carries no label. The model should
+  slot is drawn per prompt, so position carries no label. A framing may also
+  give openings the answers are made to begin with (`better_starts`,
+  `worse_starts`, one drawn per prompt and kept in `construction`): the
+  recorded answer is the opening plus what the model wrote after it. The model should
   be a chat model that follows system messages: SmolLM2-135M answers alike
   under both.
 
@@ -26,7 +29,8 @@ Artifact `pairs.jsonl`, one record per prompt:
 
     {"id", "kind": "harmless" | "helpful", "prompt": [{"role", "content"}, ...],
      "answer_a", "answer_b", "finish_a", "finish_b", "sampling": {...},
-     "construction": {"framing": id, "better": "a" | "b"}}   (contrastive only)
+     "construction": {"framing": id, "better": "a" | "b",
+                      "better_start"?, "worse_start"?}}   (contrastive only)
 
 Records are appended as each batch finishes, so a killed stage resumes with the
 prompts it had not answered yet. Each answer's randomness depends only on the
@@ -136,7 +140,19 @@ def draw_construction(p: dict, framings: Sequence[ContrastiveFraming], seed: int
                          f"kind {p['kind']!r} (see constitutions/README.md)")
     framing = sample_principles(of_kind, 1, seed=seed, example_id=p["id"], kind="contrastive_framing")[0]
     slot = sample_principles(("a", "b"), 1, seed=seed, example_id=p["id"], kind="better_slot")[0]
-    return {"framing": framing.id, "better": slot}
+    drawn = {"framing": framing.id, "better": slot}
+    for side, starts in (("better", framing.better_starts), ("worse", framing.worse_starts)):
+        if starts:
+            drawn[f"{side}_start"] = sample_principles(starts, 1, seed=seed, example_id=p["id"],
+                                                       kind=f"{side}_start")[0]
+    return drawn
+
+
+def answer_starts(p: dict) -> tuple[str, str]:
+    """The openings answers a and b are made to begin with ("" for none)."""
+    c = p.get("construction", {})
+    better, worse = c.get("better_start", ""), c.get("worse_start", "")
+    return (better, worse) if c.get("better", "a") == "a" else (worse, better)
 
 
 def prompt_texts(p: dict, style: str, tokenizer, framings: Sequence[ContrastiveFraming]) -> tuple[str, str]:
@@ -149,7 +165,9 @@ def prompt_texts(p: dict, style: str, tokenizer, framings: Sequence[ContrastiveF
     framing = next(f for f in framings if f.id == p["construction"]["framing"])
     better, worse = (build_initial_prompt((Turn("system", system),) + conversation, style=style,
                                           tokenizer=tokenizer) for system in (framing.better, framing.worse))
-    return (better, worse) if p["construction"]["better"] == "a" else (worse, better)
+    texts = (better, worse) if p["construction"]["better"] == "a" else (worse, better)
+    # The sampler continues after each answer's opening.
+    return tuple(text + start for text, start in zip(texts, answer_starts(p)))
 
 
 def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: str, sampling,
@@ -175,9 +193,10 @@ def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: 
     records = []
     for i, p in enumerate(kept):
         a, b = samples[2 * i], samples[2 * i + 1]
+        start_a, start_b = answer_starts(p)
         records.append({"id": p["id"], "kind": p["kind"], "prompt": to_messages(p["conversation"]),
-                        "answer_a": cut_at_stops(a.text, stops).strip(),
-                        "answer_b": cut_at_stops(b.text, stops).strip(),
+                        "answer_a": cut_at_stops(start_a + a.text, stops).strip(),
+                        "answer_b": cut_at_stops(start_b + b.text, stops).strip(),
                         "finish_a": a.finish_reason, "finish_b": b.finish_reason, "sampling": settings})
         if "construction" in p:
             records[-1]["construction"] = p["construction"]
