@@ -82,12 +82,6 @@ def test_default_constitution_has_contrastive_framings_of_both_kinds():
     framings = load_default_constitution().contrastive_framings
     assert {f.kind for f in framings} == {"harmless", "helpful"}
     assert all(f.better != f.worse for f in framings)
-    # The harmless ones order three kinds of answer: redirect > bare refusal > compliance.
-    harmless = {f.id: f for f in framings if f.kind == "harmless"}
-    redirect, refusal = harmless["decline_and_redirect"].better_starts, harmless["refuse_or_comply"].better_starts
-    assert harmless["redirect_or_stonewall"].better_starts == redirect
-    assert harmless["redirect_or_stonewall"].worse_starts == refusal
-    assert harmless["decline_and_redirect"].worse_starts == harmless["refuse_or_comply"].worse_starts
 
 
 def test_default_constitution_covers_the_harm_areas():

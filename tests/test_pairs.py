@@ -166,6 +166,10 @@ def test_contrastive_draws_depend_only_on_seed_and_id():
     assert 70 < sum(d["better"] == "a" for d in drawn) < 130
     # Openings: drawn from the framing's own lists, and put in the slots the
     # better and worse answers hold.
+    import dataclasses
+    framings = [dataclasses.replace(f, better_starts=("I can't help with that. Instead,", "I won't; what I can do is"),
+                                    worse_starts=("Sure, here's how:",)) for f in framings]
+    drawn = [pairs.draw_construction(p, framings, seed=0) for p in prompts]
     by_id = {f.id: f for f in framings}
     for p, d in zip(prompts, drawn):
         f = by_id[d["framing"]]
