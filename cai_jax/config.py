@@ -22,6 +22,10 @@ from cai_jax.errors import UserError
 from cai_jax.models.config import FIELDS, MODEL_LADDER
 
 
+# Ladder sizes with real weights: the packaged model `source="auto"` loads.
+PACKAGED_WEIGHTS = {"smollm2-135m": "smollm2", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-instruct"}
+
+
 def model_section(name: str = "smollm2-135m", source: str = "auto") -> ml_collections.ConfigDict:
     """`model` section: a ladder name, where weights come from, and optional
     per-field overrides (None = keep the ladder's value)."""
@@ -50,13 +54,14 @@ def optimizer_section(learning_rate=1e-5, total_steps=100, warmup_steps=10, sche
 def resolve_model(model: ml_collections.ConfigDict) -> tuple[str, dict]:
     """(load_model source, overrides) for a `model` section.
 
-    source "auto": the bundled GGUF for smollm2-135m, random init for other sizes.
+    source "auto": the packaged GGUF for a size that has one (smollm2-135m,
+    qwen2.5-coder-0.5b), random init for the others.
     """
     if model.name not in MODEL_LADDER:
         raise ValueError(f"config.model.name is {model.name!r}; known: {sorted(MODEL_LADDER)}")
     source = model.source
     if source == "auto":
-        source = "smollm2" if model.name == "smollm2-135m" else f"init:{model.name}"
+        source = PACKAGED_WEIGHTS.get(model.name, f"init:{model.name}")
     overrides = {k: v for k, v in model.items() if k in FIELDS and v is not None}
     return source, overrides
 

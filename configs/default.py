@@ -35,7 +35,7 @@ def get_config():
     # The policy: a chat model that answers in sentences and refuses about half
     # of the red-team prompts, so RL has something to move (SmolLM2-135M's
     # answers are incoherent and did not move even under a perfect reward).
-    config.model.source = "qwen2.5-coder-0.5b-instruct"
+    config.model.name = "qwen2.5-coder-0.5b"  # source "auto": the packaged weights
     config.sampling.max_new_tokens = 80
     config.sampling.temperature = 0.7
     config.sampling.batch_size = 24

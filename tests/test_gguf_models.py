@@ -7,6 +7,7 @@ enough: with the rows of Q and K in the wrong order, position 0 still matches
 (a token attending to itself ignores Q and K) and short greedy answers still
 look fine, while logits from position 1 on are off by 10 or more.
 """
+import dataclasses
 import os
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax.models.config import model_config_from_dict
 from cai_jax.models.transformer import Transformer
 from cai_jax.weights.loader import load_model
 from cai_jax.weights.packaged import PackagedModelError, packaged_gguf_path
@@ -58,6 +60,13 @@ def test_logits_match_transformers_gguf_loader_at_300_tokens(name):
 
     path = _path_or_skip(name)
     ours = load_model(name)
+    # The size ladder's entry for a packaged model is the file's own shapes.
+    ladder = {"smollm2": "smollm2-135m", "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b"}
+    if name in ladder:
+        want = dataclasses.asdict(model_config_from_dict({"name": ladder[name]}))
+        got = dataclasses.asdict(ours.config)
+        assert want.pop("norm_eps") == pytest.approx(got.pop("norm_eps"), rel=1e-6)  # float32 in the file
+        assert want == got
     ids = ours.tokenizer(LONG_TEXT * 2)["input_ids"][:300]
     assert len(ids) == 300
     our_logits = _our_logits(ours, ids)

@@ -131,6 +131,10 @@ MODEL_LADDER: dict[str, dict[str, Any]] = {
                       qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True),
     "smollm2-135m": _llama(576, 30, num_heads=9, num_kv_heads=3, mlp_dim=1536, vocab_size=49152,
                            max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True),
+    # The packaged GGUF's shapes (qwen2: biases on q, k, v; its own output head).
+    "qwen2.5-coder-0.5b": _llama(896, 24, num_heads=14, num_kv_heads=2, mlp_dim=4864, vocab_size=151936,
+                                 max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                                 tie_embeddings=False),
     "810m": _paper_size(16),
     "1.6b": _paper_size(20),
     "3.5b": _paper_size(26),
