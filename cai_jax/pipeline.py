@@ -37,19 +37,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import importlib
 import json
 import os
 import shutil
 import socket
-import sys
 import time
 from typing import Any, Callable, Optional
 
 import ml_collections
 
-from cai_jax import artifacts
+from cai_jax import artifacts, host_memory
 from cai_jax.errors import DivergenceError, UserError
 
 STAGING = ".staging"  # <workdir>/.staging/<stage>/: a stage's work until it is complete
@@ -389,17 +387,6 @@ def finish_swap(workdir: str, name: str) -> bool:
     return True
 
 
-def _release_memory() -> None:
-    """Frees what a finished stage leaves behind before the next one loads its
-    models: arrays kept alive only by reference cycles, and the compiled
-    programs (each stage compiles its own; the disk cache keeps them). With a
-    0.5B policy, PPO alone peaks at 20 GB of this 24 GB machine."""
-    gc.collect()
-    if "jax" in sys.modules:
-        sys.modules["jax"].clear_caches()
-        gc.collect()
-
-
 def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     """Runs one stage in its staging directory (resuming its partial work when
     started under the same fingerprint), then swaps its paths in and writes its
@@ -424,7 +411,9 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     except DivergenceError as e:
         raise DivergenceError(f"stage {name}: {e}") from e
     finally:
-        _release_memory()
+        # Each stage loads its own models: what this one held goes back to the
+        # OS before the next starts (host_memory.py).
+        host_memory.release()
     seconds = round(time.time() - start, 1)
     if _main_process(ctx.config):
         drop_training_checkpoints(staging, STAGES[name].scratch)

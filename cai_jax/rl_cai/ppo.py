@@ -25,7 +25,6 @@ resumable state in `<workdir>/ppo/ckpt`. Everything random is a function of
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import time
 from typing import Any, Callable, Optional
@@ -35,7 +34,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, sharding as shd
+from cai_jax import artifacts, host_memory, sharding as shd
 from cai_jax.config import optimizer_section
 from cai_jax.data.conversation import answer_stop_strings
 from cai_jax.models.config import TransformerConfig
@@ -414,7 +413,7 @@ class PPORunner:
         if release_host_params:
             # The state is on the devices now; the host copy was the last use.
             s.policy_params = s.value_params = None
-            gc.collect()
+            host_memory.release(clear_compiled=False)
         key = start.rng
         beta = float(self.controller.init())
         moments = ro.RunningMoments()
@@ -450,6 +449,9 @@ class PPORunner:
                                   {"iteration": done, "beta": beta,
                                    "reward_moments": moments.state_dict(),
                                    "nonfinite_skips": self.nonfinite.used})
+            # An iteration's temporaries (logits over a 152k vocabulary, the
+            # saves' host copies) go back to the OS before the next one.
+            host_memory.trim()
             if stop_after is not None and done >= stop_after:
                 break
         bar.close()
