@@ -96,6 +96,10 @@ def get_config():
     # Beta may move 10% per iteration (Ziegler's rule, horizon in rollouts):
     # with the paper-scale horizon of 10,000 it stayed at 0.0999 while KL hit 70.
     config.ppo.kl.horizon = 16.0
+    # Once the policy gave one refusal to every prompt (entropy 0.05, reward
+    # spread 0.01), whitening blew that spread up to unit advantages and the
+    # next update wrecked the policy (KL 17, entropy 2.3, 92% compliance).
+    config.ppo.advantage_std_floor = 1.0
     config.ppo.max_prompt_tokens = 128
     config.ppo.max_new_tokens = 48
     config.ppo.save_every = 4

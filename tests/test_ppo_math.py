@@ -83,6 +83,14 @@ def test_whiten_zero_mean_unit_variance_on_mask():
     assert out[mask > 0].var() == pytest.approx(1.0, abs=1e-5)
     assert np.all(out[mask == 0] == 0.0)
 
+    # A floor below the spread changes nothing; above it, the values are only centred and divided by it.
+    floored = np.asarray(whiten(jnp.asarray(x), jnp.asarray(mask), min_std=1.0))
+    np.testing.assert_allclose(floored, out, atol=1e-6)
+    tiny = x * 1e-3
+    sel_tiny = tiny[mask > 0].astype(np.float64)
+    out_tiny = np.asarray(whiten(jnp.asarray(tiny), jnp.asarray(mask), min_std=1.0))
+    np.testing.assert_allclose(out_tiny[mask > 0], sel_tiny - sel_tiny.mean(), atol=1e-6)
+
     kept = np.asarray(whiten(jnp.asarray(x), jnp.asarray(mask), shift_mean=False))[mask > 0]
     assert kept.mean() == pytest.approx(sel.mean(), abs=1e-4)
     assert kept.var() == pytest.approx(1.0, abs=1e-4)

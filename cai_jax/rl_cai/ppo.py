@@ -82,6 +82,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.entropy_coef = 0.0
     c.value_coef = 0.5  # weight of the value loss when share_trunk
     c.whiten_advantages = True
+    # Whitening divides the advantages by at least this. 0: plain whitening.
+    # With reward_norm the rewards are in units of the PM scores' running
+    # spread, so 1.0 keeps a batch of near-identical answers from being
+    # scaled up to a full-size step (ppo_math.whiten).
+    c.advantage_std_floor = 0.0
     c.epochs = 4
     c.minibatch_size = 8
     c.grad_accum_steps = 1
@@ -150,7 +155,8 @@ def hyper_from_config(c) -> ppo_update.PPOHyper:
     return ppo_update.PPOHyper(
         clip_eps=c.clip_eps, value_clip_eps=c.value_clip_eps, entropy_coef=c.entropy_coef,
         value_coef=c.value_coef, temperature=c.temperature, gamma=c.gamma, lam=c.lam,
-        whiten_advantages=c.whiten_advantages, epochs=c.epochs, minibatch_size=c.minibatch_size,
+        whiten_advantages=c.whiten_advantages, advantage_std_floor=c.advantage_std_floor,
+        epochs=c.epochs, minibatch_size=c.minibatch_size,
         grad_accum_steps=c.grad_accum_steps)
 
 

@@ -66,15 +66,18 @@ def gae(rewards_bt, values_bt, mask_bt, gamma, lam):
     return advantages, returns
 
 
-def whiten(x_bt, mask_bt, shift_mean: bool = True, eps: float = 1e-8):
+def whiten(x_bt, mask_bt, shift_mean: bool = True, eps: float = 1e-8, min_std: float = 0.0):
     """Normalise to zero mean, unit variance over the masked entries of the batch.
 
     With shift_mean=False the original mean is added back (only the scale is
     normalised), as is usual for whitening rewards.  Masked-out entries are 0.
+    `min_std` floors the standard deviation divided by: a batch whose values
+    barely differ (a policy that gives one answer to every prompt) is not
+    blown up to unit variance, which would turn its noise into a full step.
     """
     mean = masked_mean(x_bt, mask_bt)
     var = masked_var(x_bt, mask_bt)
-    out = (x_bt - mean) * jax.lax.rsqrt(var + eps)
+    out = (x_bt - mean) * jax.lax.rsqrt(jnp.maximum(var + eps, min_std * min_std))
     if not shift_mean:
         out = out + mean
     return out * mask_bt

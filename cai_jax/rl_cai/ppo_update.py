@@ -46,6 +46,7 @@ class PPOHyper:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    advantage_std_floor: float = 0.0  # whiten() divides by at least this (ppo_math.whiten)
     epochs: int = 1
     minibatch_size: int = 8
     grad_accum_steps: int = 1
@@ -149,7 +150,7 @@ def compute_advantages(rewards_ba, values_ba, mask_ba, hyper: PPOHyper):
                                jnp.asarray(values_ba, jnp.float32), mask,
                                jnp.float32(hyper.gamma), jnp.float32(hyper.lam))
     if hyper.whiten_advantages:
-        adv = ppo_math.whiten(adv, mask)
+        adv = ppo_math.whiten(adv, mask, min_std=hyper.advantage_std_floor)
     return np.asarray(adv), np.asarray(returns)
 
 
