@@ -32,10 +32,8 @@ _base = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__
 
 def get_config():
     config = _base.experiment_config()
-    # The policy: a chat model that answers in sentences and refuses about half
-    # of the red-team prompts, so RL has something to move (SmolLM2-135M's
-    # answers are incoherent and did not move even under a perfect reward).
-    config.model.name = "qwen2.5-coder-0.5b"  # source "auto": the packaged weights
+    # The policy (see above); source "auto" loads the packaged weights.
+    config.model.name = "qwen2.5-coder-0.5b"
     config.sampling.max_new_tokens = 80
     config.sampling.temperature = 0.7
     config.sampling.batch_size = 24

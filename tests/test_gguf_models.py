@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax.config import PACKAGED_WEIGHTS
 from cai_jax.models.config import model_config_from_dict
 from cai_jax.models.transformer import Transformer
 from cai_jax.weights.loader import load_model
@@ -61,7 +62,7 @@ def test_logits_match_transformers_gguf_loader_at_300_tokens(name):
     path = _path_or_skip(name)
     ours = load_model(name)
     # The size ladder's entry for a packaged model is the file's own shapes.
-    ladder = {"smollm2": "smollm2-135m", "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b"}
+    ladder = {source: size for size, source in PACKAGED_WEIGHTS.items()}
     if name in ladder:
         want = dataclasses.asdict(model_config_from_dict({"name": ladder[name]}))
         got = dataclasses.asdict(ours.config)

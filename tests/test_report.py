@@ -188,13 +188,13 @@ def test_answer_kinds_table_counts_each_models_red_team_answers(tmp_path):
 
 
 def test_paired_change_by_hand():
-    from cai_jax.eval import answer_rules
+    from cai_jax import stats
 
-    mean, se, n = answer_rules.paired_change({"a": 0, "b": 1, "c": 0, "x": 1}, {"a": 1, "b": 1, "c": 0})
+    mean, se, n = stats.paired_change({"a": 0, "b": 1, "c": 0, "x": 1}, {"a": 1, "b": 1, "c": 0})
     diff = np.array([1.0, 0.0, 0.0])  # only the three shared prompts
     assert (mean, n) == (pytest.approx(diff.mean()), 3)
     assert se == pytest.approx(diff.std(ddof=1) / np.sqrt(3))
-    assert math.isnan(answer_rules.paired_change({"a": 1}, {"a": 0})[1])
+    assert math.isnan(stats.paired_change({"a": 1}, {"a": 0})[1])
 
 
 def test_heldout_reward_gain_is_paired_by_prompt(tmp_path):

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cai_jax import artifacts, pipeline
+from cai_jax import artifacts, pipeline, stats
 from cai_jax.eval import answer_rules, plots
 from cai_jax.eval.elo import EloResult
 
@@ -307,7 +307,7 @@ def _answer_kinds_section(workdir: str, model_order: Sequence[str]) -> list[str]
         kinds = answer_rules.answer_kind_fractions(red.values())
         change = "—"
         if m != "base" and base_declines:
-            mean, se, n = answer_rules.paired_change(
+            mean, se, n = stats.paired_change(
                 base_declines, {k: answer_rules.declines(t) for k, t in red.items()})
             change = f"{mean:+.2f} ± {se:.2f}" if n else "—"
         answered = (f"{np.mean([not answer_rules.declines(t) for t in helpful.values()]):.2f}"

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, host_memory, sharding as shd
+from cai_jax import artifacts, host_memory, sharding as shd, stats
 from cai_jax.config import optimizer_section
 from cai_jax.data.conversation import answer_stop_strings
 from cai_jax.models.config import TransformerConfig
@@ -501,11 +501,10 @@ def heldout_reward_gain(out_dir: str, first: int, last: int) -> dict:
     if first == last or not all(os.path.exists(p) for p in paths):
         return {}
     before, after = ({r["id"]: r["reward"] for r in artifacts.read_jsonl(p)} for p in paths)
-    diff = np.asarray([after[i] - before[i] for i in before if i in after], np.float64)
-    if len(diff) < 2:
+    gain, se, n = stats.paired_change(before, after)
+    if n < 2:
         return {}
-    return {"eval_reward_gain": float(diff.mean()),
-            "eval_reward_gain_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
+    return {"eval_reward_gain": gain, "eval_reward_gain_se": se}
 
 
 # ------------------------------------------------------------------ stage
