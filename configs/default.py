@@ -19,7 +19,7 @@ reward. The stage modules' own defaults (configs/base.py's
 experiment_config, which this file starts from) follow the paper where it
 gives a value (four revisions, T = 1 pairs, ...).
 Where the time goes on this machine (seconds per stage) and what the run
-shows are in README.md; configs/reproduce.py is the same recipe at the size
+shows are in experiments/results/default/README.md; configs/reproduce.py is the same recipe at the size
 that runs here in under two hours.
 Every field can be overridden with --config.a.b=value.
 """
@@ -73,7 +73,8 @@ def get_config():
     config.pm_train.optimizer.learning_rate = 1e-4
     # The PM (and the judge PM) start from SmolLM2-135M: it scores answers as
     # text with its own tokenizer, so it can reward the Qwen policy; on
-    # HH-RLHF's pairs it did better than a Qwen PM (README).
+    # HH-RLHF's pairs it did better than a Qwen PM
+    # (benchmarks/results/labels/README.md).
     config.pm_train.init_source = "smollm2"
 
     config.ppo.iterations = 8

@@ -16,7 +16,7 @@ the paper's effects need room.
 
 Everything else (models, learning rates, the label source) is the default's,
 so the two runs differ only in size. Its wall time and results are in
-README.md, "The reproduce run"; they were measured with the earlier default
+experiments/results/reproduce/README.md; they were measured with the earlier default
 policy, SmolLM2-135M. With the Qwen2.5-Coder-0.5B policy (about 4x the cost
 per token) it has not been run yet and may not fit two hours. Run it with
     python -m cai_jax.main --config=configs/reproduce.py --workdir=runs/reproduce

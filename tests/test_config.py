@@ -52,7 +52,7 @@ def test_model_field_validation():
 
 def test_the_reproduce_config_grows_the_default_and_changes_nothing_else():
     """configs/reproduce.py differs from the default only in size, so the two
-    runs' results can be compared (README, "The reproduce run")."""
+    runs' results can be compared (experiments/results/reproduce/README.md)."""
     default = load_config("configs/default.py").to_dict()
     reproduce = load_config("configs/reproduce.py").to_dict()
 

@@ -31,7 +31,7 @@ def ci_config():
     return config
 
 
-# The README's main command runs these stages on SmolLM2 at full size in CI, and
+# The README's main command runs these stages on a real model at full size in CI, and
 # the tiny pipeline tests every stage in every test run.
 @pytest.mark.slow
 def test_sl_cai_runs_end_to_end_on_smollm2(tmp_path, smollm2):
