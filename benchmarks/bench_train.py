@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--settle_steps", type=int, default=1,
                    help="untimed steps a side takes in each round before its timed ones: the first step "
                         "after the other side's re-faults the memory that side freed (our PM step took "
-                        "17-19 s right after a torch step, 11.9 s after one of ours; benchmarks/README.md)")
+                        "17-19 s right after a torch step, 11.9 s after one of ours; docs/training-performance.md)")
     p.add_argument("--long_len", type=int, default=1024, help="also SFT and PM at this width (0: no)")
     p.add_argument("--long_sft_batch", type=int, default=2, help="SFT rows at --long_len")
     p.add_argument("--long_pm_pairs", type=int, default=1, help="PM pairs at --long_len")

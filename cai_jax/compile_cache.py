@@ -20,7 +20,7 @@ from cai_jax.weights.cache import cache_dir, switched_on
 ENV_SWITCH = "CAI_JAX_COMPILATION_CACHE"
 # Cache every program, not only those over JAX's default 1 s of compile time: a
 # run compiles dozens of sub-second programs, and together they are most of the
-# start-up (benchmarks/README.md, start-up section).
+# start-up (docs/startup.md, "The compilation cache keeps every program").
 MIN_COMPILE_SECS = 0.0
 
 

@@ -10,7 +10,7 @@ With the tunable, glibc asks for transparent huge pages (2 MB) on the memory it
 maps; on an AMD EPYC machine, in one `benchmarks/bench_train.py --quick` run
 each way, the PM step went from 17.2 to 14.7 s and the SFT step from 24.1 to
 23.2 s, torch's unchanged, and the default run from 1,315 to 1,249 s
-(benchmarks/README.md). `cai_jax.tools.generate` does not re-run: decoding
+(docs/huge-pages.md). `cai_jax.tools.generate` does not re-run: decoding
 got slower with it (18.0 against 16.9 s for 32 x 128 tokens).
 
 glibc reads its tunables only when a process starts, hence the re-run: it

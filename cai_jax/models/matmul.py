@@ -4,7 +4,7 @@
 bfloat16 and sums the products in float32, so the result is float32: on a CPU
 with AMX (the reference machine) XLA:CPU runs that three to four times as fast
 as the float32 product, while a product with a bfloat16 *result* is slower
-than float32 (benchmarks/README.md, "bfloat16 operands"). A TPU does the same
+than float32 (docs/bfloat16-products.md). A TPU does the same
 rounding to float32 operands at its default precision. The backward pass
 rounds the incoming gradient to bfloat16 too, so its products take the fast
 path as well; parameters, activations, norms, softmax and the optimizer stay
