@@ -35,6 +35,7 @@ import numpy as np
 
 from cai_jax import artifacts
 from cai_jax.data.conversation import Conversation
+from cai_jax.stats import sigmoid
 
 PRINCIPLE_SETS = ("harmless", "helpful")
 
@@ -100,10 +101,6 @@ def parse_judge_spec(spec: str, key: str = "eval judge") -> JudgeSpec:
                      "'feedback:helpful', 'human:PATH' or 'none'")
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
-
-
 class PreferenceModelJudge:
     """p(A beats B) = sigmoid(score(A) - score(B)) under a preference model.
 
@@ -129,7 +126,7 @@ class PreferenceModelJudge:
         for c in comparisons:
             r_a, r_b = scores[keys[(c.prompt_id, c.answer_a)]], scores[keys[(c.prompt_id, c.answer_b)]]
             # The PM scores answers one at a time: showing B first changes nothing.
-            out.append(Verdict(float(_sigmoid(r_a - r_b)), float(1.0 - _sigmoid(r_b - r_a))))
+            out.append(Verdict(float(sigmoid(r_a - r_b)), float(1.0 - sigmoid(r_b - r_a))))
         return out
 
 
