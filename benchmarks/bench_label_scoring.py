@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)  # bench_sampler's load_hf
 SHARED = os.environ.get("CAI_JAX_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 HH_TEST = os.path.join(SHARED, "hh-rlhf", "harmless-base-test.jsonl.gz")
 
@@ -77,17 +78,6 @@ def hf_option_logprobs(model, token_ids, pad_id, batch_size):
             out[idx] = logp
         return out
     return option_logprobs
-
-
-def load_hf(loaded, directory, threads):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from cai_jax.weights.hf import write_hf_dir
-
-    torch.set_num_threads(threads)
-    write_hf_dir(directory, loaded.config, loaded.params, loaded.tokenizer)
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def timed_labels(labeler, comparisons):
@@ -139,6 +129,8 @@ def run(args) -> dict:
         result["methods"][name] = {"seconds": seconds, "labels_per_s": len(comparisons) / seconds}
         print(f"{name}: {seconds:.1f} s, {len(comparisons) / seconds:.3f} labels/s", flush=True)
     if not args.no_transformers:
+        from bench_sampler import load_hf
+
         with tempfile.TemporaryDirectory() as directory:
             hf = load_hf(model, os.path.join(directory, "hf"), args.threads)
         labeler.scorer.option_logprobs = hf_option_logprobs(

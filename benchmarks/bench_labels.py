@@ -128,19 +128,19 @@ def baselines(hh_pairs) -> dict:
 def direct(args, source: str, labeler: str, hh_pairs) -> dict:
     """The labeler judging HH pairs itself (chosen shown first; multiple choice
     asks both orders, which cancels the slot)."""
-    from cai_jax.tools.score_pairs import feedback_judge
+    from cai_jax.tools.score_pairs import feedback_judge, p_chosen
 
     judge = feedback_judge(bench_config(args, f"feedback.source={source}",
                                         f"feedback.model_source={labeler}"), progress=True)
-    p_chosen = judge(hh_pairs)
-    return {**accuracy_interval(p_chosen), "option_mass": float(np.mean(judge.option_mass)),
-            "seconds_per_label": judge.seconds / len(p_chosen)}
+    p = p_chosen(judge, hh_pairs)
+    return {**accuracy_interval(p), "option_mass": float(np.mean(judge.option_mass)),
+            "seconds_per_label": judge.seconds / len(p)}
 
 
 def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
     """feedback and pm_train stages on the pairs in `workdir`, then the PM on HH pairs."""
     from cai_jax import pipeline
-    from cai_jax.tools.score_pairs import pm_judge
+    from cai_jax.tools.score_pairs import p_chosen, pm_judge
 
     # One PM on all of the source's labels (no judge PM split off).
     config = bench_config(args, "pm_train.judge_fraction=0", "eval.harmless_judge=pm", *overrides)
@@ -148,7 +148,7 @@ def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
     [labels] = pipeline.run_pipeline(config, workdir, ["feedback"], progress=True)
     label_seconds = time.time() - start
     [trained] = pipeline.run_pipeline(config, workdir, ["pm_train"], progress=True)
-    p = pm_judge(os.path.join(workdir, "models", "pm"), batch_size=8)(hh_pairs)
+    p = p_chosen(pm_judge(os.path.join(workdir, "models", "pm"), batch_size=8), hh_pairs)
     cell = {**accuracy_interval(p), "labels": labels["labels"],
             "seconds_per_label": label_seconds / max(1, labels["labels"]),
             "pm_eval_accuracy": trained.get("eval_accuracy")}

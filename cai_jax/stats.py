@@ -1,4 +1,4 @@
-"""Small statistics shared by the stages and the report."""
+"""Small statistics shared by the stages, the judges and the report."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,3 +13,9 @@ def paired_change(before: dict, after: dict) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return float(diff.mean()), se, len(diff)
+
+
+def sigmoid(x) -> np.ndarray:
+    """1 / (1 + exp(-x)): p(A beats B) from the score gap x = score_A - score_B.
+    The tanh form never overflows, for gaps of any size."""
+    return 0.5 * (1.0 + np.tanh(np.asarray(x, np.float64) / 2.0))

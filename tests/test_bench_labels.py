@@ -43,7 +43,7 @@ def test_table_and_figure_from_saved_cells(tmp_path):
 
 def test_a_direct_cell_reports_the_labelers_agreement_and_option_mass(shared_data):
     from cai_jax.data.hh_rlhf import read_pairs
-    from cai_jax.tools.score_pairs import feedback_judge
+    from cai_jax.tools.score_pairs import feedback_judge, p_chosen
 
     args = bench.parse_args(["--config", os.path.join(os.path.dirname(_PATH), "..", "configs", "tiny.py")])
     hh = read_pairs(os.path.join(shared_data, "hh-rlhf", "harmless-base-test.jsonl.gz"), on_error="skip",
@@ -52,7 +52,7 @@ def test_a_direct_cell_reports_the_labelers_agreement_and_option_mass(shared_dat
     # The same labeler through score_pairs' judge gives the same labels.
     again = feedback_judge(bench.bench_config(args, "feedback.source=pointwise", "feedback.model_source=base"),
                            progress=False)
-    assert cell == {**cell, **bench.accuracy_interval(again(hh))}
+    assert cell == {**cell, **bench.accuracy_interval(p_chosen(again, hh))}
     assert cell["n"] == 3 and 0 < cell["option_mass"] <= 1 and cell["seconds_per_label"] > 0
 
 

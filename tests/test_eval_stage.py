@@ -61,9 +61,10 @@ class FakeLabeler:
     def __init__(self):
         self.kinds = []
 
-    def label(self, comparisons):
+    def label(self, comparisons, progress=False):
         self.kinds += [c.kind for c in comparisons]
-        return [{"id": c.id, "p_first_ab": [0.9, 0.7], "p_first_ba": [0.6, 0.4]} for c in comparisons]
+        return [{"id": c.id, "p_first_ab": [0.9, 0.7], "p_first_ba": [0.6, 0.4], "option_mass": 0.5}
+                for c in comparisons]
 
 
 def test_feedback_judge_keeps_orders_apart_and_uses_its_principle_set():

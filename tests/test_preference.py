@@ -13,6 +13,7 @@ import pytest
 
 from cai_jax import artifacts, sharding as shd
 from cai_jax.data.conversation import user
+from cai_jax.eval import judges
 from cai_jax.inference import preference_scorer as ps
 from cai_jax.models.transformer import Transformer
 from cai_jax.rl_cai import preference as pm
@@ -123,6 +124,14 @@ def _section(**changes):
     return section
 
 
+def _p_first(scorer, convs, answers_a, answers_b):
+    """p(answer A preferred) per pair, by the PM judge (eval/judges.py)."""
+    verdicts = judges.PreferenceModelJudge(scorer).judge(
+        [judges.ModelComparison(str(i), conv, "a", "b", a, b)
+         for i, (conv, a, b) in enumerate(zip(convs, answers_a, answers_b))])
+    return np.asarray([v.outcome for v in verdicts])
+
+
 def test_pm_recovers_soft_label_ordering_and_probabilities(tiny_pm, tmp_path):
     tok = tiny_pm.tokenizer
     train, _ = pm.tokenize_pairs(_synthetic_pairs(240, 0), tok, "hh", 64)
@@ -140,7 +149,7 @@ def test_pm_recovers_soft_label_ordering_and_probabilities(tiny_pm, tmp_path):
     scorer = ps.PreferenceScorer(trained, style="hh", max_len=64)
     word_scores = scorer.score([(user("Say a word."),)] * 4, [f"the {w}" for w in WORDS])
     assert list(np.argsort(word_scores)) == [0, 1, 2, 3]
-    p = scorer.prob_first([(user("Say a word."),)], ["the cloud"], ["the apple"])[0]
+    p = _p_first(scorer, [(user("Say a word."),)], ["the cloud"], ["the apple"])[0]
     assert abs(p - 1 / (1 + np.exp(-3.0))) < 0.05
 
 
@@ -157,7 +166,7 @@ def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_pa
         ids, _ = ps.encode_answer(tiny_pm.tokenizer, conv, answer, "hh", 128)
         assert abs(s - _score_alone(tiny_pm.config, params, ids)) < 1e-4
     others = ["Go away.", "Five.", "Later!"]
-    p = scorer.prob_first(convs, answers, others)
+    p = _p_first(scorer, convs, answers, others)
     np.testing.assert_allclose(p, 1 / (1 + np.exp(-(scores - scorer.score(convs, others)))), atol=1e-9)
 
 

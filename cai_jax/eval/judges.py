@@ -10,12 +10,18 @@ the two, so a judge's preference for a slot cancels out. Three kinds:
   answers together, so both orders give the same number.
 * `FeedbackJudge`: the AI feedback labeler (rl_cai/feedback.py) asks a
   multiple-choice question under principles drawn from one set of the
-  constitution ("harmless" or "helpful"), in both orders.
+  constitution ("harmless" or "helpful"), in both orders (or, outside the
+  evaluation, judges each answer alone: the pointwise labeler).
 * `HumanLabelJudge`: labels read from a JSONL file, one line per judged
   pair: {"prompt_id", "model_a", "model_b", "p_a"} with p_a in [0, 1]
   (1: A's answer is better, 0.5: a tie). Several lines for one pair are
   averaged; a line for (B, A) counts as 1 - p_a for (A, B). Pairs without a
   label get no verdict and stay out of that judge's Elo.
+
+The evaluation (evaluate.py) judges pairs of models' answers with them;
+`tools/score_pairs.py` and the labels bench (benchmarks/bench_labels.py)
+judge HH-RLHF pairs with the same two model judges, the chosen answer as A,
+and take p(chosen better) = Verdict.outcome.
 
 Judges are named by spec strings in the config (see `parse_judge_spec`):
 "pm", "pm_judge", "pm:DIR", "feedback:harmless", "feedback:helpful",
@@ -29,12 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
 from cai_jax import artifacts
 from cai_jax.data.conversation import Conversation
+from cai_jax.stats import sigmoid
 
 PRINCIPLE_SETS = ("harmless", "helpful")
 
@@ -49,10 +57,13 @@ class ModelComparison:
     model_b: str
     answer_a: str
     answer_b: str
+    # Names the comparison where prompt and models do not (score_pairs: an HH
+    # pair's "file:line"). The feedback judge draws its principles by `id`.
+    comparison_id: str = ""
 
     @property
     def id(self) -> str:
-        return f"{self.prompt_id}|{self.model_a}|{self.model_b}"
+        return self.comparison_id or f"{self.prompt_id}|{self.model_a}|{self.model_b}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +111,6 @@ def parse_judge_spec(spec: str, key: str = "eval judge") -> JudgeSpec:
                      "'feedback:helpful', 'human:PATH' or 'none'")
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
-
-
 class PreferenceModelJudge:
     """p(A beats B) = sigmoid(score(A) - score(B)) under a preference model.
 
@@ -129,7 +136,7 @@ class PreferenceModelJudge:
         for c in comparisons:
             r_a, r_b = scores[keys[(c.prompt_id, c.answer_a)]], scores[keys[(c.prompt_id, c.answer_b)]]
             # The PM scores answers one at a time: showing B first changes nothing.
-            out.append(Verdict(float(_sigmoid(r_a - r_b)), float(1.0 - _sigmoid(r_b - r_a))))
+            out.append(Verdict(float(sigmoid(r_a - r_b)), float(1.0 - sigmoid(r_b - r_a))))
         return out
 
 
@@ -138,17 +145,24 @@ class FeedbackJudge:
 
     `labeler` is a rl_cai.feedback.FeedbackLabeler built with both_orders=True:
     each drawn principle is asked with the answers in both orders, and the
-    verdict keeps the two orders apart (averaged over principles).
+    verdict keeps the two orders apart (averaged over principles). With
+    require_both_orders=False (score_pairs, which measures the labeler as the
+    feedback stage is configured) it may also be one asked in one order, A
+    first, or a PointwiseLabeler, which shows one answer at a time: either
+    way its label p_a stands for both orders. `seconds` and `option_mass`
+    (one per comparison) add up over the comparisons this judge labelled.
     """
 
-    def __init__(self, labeler, principle_set: str, name: Optional[str] = None, version: str = ""):
+    def __init__(self, labeler, principle_set: str, name: Optional[str] = None, version: str = "", *,
+                 require_both_orders: bool = True, progress: bool = False):
         if principle_set not in PRINCIPLE_SETS:
             raise ValueError(f"principle set {principle_set!r}; one of {PRINCIPLE_SETS}")
-        if not getattr(labeler, "both_orders", True):
+        if require_both_orders and not getattr(labeler, "both_orders", True):
             raise ValueError("a FeedbackJudge needs a labeler built with both_orders=True")
-        self.labeler, self.principle_set = labeler, principle_set
+        self.labeler, self.principle_set, self.progress = labeler, principle_set, progress
         self.name = name or f"feedback:{principle_set}"
         self.version = version
+        self.seconds, self.option_mass = 0.0, []
 
     def judge(self, comparisons: Sequence[ModelComparison]) -> list[Optional[Verdict]]:
         from cai_jax.rl_cai import feedback
@@ -157,9 +171,19 @@ class FeedbackJudge:
         # constitution's feedback principles, "helpful" -> its helpfulness ones.
         asks = [feedback.FeedbackComparison(c.id, self.principle_set, c.conversation, c.answer_a,
                                             c.answer_b) for c in comparisons]
-        records = self.labeler.label(asks) if asks else []
-        return [Verdict(float(np.mean(r["p_first_ab"])), float(1.0 - np.mean(r["p_first_ba"])))
-                for r in records]
+        start = time.perf_counter()
+        records = self.labeler.label(asks, progress=self.progress) if asks else []
+        self.seconds += time.perf_counter() - start
+        self.option_mass += [r["option_mass"] for r in records]
+        return [self.verdict(r) for r in records]
+
+    @staticmethod
+    def verdict(record: dict) -> Verdict:
+        """A labeler record's verdict: multiple choice asked in both orders keeps
+        them apart; a label from one order or from pointwise scores stands for both."""
+        if "p_first_ba" in record:
+            return Verdict(float(np.mean(record["p_first_ab"])), float(1.0 - np.mean(record["p_first_ba"])))
+        return Verdict(float(record["p_a"]), float(record["p_a"]))
 
 
 class HumanLabelJudge:

@@ -84,7 +84,9 @@ class PreferenceScorer:
 
         scorer = PreferenceScorer.from_dir("<workdir>/models/pm")
         scores = scorer.score(conversations, answers)          # [N] floats
-        p = scorer.prob_first(conversations, answers_a, answers_b)
+
+    Pairs of answers are judged by eval/judges.PreferenceModelJudge:
+    p(A preferred) = sigmoid(score_A - score_B).
 
     Answers are rendered as in training (the render style stored beside the
     weights unless given); rows are batched in similar lengths and padded to
@@ -132,10 +134,3 @@ class PreferenceScorer:
         rows = [encode_answer(self.tokenizer, c, a, self.style, self.max_len, complete)[0]
                 for c, a in zip(conversations, answers)]
         return self.score_ids(rows)
-
-    def prob_first(self, conversations: Sequence[Conversation], answers_a: Sequence[str],
-                   answers_b: Sequence[str]) -> np.ndarray:
-        """p(answer_a preferred) = sigmoid(score_a - score_b) per pair."""
-        n = len(conversations)
-        scores = self.score(list(conversations) * 2, list(answers_a) + list(answers_b))
-        return 1.0 / (1.0 + np.exp(-(scores[:n] - scores[n:])))

@@ -60,6 +60,7 @@ from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_
 from cai_jax.data.conversation import Conversation, as_conversation, to_messages
 from cai_jax.model_ref import resolve
 from cai_jax.rl_cai import feedback_prompts as fp
+from cai_jax.stats import sigmoid
 from cai_jax.weights.loader import LoadedModel
 from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.weights.tokenizer import encode_text
@@ -136,11 +137,6 @@ def clamp(p, low: float, high: float) -> np.ndarray:
 def binary_entropy_bits(p) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
     return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-
-
-def sigmoid(x) -> np.ndarray:
-    # The tanh form never overflows, for score gaps of any size.
-    return 0.5 * (1.0 + np.tanh(np.asarray(x, np.float64) / 2.0))
 
 
 def pointwise_p_a(scores_a, scores_b) -> float:

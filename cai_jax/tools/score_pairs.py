@@ -5,12 +5,14 @@ with the human labels.
         --judge feedback|pointwise|pm:CHECKPOINT_DIR [--config configs/x.py] [--model SOURCE] [--plot out.png]
         [--set feedback.num_principles=4] [--save-scores scores.jsonl]
 
-Judges: `feedback` is the AI-feedback labeller (multiple choice under the
+Judges (the evaluation's, cai_jax/eval/judges.py, with the chosen answer as
+A): `feedback` is the AI-feedback labeller (multiple choice under the
 constitution's harmlessness principles, both orders, as the `feedback` stage
 runs it; --model replaces feedback.model_source); `pointwise` is the same
 labeller judging each answer alone (feedback.source=pointwise: Yes/No under
 each principle, p = sigmoid of the score difference); `pm:DIR` is a trained
-preference model directory.
+preference model directory. p(chosen) is the judge's verdict, its two orders
+averaged.
 
 Printed: accuracy (p(chosen) > 0.5), mean p(chosen), expected calibration
 error and Brier score. Calibration is measured on both orientations of every
@@ -25,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -38,6 +40,7 @@ from cai_jax import artifacts
 from cai_jax.compile_cache import enable_compilation_cache
 from cai_jax.data.hh_rlhf import ReadStats, read_pairs
 from cai_jax.errors import UserError, exit_on_user_error
+from cai_jax.eval import judges
 from cai_jax.eval.plots import plot_reliability, reliability_bins
 
 
@@ -88,24 +91,15 @@ def load_judge_config(path: Optional[str], overrides: Sequence[str] = ()):
     return config
 
 
-def feedback_judge(config, progress: bool):
-    """pairs -> p(chosen) under the AI feedback labeller (chosen shown as answer A
-    first; both orders are asked when feedback.both_orders)."""
+def feedback_judge(config, progress: bool) -> judges.FeedbackJudge:
+    """The AI feedback labeller of config.feedback as a harmlessness judge, as
+    configured (both orders are asked when feedback.both_orders). Its seconds
+    and option masses count the pairs this process scored, not those a resumed
+    run read back."""
     from cai_jax.rl_cai import feedback
 
-    labeler = feedback.labeler_from_config(config)
-
-    def judge(pairs) -> np.ndarray:
-        comparisons = [feedback.FeedbackComparison(pair_id(p), "harmless", p.context, p.chosen,
-                                                   p.rejected) for p in pairs]
-        start = time.perf_counter()
-        records = labeler.label(comparisons, progress=progress)
-        judge.seconds += time.perf_counter() - start
-        judge.option_mass += [r["option_mass"] for r in records]
-        return np.asarray([r["p_a"] for r in records])
-    # Over the pairs this process scored (not those a resumed run read back).
-    judge.seconds, judge.option_mass = 0.0, []
-    return judge
+    return judges.FeedbackJudge(feedback.labeler_from_config(config), "harmless",
+                                require_both_orders=False, progress=progress)
 
 
 def check_preference_model(directory: str) -> None:
@@ -122,29 +116,34 @@ def check_preference_model(directory: str) -> None:
                         "no 'scalar'); give a preference model directory such as <workdir>/models/pm")
 
 
-def pm_judge(directory: str, batch_size: int):
-    """pairs -> p(chosen) = sigmoid(score(chosen) - score(rejected))."""
+def pm_judge(directory: str, batch_size: int) -> judges.PreferenceModelJudge:
+    """The preference model in `directory` as a judge: p = sigmoid(score(A) - score(B))."""
     from cai_jax.inference.preference_scorer import PreferenceScorer
 
     check_preference_model(directory)
-    scorer = PreferenceScorer.from_dir(directory, batch_size=batch_size)
-
-    def judge(pairs) -> np.ndarray:
-        return scorer.prob_first([p.context for p in pairs], [p.chosen for p in pairs],
-                                 [p.rejected for p in pairs])
-    return judge
+    return judges.PreferenceModelJudge(PreferenceScorer.from_dir(directory, batch_size=batch_size),
+                                       f"pm:{directory}")
 
 
 def pair_id(pair) -> str:
     return f"{pair.source}:{pair.line}"
 
 
+def p_chosen(judge: judges.Judge, pairs) -> np.ndarray:
+    """p(chosen better) per HH pair: the judge's verdict on (A: chosen, B: rejected).
+    Each pair is its own prompt and comparison (named by pair_id)."""
+    comparisons = [judges.ModelComparison(pair_id(p), p.context, "chosen", "rejected", p.chosen,
+                                          p.rejected, comparison_id=pair_id(p)) for p in pairs]
+    return np.asarray([v.outcome for v in judge.judge(comparisons)], np.float64)
+
+
 def score_resumably(pairs, judge, path: str, setting: str, chunk: int = 32,
                     progress: bool = False) -> np.ndarray:
-    """Scores in chunks, appending {id, line, p_chosen, setting} to `path`.partial
-    as each chunk finishes, so a killed run continues where it stopped; the
-    finished file is `path`. Records of another setting (judge, model,
-    overrides) are an error rather than silently mixed in."""
+    """Scores in chunks with `judge` (pairs -> p(chosen), as p_chosen), appending
+    {id, line, p_chosen, setting} to `path`.partial as each chunk finishes, so
+    a killed run continues where it stopped; the finished file is `path`.
+    Records of another setting (judge, model, overrides) are an error rather
+    than silently mixed in."""
     log = artifacts.PartialJsonl(path)
     other = [r for r in log.records if r.get("setting") != setting]
     if other:
@@ -195,12 +194,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         judge = pm_judge(args.judge[3:], args.batch_size)
     else:
         parser.error(f"--judge {args.judge!r}: use 'feedback', 'pointwise' or 'pm:CHECKPOINT_DIR'")
+    score = functools.partial(p_chosen, judge)
     if args.save_scores:
         setting = json.dumps({"judge": args.judge, "model": args.model, "config": args.config,
                               "set": args.set}, sort_keys=True)
-        p = score_resumably(pairs, judge, args.save_scores, setting, progress=not args.no_progress)
+        p = score_resumably(pairs, score, args.save_scores, setting, progress=not args.no_progress)
     else:
-        p = judge(pairs)
+        p = score(pairs)
     result = {"judge": args.judge, **judge_metrics(p)}
     if getattr(judge, "option_mass", None):
         result["option_mass"] = float(np.mean(judge.option_mass))
