@@ -7,8 +7,11 @@ A conversation is a tuple of `Turn`s. It can be rendered in two styles
   ("\\n\\nHuman: ...\\n\\nAssistant: ..."), see `render_hh` / `parse_hh`;
 * "chat": a tokenizer's chat template, see `render_chat`.
 
-The prompt a model answers is `build_initial_prompt` and where a sampled
-answer ends is `answer_stop_strings`, for every stage.
+The prompt a model answers is `build_initial_prompt`; where a sampled answer
+ends is `answer_stop_strings`; the token ids of an answer, ended by its
+end-of-answer token, are `encode_answer`. SFT, the preference model (training
+and scoring), pairs, feedback, PPO and evaluation all use these, so an answer
+is laid out the same way wherever it is trained on or scored.
 
 The SL-CAI critique/revision prompts are built here for both forms. In the HH
 form a critique round extends the transcript with
@@ -23,8 +26,11 @@ request is a user turn and each critique or revision an assistant turn.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Iterable, Mapping, Sequence
+
+from cai_jax.weights.tokenizer import encode_text, stop_token_ids
 
 ROLES = ("system", "user", "assistant")
 # How a conversation is shown to a model (see the module docstring).
@@ -321,6 +327,46 @@ TRANSCRIPT_STOP_STRINGS = HH_STOP_STRINGS + tuple(
 def answer_stop_strings(style: str) -> tuple[str, ...]:
     """Where a sampled answer ends in the `style` rendering ("hh" or "chat")."""
     return HH_STOP_STRINGS if style == "hh" else ()
+
+
+@functools.lru_cache(maxsize=8)
+def end_of_answer_ids(tokenizer, style: str) -> tuple[int, ...]:
+    """The token that ends a finished answer.
+
+    Chat: the template's end-of-turn token ("<|im_end|>" for SmolLM2 and
+    Qwen2.5), where a chat model stops by itself; the sampler keeps it as the
+    answer's last token. HH text has no end-of-turn token, so EOS, which SFT
+    teaches the model to end an answer with (without it a model only stops at
+    `answer_stop_strings`).
+    """
+    check_style(style, tokenizer)
+    if style == "hh":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("render style 'hh' needs a tokenizer with an EOS token to end answers")
+        return (int(tokenizer.eos_token_id),)
+    prompt = render_chat((user("x"),), tokenizer, add_generation_prompt=True)
+    full = render_chat((user("x"), assistant("y")), tokenizer, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("the tokenizer's chat template does not render the generation prompt "
+                         "as a prefix of the answered conversation; set data.render='hh'")
+    # The first stop token after the answer: what the template puts after it
+    # (a newline) belongs to no one.
+    stops = set(stop_token_ids(tokenizer))
+    return tuple([t for t in encode_text(tokenizer, full[len(prompt):]) if t in stops][:1])
+
+
+def encode_answer(tokenizer, conversation: Sequence[Turn], answer: str, style: str, *,
+                  end: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt that asks for `answer` and of the answer, laid
+    out as the sampler produces them: prompt and answer tokenized apart (in HH
+    text the answer follows "Assistant:" after a space) and, with `end`, the
+    answer closed by its `end_of_answer_ids`. SFT trains on these ids and the
+    preference model reads them (`inference.preference_scorer.preference_row`)."""
+    prompt_ids = encode_text(tokenizer, build_initial_prompt(conversation, style=style, tokenizer=tokenizer))
+    answer_ids = encode_text(tokenizer, " " + answer if style == "hh" else answer)
+    if end:
+        answer_ids += end_of_answer_ids(tokenizer, style)
+    return prompt_ids, answer_ids
 
 
 # ------------------------------------------- critique / revision prompts
