@@ -1,16 +1,18 @@
 """One answer layout for every stage (data/conversation.py): SFT trains on the
-ids the preference model is trained on and scores, and PPO samples after the
-same prompt ids."""
+ids the preference model is trained on and scores, PPO samples after the same
+prompt ids, and every stage cuts HH answers at the same stop strings."""
 import numpy as np
 import pytest
 
 from cai_jax.data.conversation import (
     Turn,
+    answer_stop_strings,
     build_initial_prompt,
     encode_answer,
     end_of_answer_ids,
 )
 from cai_jax.inference import preference_scorer as ps
+from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.rl_cai import feedback_prompts as fp
 from cai_jax.rl_cai import preference as pm
 from cai_jax.rl_cai import rollout as ro
@@ -75,6 +77,15 @@ def test_the_hh_answer_follows_the_generation_prompt_after_a_space(smollm2_token
     assert end_of_answer_ids(tok, "hh") == (tok.eos_token_id,)
     assert end_of_answer_ids(tok, "chat") == (tok.convert_tokens_to_ids("<|im_end|>"),)
     assert build_initial_prompt(CONV[1:], style="hh") == tok.decode(prompt_ids)
+
+
+def test_every_stage_cuts_an_hh_answer_at_either_speaker_label():
+    stops = answer_stop_strings("hh")
+    for label in ("Human:", "Assistant:"):
+        assert cut_at_stops(f" Sure thing.\n\n{label} and more", stops) == " Sure thing."
+    # Chain-of-thought reasoning is an answer too, ended early by its answer cue.
+    assert fp.cot_stop_strings("hh") == (fp.COT_ANSWER_CUE,) + stops
+    assert fp.cot_stop_strings("chat") == (fp.COT_ANSWER_CUE,)
 
 
 def test_an_unknown_style_is_refused_everywhere(smollm2_tokenizer):

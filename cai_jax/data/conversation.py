@@ -316,6 +316,11 @@ def build_initial_prompt(conv: Sequence[Turn], *, style: str = "hh", tokenizer=N
 
 # HH text has no end-of-turn token: a sampled answer ends where the next
 # speaker label starts (chat models stop at their end-of-turn token instead).
+# Either label ends it: a model continuing an HH transcript writes the next
+# "Human:" turn, but it also starts a second "Assistant:" turn, and what follows
+# is no longer this answer. Every stage cuts at both, so the answers the
+# preference model is trained on (pairs) are cut as the ones it scores (PPO,
+# evaluation) are.
 HH_HUMAN_STOP = "\n\nHuman:"
 HH_STOP_STRINGS = (HH_HUMAN_STOP, "\n\nAssistant:")
 # In a critique/revision transcript a sampled section also ends at the next section label.

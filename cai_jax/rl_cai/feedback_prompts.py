@@ -54,6 +54,7 @@ from cai_jax.data.conversation import (
     Conversation,
     ConversationFormatError,
     Turn,
+    answer_stop_strings,
     assistant,
     check_style,
     parse_hh,
@@ -235,7 +236,6 @@ def cot_answer_prompt(cot_prompt: str, reasoning: str) -> str:
 
 
 def cot_stop_strings(style: str) -> tuple[str, ...]:
-    """Where a sampled reasoning ends: at the answer line, or (HH text) when the
-    model starts a new human turn."""
-    stops = (COT_ANSWER_CUE,)
-    return stops + (HH_HUMAN_STOP,) if style == "hh" else stops
+    """Where a sampled reasoning ends: at the answer line, or where any answer
+    in the `style` rendering ends (HH text: the next speaker label)."""
+    return (COT_ANSWER_CUE,) + answer_stop_strings(style)
