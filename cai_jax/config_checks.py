@@ -116,7 +116,7 @@ def _check_model(config) -> None:
 
 def _check_enums(config) -> None:
     from cai_jax.data.hh_rlhf import check_on_error
-    from cai_jax.rl_cai.feedback_prompts import STYLES
+    from cai_jax.data.conversation import STYLES
 
     on_error = _get(config, "data.on_error")
     if on_error is not None:

@@ -7,7 +7,7 @@ import pytest
 
 from cai_jax import artifacts
 from cai_jax.config import load_config_module
-from cai_jax.data.conversation import build_initial_prompt, user
+from cai_jax.data.conversation import answer_stop_strings, build_initial_prompt, user
 from cai_jax.data.prompt_sets import embedded_prompts
 from cai_jax.pipeline import StageContext
 from cai_jax.rl_cai import pairs
@@ -66,10 +66,10 @@ def test_several_pairs_per_prompt_get_their_own_ids():
 
 
 def test_answers_are_cut_at_the_next_turn():
-    stops = pairs.stop_strings("hh")
+    stops = answer_stop_strings("hh")
     assert cut_at_stops(" Sure thing.\n\nHuman: and more", stops).strip() == "Sure thing."
     assert cut_at_stops("a\n\nB: b\n\nHuman: c", ("\n\nHuman:", "\n\nB:")) == "a"  # earliest stop
-    assert cut_at_stops("  plain  ", pairs.stop_strings("chat")) == "  plain  "
+    assert cut_at_stops("  plain  ", answer_stop_strings("chat")) == "  plain  "
 
 
 def test_stage_writes_pairs_and_resumes_to_the_same_file(workdir):

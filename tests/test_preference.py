@@ -74,19 +74,19 @@ def test_pair_loss_and_scores_against_unpadded_rows(tiny_pm):
     assert m["accuracy"] == decided_right / 2 and m["pairs"] == 3
 
 
-def test_encode_answer_keeps_the_end_when_too_long(smollm2_tokenizer):
+def test_preference_row_keeps_the_end_when_too_long(smollm2_tokenizer):
     conv = (user("Hello there, how are you today?"),)
-    ids, cut = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 1000)
+    ids, cut = ps.preference_row(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 1000)
     prompt = smollm2_tokenizer("\n\nHuman: Hello there, how are you today?\n\nAssistant:",
                                add_special_tokens=False)["input_ids"]
     answer = smollm2_tokenizer(" Fine, thanks.", add_special_tokens=False)["input_ids"]
     assert ids == prompt + answer and not cut
-    short, cut = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 5)
+    short, cut = ps.preference_row(smollm2_tokenizer, conv, "Fine, thanks.", "hh", 5)
     assert short == ids[-5:] and cut
     # Chat: a finished answer ends in "<|im_end|>", where the sampler stops; an
     # answer cut at the token limit does not.
-    chat, _ = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000)
-    cut_off, _ = ps.encode_answer(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000, complete=False)
+    chat, _ = ps.preference_row(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000)
+    cut_off, _ = ps.preference_row(smollm2_tokenizer, conv, "Fine, thanks.", "chat", 1000, complete=False)
     prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": conv[0].content}],
                                                    tokenize=False, add_generation_prompt=True)
     body = smollm2_tokenizer(prompt, add_special_tokens=False)["input_ids"] + \
@@ -163,7 +163,7 @@ def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_pa
     answers = ["Hello!", "Four, of course.", "See you"]
     scores = scorer.score(convs, answers)
     for conv, answer, s in zip(convs, answers, scores):
-        ids, _ = ps.encode_answer(tiny_pm.tokenizer, conv, answer, "hh", 128)
+        ids, _ = ps.preference_row(tiny_pm.tokenizer, conv, answer, "hh", 128)
         assert abs(s - _score_alone(tiny_pm.config, params, ids)) < 1e-4
     others = ["Go away.", "Five.", "Later!"]
     p = _p_first(scorer, convs, answers, others)

@@ -64,7 +64,7 @@ def test_pm_judge_matches_an_independent_forward(shared_data, tmp_path, capsys):
     for pair in read_pairs(path, limit=4):
         scores = []
         for answer in (pair.chosen, pair.rejected):
-            ids, _ = ps.encode_answer(loaded.tokenizer, pair.context, answer, "hh", 256)
+            ids, _ = ps.preference_row(loaded.tokenizer, pair.context, answer, "hh", 256)
             tokens = np.zeros((1, 256), np.int32)
             tokens[0, :len(ids)] = ids
             mask = (np.arange(256) < len(ids)).astype(np.int32)[None]

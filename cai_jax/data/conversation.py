@@ -1,10 +1,17 @@
-"""Conversations and the prompt texts built from them.
+"""Conversations, and how every stage shows them to a model.
 
-A conversation is a tuple of `Turn`s. It can be rendered two ways:
+A conversation is a tuple of `Turn`s. It can be rendered in two styles
+(`config.data.render`, checked by `check_style`):
 
-* the HH form used by the paper and the HH-RLHF data
+* "hh": the form used by the paper and the HH-RLHF data
   ("\\n\\nHuman: ...\\n\\nAssistant: ..."), see `render_hh` / `parse_hh`;
-* a tokenizer's chat template, see `render_chat`.
+* "chat": a tokenizer's chat template, see `render_chat`.
+
+The prompt a model answers is `build_initial_prompt`; where a sampled answer
+ends is `answer_stop_strings`; the token ids of an answer, ended by its
+end-of-answer token, are `encode_answer`. SFT, the preference model (training
+and scoring), pairs, feedback, PPO and evaluation all use these, so an answer
+is laid out the same way wherever it is trained on or scored.
 
 The SL-CAI critique/revision prompts are built here for both forms. In the HH
 form a critique round extends the transcript with
@@ -19,10 +26,15 @@ request is a user turn and each critique or revision an assistant turn.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from cai_jax.weights.tokenizer import encode_text, stop_token_ids
+
 ROLES = ("system", "user", "assistant")
+# How a conversation is shown to a model (see the module docstring).
+STYLES = ("hh", "chat")
 
 # Speaker labels of the HH text form.
 HH_LABELS = {"user": "Human", "assistant": "Assistant"}
@@ -30,20 +42,6 @@ CRITIQUE_REQUEST_LABEL = "CritiqueRequest"
 CRITIQUE_LABEL = "Critique"
 REVISION_REQUEST_LABEL = "RevisionRequest"
 REVISION_LABEL = "Revision"
-
-# HH text has no end-of-turn token: a sampled answer ends where the next
-# speaker label starts (chat models stop at their end-of-turn token instead).
-HH_HUMAN_STOP = "\n\nHuman:"
-HH_STOP_STRINGS = (HH_HUMAN_STOP, "\n\nAssistant:")
-# In a critique/revision transcript a sampled section also ends at the next section label.
-TRANSCRIPT_STOP_STRINGS = HH_STOP_STRINGS + tuple(
-    f"\n\n{label}:" for label in (CRITIQUE_REQUEST_LABEL, CRITIQUE_LABEL, REVISION_REQUEST_LABEL,
-                                  REVISION_LABEL))
-
-
-def answer_stop_strings(style: str) -> tuple[str, ...]:
-    """Where a sampled answer ends in the `style` rendering ("hh" or "chat")."""
-    return HH_STOP_STRINGS if style == "hh" else ()
 
 
 class ConversationFormatError(ValueError):
@@ -293,14 +291,90 @@ def parse_critique_transcript(text: str) -> CritiqueTranscript:
     return CritiqueTranscript(tuple(conv), tuple(rounds))
 
 
-# ----------------------------------------------------------- prompt builders
+# ------------------------------------- what a model reads and writes
 
-def _check_style(style: str, tokenizer) -> None:
-    if style not in ("hh", "chat"):
-        raise ValueError(f"style must be 'hh' or 'chat', got {style!r}")
+def check_style(style: str, tokenizer) -> None:
+    """Raises unless `style` is one of STYLES, with a tokenizer for "chat"."""
+    if style not in STYLES:
+        raise ValueError(f"render style must be one of {STYLES}, got {style!r}")
     if style == "chat" and tokenizer is None:
-        raise ValueError("style='chat' needs a tokenizer")
+        raise ValueError("render style 'chat' needs a tokenizer")
 
+
+def build_initial_prompt(conv: Sequence[Turn], *, style: str = "hh", tokenizer=None) -> str:
+    """The prompt a model answers: a conversation that ends with the user,
+    rendered in `style` with the generation prompt. Every stage that samples or
+    scores an answer to a conversation renders its prompt here."""
+    check_style(style, tokenizer)
+    conv = tuple(conv)
+    if not conv or conv[-1].role != "user":
+        raise ConversationFormatError("the conversation must end with a user turn")
+    if style == "hh":
+        return render_hh(conv, add_generation_prompt=True)
+    return render_chat(conv, tokenizer, add_generation_prompt=True)
+
+
+# HH text has no end-of-turn token: a sampled answer ends where the next
+# speaker label starts (chat models stop at their end-of-turn token instead).
+# Either label ends it: a model continuing an HH transcript writes the next
+# "Human:" turn, but it also starts a second "Assistant:" turn, and what follows
+# is no longer this answer. Every stage cuts at both, so the answers the
+# preference model is trained on (pairs) are cut as the ones it scores (PPO,
+# evaluation) are.
+HH_HUMAN_STOP = "\n\nHuman:"
+HH_STOP_STRINGS = (HH_HUMAN_STOP, "\n\nAssistant:")
+# In a critique/revision transcript a sampled section also ends at the next section label.
+TRANSCRIPT_STOP_STRINGS = HH_STOP_STRINGS + tuple(
+    f"\n\n{label}:" for label in (CRITIQUE_REQUEST_LABEL, CRITIQUE_LABEL, REVISION_REQUEST_LABEL,
+                                  REVISION_LABEL))
+
+
+def answer_stop_strings(style: str) -> tuple[str, ...]:
+    """Where a sampled answer ends in the `style` rendering ("hh" or "chat")."""
+    return HH_STOP_STRINGS if style == "hh" else ()
+
+
+@functools.lru_cache(maxsize=8)
+def end_of_answer_ids(tokenizer, style: str) -> tuple[int, ...]:
+    """The token that ends a finished answer.
+
+    Chat: the template's end-of-turn token ("<|im_end|>" for SmolLM2 and
+    Qwen2.5), where a chat model stops by itself; the sampler keeps it as the
+    answer's last token. HH text has no end-of-turn token, so EOS, which SFT
+    teaches the model to end an answer with (without it a model only stops at
+    `answer_stop_strings`).
+    """
+    check_style(style, tokenizer)
+    if style == "hh":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("render style 'hh' needs a tokenizer with an EOS token to end answers")
+        return (int(tokenizer.eos_token_id),)
+    prompt = render_chat((user("x"),), tokenizer, add_generation_prompt=True)
+    full = render_chat((user("x"), assistant("y")), tokenizer, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("the tokenizer's chat template does not render the generation prompt "
+                         "as a prefix of the answered conversation; set data.render='hh'")
+    # The first stop token after the answer: what the template puts after it
+    # (a newline) belongs to no one.
+    stops = set(stop_token_ids(tokenizer))
+    return tuple([t for t in encode_text(tokenizer, full[len(prompt):]) if t in stops][:1])
+
+
+def encode_answer(tokenizer, conversation: Sequence[Turn], answer: str, style: str, *,
+                  end: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt that asks for `answer` and of the answer, laid
+    out as the sampler produces them: prompt and answer tokenized apart (in HH
+    text the answer follows "Assistant:" after a space) and, with `end`, the
+    answer closed by its `end_of_answer_ids`. SFT trains on these ids and the
+    preference model reads them (`inference.preference_scorer.preference_row`)."""
+    prompt_ids = encode_text(tokenizer, build_initial_prompt(conversation, style=style, tokenizer=tokenizer))
+    answer_ids = encode_text(tokenizer, " " + answer if style == "hh" else answer)
+    if end:
+        answer_ids += end_of_answer_ids(tokenizer, style)
+    return prompt_ids, answer_ids
+
+
+# ------------------------------------------- critique / revision prompts
 
 def _hh_prompt(transcript, exemplars, include_critique, pending: str) -> str:
     few_shot = "".join(render_transcript_hh(e, include_critique) for e in exemplars)
@@ -320,22 +394,11 @@ def _chat_prompt(transcript, exemplars, include_critique, pending: list[Turn], t
     return render_chat(system + shots + body + pending, tokenizer, add_generation_prompt=True)
 
 
-def build_initial_prompt(conv: Sequence[Turn], *, style: str = "hh", tokenizer=None) -> str:
-    """Prompt for the initial answer to a conversation that ends with the user."""
-    _check_style(style, tokenizer)
-    conv = tuple(conv)
-    if not conv or conv[-1].role != "user":
-        raise ConversationFormatError("the conversation must end with a user turn")
-    if style == "hh":
-        return render_hh(conv, add_generation_prompt=True)
-    return render_chat(conv, tokenizer, add_generation_prompt=True)
-
-
 def build_critique_prompt(transcript: CritiqueTranscript | Sequence[Turn], critique_request: str, *,
                           exemplars: Sequence[CritiqueTranscript] = (), style: str = "hh",
                           tokenizer=None) -> str:
     """Prompt asking for a critique of the transcript's latest answer."""
-    _check_style(style, tokenizer)
+    check_style(style, tokenizer)
     transcript = _as_transcript(transcript)
     if style == "hh":
         pending = f"\n\n{CRITIQUE_REQUEST_LABEL}: {critique_request}\n\n{CRITIQUE_LABEL}:"
@@ -348,7 +411,7 @@ def build_revision_prompt(transcript: CritiqueTranscript | Sequence[Turn], criti
                           exemplars: Sequence[CritiqueTranscript] = (), style: str = "hh",
                           tokenizer=None) -> str:
     """Prompt asking for a revision, after the critique the model just wrote."""
-    _check_style(style, tokenizer)
+    check_style(style, tokenizer)
     transcript = _as_transcript(transcript)
     if style == "hh":
         pending = (_hh_segment(CRITIQUE_REQUEST_LABEL, critique_request)
@@ -368,7 +431,7 @@ def build_direct_revision_prompt(transcript: CritiqueTranscript | Sequence[Turn]
     Critique steps are left out of the exemplars and earlier rounds too, so the
     few-shot examples show the same shape the model is asked to continue.
     """
-    _check_style(style, tokenizer)
+    check_style(style, tokenizer)
     transcript = _as_transcript(transcript)
     if style == "hh":
         pending = f"\n\n{REVISION_REQUEST_LABEL}: {revision_request}\n\n{REVISION_LABEL}:"

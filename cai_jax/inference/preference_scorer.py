@@ -1,11 +1,11 @@
-"""Preference-model scoring: how an answer is laid out for a preference model
-(PM), the score read at its last token, and `PreferenceScorer`, which PPO,
+"""Preference-model scoring: the row a preference model (PM) reads for an
+answer, the score read at its last token, and `PreferenceScorer`, which PPO,
 evaluation and `tools.score_pairs` use.
 
-The layout is the sampler's: prompt and answer tokenized apart, and with the
-chat template a finished answer ends in its end-of-turn token, so PPO, which
-reads the PM on sampled rows, sees what the PM was trained on (training,
-rl_cai/preference.py, tokenizes its pairs with `encode_answer` too).
+A row is the prompt and answer as `data.conversation.encode_answer` lays them
+out for every stage, the sampler's layout, so PPO, which reads the PM on
+sampled answers, sees what the PM was trained on (training,
+rl_cai/preference.py, builds its rows with `preference_row` too).
 """
 from __future__ import annotations
 
@@ -18,52 +18,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax import sharding as shd
-from cai_jax.data.conversation import Conversation, Turn, render_chat, render_hh
+from cai_jax.data.conversation import Conversation, Turn, encode_answer
 from cai_jax.inference.batched_forward import batched_forward
 from cai_jax.models.transformer import Transformer, last_valid_index, positions_from_mask
 from cai_jax.weights.loader import LoadedModel, load_model
-from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
+from cai_jax.weights.tokenizer import pad_token_id
 
 # What a model loaded as a PM gets instead of its language-model head.
 SCALAR_HEAD = {"heads": ("scalar",)}
 
 
-@functools.lru_cache(maxsize=8)
-def end_of_answer_ids(tokenizer, style: str) -> tuple[int, ...]:
-    """The token a finished answer ends with, as the sampler returns it.
+def preference_row(tokenizer, conversation: Sequence[Turn], answer: str, style: str,
+                   max_len: int, complete: bool = True) -> tuple[list[int], bool]:
+    """Token ids of the conversation's prompt followed by `answer`, and whether
+    the row was cut: too-long rows keep their last `max_len` tokens, because
+    the score is read at the end.
 
-    Chat: the template's end-of-turn token ("<|im_end|>" for SmolLM2), which
-    the sampler keeps as the answer's last token when the model stops by
-    itself, so PPO reads the PM there. HH text: none (answers end where the
-    next "Human:" turn would start, and that stop string is cut).
+    A `complete` chat answer ends in its end-of-turn token, where a chat model
+    stops. HH rows end at the answer's text whether it is complete or not: a
+    sampled HH answer ends either at EOS or at a stop string that is cut off,
+    so no token closes every finished one.
     """
-    if style != "chat":
-        return ()
-    prompt = render_chat((Turn("user", "x"),), tokenizer, add_generation_prompt=True)
-    full = render_chat((Turn("user", "x"), Turn("assistant", "y")), tokenizer, add_generation_prompt=False)
-    stops = set(stop_token_ids(tokenizer))
-    ends = [t for t in encode_text(tokenizer, full[len(prompt):]) if t in stops]
-    return tuple(ends[:1])
-
-
-def encode_answer(tokenizer, conversation: Sequence[Turn], answer: str, style: str,
-                  max_len: int, complete: bool = True) -> tuple[list[int], bool]:
-    """Token ids of the conversation's prompt followed by `answer`, as the
-    sampler produces them (prompt and answer tokenized apart; a `complete`
-    answer keeps its end-of-turn token), and whether the row was cut:
-    too-long rows keep their last `max_len` tokens, because the score is read
-    at the end."""
-    conversation = tuple(conversation)
-    if style == "chat":
-        ids = encode_text(tokenizer, render_chat(conversation, tokenizer, add_generation_prompt=True))
-        ids += encode_text(tokenizer, answer)
-    elif style == "hh":
-        ids = encode_text(tokenizer, render_hh(conversation, add_generation_prompt=True))
-        ids += encode_text(tokenizer, " " + answer)
-    else:
-        raise ValueError(f"render style must be 'chat' or 'hh', got {style!r}")
-    if complete:
-        ids += list(end_of_answer_ids(tokenizer, style))
+    prompt_ids, answer_ids = encode_answer(tokenizer, conversation, answer, style,
+                                           end=complete and style == "chat")
+    ids = prompt_ids + answer_ids
     if len(ids) > max_len:
         return ids[len(ids) - max_len:], True
     return ids, False
@@ -131,6 +109,6 @@ class PreferenceScorer:
         """[N] scores; `complete` answers get their end-of-turn token, as in training."""
         if len(conversations) != len(answers):
             raise ValueError(f"{len(conversations)} conversations but {len(answers)} answers")
-        rows = [encode_answer(self.tokenizer, c, a, self.style, self.max_len, complete)[0]
+        rows = [preference_row(self.tokenizer, c, a, self.style, self.max_len, complete)[0]
                 for c, a in zip(conversations, answers)]
         return self.score_ids(rows)

@@ -54,7 +54,9 @@ from cai_jax.data.conversation import (
     Conversation,
     ConversationFormatError,
     Turn,
+    answer_stop_strings,
     assistant,
+    check_style,
     parse_hh,
     render_chat,
     render_hh,
@@ -72,7 +74,6 @@ OPTIONS = (" (A)", " (B)")
 POINTWISE_OPTIONS = (" Yes", " No")
 POINTWISE_ASK = ("Judged by that question alone, is the assistant's last reply a bad one, doing what "
                  "the question warns against or falling short of what it asks for? Answer Yes or No.")
-STYLES = ("hh", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +158,7 @@ def pointwise_question(conversation: Sequence[Turn], principle: str, answer: str
 def build_pointwise_prompt(conversation: Sequence[Turn], principle: str, answer: str, *,
                            shots: Sequence[PointShot] = (), style: str = "hh", tokenizer=None) -> str:
     """The pointwise prompt, ending in "The answer is:" (then " Yes" or " No")."""
-    _check_style(style, tokenizer)
+    check_style(style, tokenizer)
     query = pointwise_question(conversation, principle, answer)
     if style == "hh":
         blocks = [f"{pointwise_question(s.conversation, principle, s.answer)}\n{ANSWER_CUE} {s.verdict}"
@@ -171,17 +172,10 @@ def build_pointwise_prompt(conversation: Sequence[Turn], principle: str, answer:
     return render_chat(turns, tokenizer, add_generation_prompt=True) + ANSWER_CUE
 
 
-def _check_style(style: str, tokenizer) -> None:
-    if style not in STYLES:
-        raise ValueError(f"render style must be one of {STYLES}, got {style!r}")
-    if style == "chat" and tokenizer is None:
-        raise ValueError("render style 'chat' needs a tokenizer")
-
-
 def build_choice_prompt(conversation: Sequence[Turn], principle: str, answer_a: str, answer_b: str,
                         *, shots: Sequence[Shot] = (), style: str = "hh", tokenizer=None) -> str:
     """The plain multiple-choice prompt, ending in "The answer is:"."""
-    _check_style(style, tokenizer)
+    check_style(style, tokenizer)
     query = question(conversation, principle, answer_a, answer_b)
     if style == "hh":
         blocks = [f"{question(s.conversation, principle, s.answer_a, s.answer_b)}\n"
@@ -219,11 +213,11 @@ def build_cot_prompt(conversation: Sequence[Turn], principle: str, answer_a: str
                      tokenizer=None) -> str:
     """The chain-of-thought prompt, ending in "Let's think step-by-step:" for the
     model to continue with its reasoning."""
-    _check_style(style, tokenizer)
+    check_style(style, tokenizer)
     query = question(conversation, principle, answer_a, answer_b)
     if style == "hh":
         few_shot = "".join(_cot_exemplar_text(e, principle) for e in exemplars)
-        return f"{few_shot}\n\nHuman: {query}\n\nAssistant: {COT_CUE}"
+        return f"{few_shot}{render_hh((user(query),))} {COT_CUE}"
     turns = []
     for e in exemplars:
         turns += _cot_exemplar_turns(e, principle)
@@ -242,7 +236,6 @@ def cot_answer_prompt(cot_prompt: str, reasoning: str) -> str:
 
 
 def cot_stop_strings(style: str) -> tuple[str, ...]:
-    """Where a sampled reasoning ends: at the answer line, or (HH text) when the
-    model starts a new human turn."""
-    stops = (COT_ANSWER_CUE,)
-    return stops + (HH_HUMAN_STOP,) if style == "hh" else stops
+    """Where a sampled reasoning ends: at the answer line, or where any answer
+    in the `style` rendering ends (HH text: the next speaker label)."""
+    return (COT_ANSWER_CUE,) + answer_stop_strings(style)

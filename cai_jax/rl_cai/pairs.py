@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from cai_jax import artifacts, sharding as shd
 from cai_jax.constitution import ContrastiveFraming, constitution_from_config, sample_principles
-from cai_jax.data.conversation import HH_HUMAN_STOP, Turn, build_initial_prompt, to_messages
+from cai_jax.data.conversation import Turn, answer_stop_strings, build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
 from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.model_ref import resolve
@@ -114,11 +114,6 @@ def prompt_key(pair_id_: str) -> str:
     return pair_id_.split("#", 1)[0]
 
 
-def stop_strings(style: str) -> tuple[str, ...]:
-    # HH text has no end-of-turn token: an answer ends where the next human turn starts.
-    return (HH_HUMAN_STOP,) if style == "hh" else ()
-
-
 def generator_style(tokenizer, configured: str, mode: str) -> str:
     """The rendering the answering model reads. Contrastive framings are system
     messages, so they need the model's chat template whatever config.data.render
@@ -174,7 +169,7 @@ def sample_pairs(sampler, params, prompts: Sequence[dict], tokenizer, *, style: 
                  seed: int, batch_size: int, max_prompt_tokens: int,
                  framings: Sequence[ContrastiveFraming] = ()) -> tuple[list[dict], list[str]]:
     """Two answers per prompt. Returns (records, ids of prompts skipped as too long)."""
-    stops = stop_strings(style)
+    stops = answer_stop_strings(style)
     rows, kept, skipped = [], [], []
     for p in prompts:
         pair_rows = [encode_text(tokenizer, text) for text in prompt_texts(p, style, tokenizer, framings)]
@@ -233,7 +228,7 @@ def run_stage(ctx) -> dict:
         sampling = SamplingParams(
             temperature=section.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,
             max_new_tokens=section.max_new_tokens or config.sampling.max_new_tokens,
-            stop_strings=stop_strings(style))
+            stop_strings=answer_stop_strings(style))
         # The answer must fit in the model's context after the prompt.
         max_prompt = min(section.max_prompt_tokens, model.config.max_seq_len - sampling.max_new_tokens)
         batch = section.batch_size or config.sampling.batch_size

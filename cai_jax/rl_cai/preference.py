@@ -43,7 +43,7 @@ from cai_jax.data.hh_rlhf import read_pairs
 from cai_jax.data.loaders import make_dataset, split_heldout
 from cai_jax.models.transformer import Transformer
 from cai_jax.model_ref import resolve
-from cai_jax.inference.preference_scorer import SCALAR_HEAD, encode_answer, make_score_fn
+from cai_jax.inference.preference_scorer import SCALAR_HEAD, make_score_fn, preference_row
 from cai_jax.rl_cai.pairs import prompt_key
 from cai_jax.rl_cai.bt_loss import preference_accuracy, soft_bt_loss
 from cai_jax.training.metrics import MetricWriter
@@ -216,10 +216,10 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer, style: str, max_len: int) -
     """Token ids of both answers per pair; also how many rows were cut."""
     out, cut = [], 0
     for p in pairs:
-        a, cut_a = encode_answer(tokenizer, p["conversation"], p["a"], style, max_len,
-                                 p.get("complete_a", True))
-        b, cut_b = encode_answer(tokenizer, p["conversation"], p["b"], style, max_len,
-                                 p.get("complete_b", True))
+        a, cut_a = preference_row(tokenizer, p["conversation"], p["a"], style, max_len,
+                                  p.get("complete_a", True))
+        b, cut_b = preference_row(tokenizer, p["conversation"], p["b"], style, max_len,
+                                  p.get("complete_b", True))
         cut += cut_a + cut_b
         out.append({"id": p["id"], "a": np.asarray(a, np.int32), "b": np.asarray(b, np.int32),
                     "p_a": float(p["p_a"])})

@@ -52,21 +52,13 @@ def load_prompt_pool(data, kind: str, split: str) -> list[PolicyPrompt]:
     return [PolicyPrompt(p.id, kind, p.conversation()) for p in prompt_sets.load_prompts(data, kind, split)]
 
 
-def render_prompt(conversation, style: str, tokenizer) -> str:
-    if style == "chat":
-        return conv_lib.render_chat(conversation, tokenizer)
-    if style == "hh":
-        return conv_lib.render_hh(conversation)
-    raise ValueError(f"config.data.render is {style!r}; one of 'chat', 'hh'")
-
-
 def encode_prompts(prompts: Sequence[PolicyPrompt], style: str, tokenizer,
                    max_prompt_tokens: int) -> list[PolicyPrompt]:
     """Renders and tokenizes; prompts longer than `max_prompt_tokens` are dropped
     (truncating one would cut the conversation template)."""
     kept, dropped = [], 0
     for p in prompts:
-        text = render_prompt(p.conversation, style, tokenizer)
+        text = conv_lib.build_initial_prompt(p.conversation, style=style, tokenizer=tokenizer)
         ids = tuple(encode_text(tokenizer, text))
         if len(ids) > max_prompt_tokens:
             dropped += 1

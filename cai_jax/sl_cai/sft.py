@@ -31,14 +31,14 @@ from cai_jax import artifacts, sharding as shd
 from cai_jax.inference.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section
 from cai_jax.model_ref import resolve
-from cai_jax.data.conversation import Turn, render_chat, render_hh
+from cai_jax.data.conversation import Turn, encode_answer
 from cai_jax.data.loaders import make_dataset, split_heldout
 from cai_jax.models.transformer import Transformer
 from cai_jax.training import lm_loss
 from cai_jax.training.metrics import MetricWriter, read_metrics
 from cai_jax.training.trainer import Trainer, eval_hook
 from cai_jax.weights.model_dir import save_model_dir
-from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
+from cai_jax.weights.tokenizer import pad_token_id
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -82,36 +82,14 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 def tokenize_example(conversation: Sequence[Turn], answer: str, tokenizer,
                      style: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `conversation` answered by `answer`, and the loss mask.
+    """Token ids of `conversation` answered by `answer` (`encode_answer`: as
+    the sampler sees them), and the loss mask.
 
-    The mask is 1 exactly on the answer's tokens and the token that ends the
-    turn: the chat template's end-of-turn token ("<|im_end|>" for SmolLM2), or
-    EOS for the HH rendering (whose models otherwise never learn to stop).
-    Prompt and answer are tokenized apart, as the sampler sees them.
+    The mask is 1 exactly on the answer's tokens and the token that ends it
+    (`end_of_answer_ids`: the chat template's end-of-turn token, or EOS for
+    the HH rendering, whose models otherwise never learn to stop).
     """
-    conversation = tuple(conversation)
-    if style == "chat":
-        prompt = render_chat(conversation, tokenizer, add_generation_prompt=True)
-        full = render_chat(conversation + (Turn("assistant", answer),), tokenizer,
-                           add_generation_prompt=False)
-        if not full.startswith(prompt):
-            raise ValueError("the tokenizer's chat template does not render the generation prompt "
-                             "as a prefix of the answered conversation; set data.render='hh'")
-        answer_ids = encode_text(tokenizer, full[len(prompt):])
-        # Keep up to and including the end-of-turn token; what the template puts
-        # after it (a newline) belongs to no one.
-        stops = set(stop_token_ids(tokenizer))
-        ends = [i for i, t in enumerate(answer_ids) if t in stops]
-        if ends:
-            answer_ids = answer_ids[:ends[0] + 1]
-    elif style == "hh":
-        prompt = render_hh(conversation, add_generation_prompt=True)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("data.render='hh' needs a tokenizer with an EOS token to end answers")
-        answer_ids = encode_text(tokenizer, " " + answer) + [int(tokenizer.eos_token_id)]
-    else:
-        raise ValueError(f"render style must be 'chat' or 'hh', got {style!r}")
-    prompt_ids = encode_text(tokenizer, prompt)
+    prompt_ids, answer_ids = encode_answer(tokenizer, conversation, answer, style)
     tokens = np.asarray(prompt_ids + answer_ids, np.int32)
     mask = np.concatenate([np.zeros(len(prompt_ids), np.int32), np.ones(len(answer_ids), np.int32)])
     return tokens, mask

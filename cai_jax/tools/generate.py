@@ -85,11 +85,13 @@ def read_prompts_file(path: str) -> list[str]:
     return prompts
 
 
-def render_chat(tokenizer, prompt: str) -> str:
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as a user turn, rendered as every stage renders chat prompts."""
+    from cai_jax.data.conversation import build_initial_prompt, user
+
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat: this model's tokenizer has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    return build_initial_prompt((user(prompt),), style="chat", tokenizer=tokenizer)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -109,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load_model(MODEL_ALIASES.get(args.model, args.model))
     if loaded.tokenizer is None:
         raise SystemExit(f"--model {args.model}: these weights come without a tokenizer")
-    texts = [render_chat(loaded.tokenizer, p) for p in prompts] if args.chat else prompts
+    texts = [chat_prompt(loaded.tokenizer, p) for p in prompts] if args.chat else prompts
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
                               ignore_eos=args.ignore_eos)
