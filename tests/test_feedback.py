@@ -399,6 +399,7 @@ def test_pointwise_config_checks(tiny, constitution):
 def test_pointwise_stage_end_to_end(tmp_path):
     from cai_jax import artifacts
     from cai_jax.pipeline import StageContext
+    from cai_jax.sharding import mesh_from_config
     from cai_jax.tools.score_pairs import load_judge_config
 
     config = load_judge_config(None, ["feedback.source=pointwise", "feedback.model_source=init:tiny",
@@ -410,7 +411,7 @@ def test_pointwise_stage_end_to_end(tmp_path):
                                                   ("helpful", "What is 2+2?", "4.", "Fish."),
                                                   ("harmless", "Insult me.", "No thanks.", "You fool.")])]
     artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl"), pairs)
-    summary = fb.run_stage(StageContext(config, str(tmp_path), progress=False))
+    summary = fb.run_stage(StageContext(config, str(tmp_path), mesh_from_config(config), progress=False))
     labels = artifacts.read_jsonl(str(tmp_path / "labels.jsonl"))
     assert summary["source"] == "pointwise" and summary["labels"] == 3 and "position_bias" not in summary
     assert 0.0 < summary["option_mass"] <= 1.0

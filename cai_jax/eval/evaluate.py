@@ -456,8 +456,6 @@ def fit_dimension(records: Sequence[dict], reference: str, section, seed: int):
 
 
 def run_stage(ctx) -> dict:
-    from cai_jax.sharding import make_mesh
-
     config, section = ctx.config, ctx.config.eval
     specs = {"harmless": section.harmless_judge, "helpful": section.helpful_judge,
              "harmless_reward_pm": ("none" if section.reward_pm_judge == section.harmless_judge
@@ -465,7 +463,7 @@ def run_stage(ctx) -> dict:
     for dim, spec in specs.items():
         key = "eval.reward_pm_judge" if dim == "harmless_reward_pm" else f"eval.{dim}_judge"
         judges_lib.parse_judge_spec(spec, key=key)  # fail before any sampling
-    mesh = make_mesh(config.mesh.to_dict())
+    mesh = ctx.mesh
     models = find_models(config, ctx.workdir)
     prompts = eval_prompts(config.data, section)
     active = {dim: spec for dim, spec in specs.items() if spec != "none" and prompts[DIMENSIONS[dim]]}

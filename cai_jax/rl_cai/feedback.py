@@ -569,7 +569,7 @@ def run_stage(ctx) -> dict:
         out.extend(label_record(c, construction_label(c, section.construction_confidence, pairs_path))
                    for c in todo)
     elif todo:
-        labeler = labeler_from_config(config, ctx.workdir)
+        labeler = labeler_from_config(config, ctx.workdir, mesh=ctx.mesh)
         # Chunks of a few batches: each finished chunk is saved, so a kill loses little.
         per_chunk = max(1, 4 * section.batch_size // (2 * section.num_principles))
         bar = tqdm(total=len(comparisons), initial=len(comparisons) - len(todo), desc="feedback",
