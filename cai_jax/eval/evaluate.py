@@ -26,7 +26,7 @@ import dataclasses
 import itertools
 import os
 import re
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -40,6 +40,9 @@ from cai_jax.eval import judges as judges_lib
 from cai_jax.eval import report
 from cai_jax.eval.elo import fit_elo
 from cai_jax.model_ref import CHECKPOINTS_FILE, directory_version, resolve, rl_checkpoints
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 # Judge dimension -> the prompts it is judged on. "harmless_reward_pm" is the
 # harmlessness column of the PM that PPO maximised (eval.reward_pm_judge).
@@ -236,7 +239,7 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
 
 
 def collect_answers(models: Sequence[EvalModel], prompts: Sequence[Prompt], path: str, *,
-                    sampling, render: str, seed: int, mesh=None, progress: bool = True,
+                    sampling, render: str, seed: int, mesh: Mesh, progress: bool = True,
                     answer_fn_factory: Optional[Callable] = None,
                     shared_prefix: bool = False) -> dict[tuple[str, str], dict]:
     """Answers of every model to every prompt, from the cache or the sampler.
@@ -288,7 +291,7 @@ class JudgeFactory:
     """Builds judges from spec strings on first use and shares them (one PM
     serves both dimensions and figure 5)."""
 
-    def __init__(self, config, workdir: str, mesh=None):
+    def __init__(self, config, workdir: str, mesh: Mesh):
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self._built: dict[str, judges_lib.Judge] = {}
 

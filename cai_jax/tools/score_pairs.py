@@ -10,7 +10,7 @@ constitution's harmlessness principles, both orders, as the `feedback` stage
 runs it; --model replaces feedback.model_source); `pointwise` is the same
 labeller judging each answer alone (feedback.source=pointwise: Yes/No under
 each principle, p = sigmoid of the score difference); `pm:DIR` is a trained
-preference model directory.
+preference model directory. Each runs on the config's mesh (`config.mesh`).
 
 Printed: accuracy (p(chosen) > 0.5), mean p(chosen), expected calibration
 error and Brier score. Calibration is measured on both orientations of every
@@ -90,10 +90,11 @@ def load_judge_config(path: Optional[str], overrides: Sequence[str] = ()):
 
 def feedback_judge(config, progress: bool):
     """pairs -> p(chosen) under the AI feedback labeller (chosen shown as answer A
-    first; both orders are asked when feedback.both_orders)."""
+    first; both orders are asked when feedback.both_orders), on config's mesh."""
+    from cai_jax import sharding
     from cai_jax.rl_cai import feedback
 
-    labeler = feedback.labeler_from_config(config)
+    labeler = feedback.labeler_from_config(config, mesh=sharding.mesh_from_config(config))
 
     def judge(pairs) -> np.ndarray:
         comparisons = [feedback.FeedbackComparison(pair_id(p), "harmless", p.context, p.chosen,
@@ -122,12 +123,12 @@ def check_preference_model(directory: str) -> None:
                         "no 'scalar'); give a preference model directory such as <workdir>/models/pm")
 
 
-def pm_judge(directory: str, batch_size: int):
-    """pairs -> p(chosen) = sigmoid(score(chosen) - score(rejected))."""
+def pm_judge(directory: str, batch_size: int, mesh):
+    """pairs -> p(chosen) = sigmoid(score(chosen) - score(rejected)), on `mesh`."""
     from cai_jax.inference.preference_scorer import PreferenceScorer
 
     check_preference_model(directory)
-    scorer = PreferenceScorer.from_dir(directory, batch_size=batch_size)
+    scorer = PreferenceScorer.from_dir(directory, batch_size=batch_size, mesh=mesh)
 
     def judge(pairs) -> np.ndarray:
         return scorer.prob_first([p.context for p in pairs], [p.chosen for p in pairs],
@@ -192,7 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         overrides += [f"feedback.model_source={args.model}"] if args.model else []
         judge = feedback_judge(load_judge_config(args.config, overrides), not args.no_progress)
     elif args.judge.startswith("pm:"):
-        judge = pm_judge(args.judge[3:], args.batch_size)
+        from cai_jax import sharding
+        mesh = sharding.mesh_from_config(load_judge_config(args.config, args.set))
+        judge = pm_judge(args.judge[3:], args.batch_size, mesh)
     else:
         parser.error(f"--judge {args.judge!r}: use 'feedback', 'pointwise' or 'pm:CHECKPOINT_DIR'")
     if args.save_scores:
