@@ -5,6 +5,13 @@ Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
 maps each logical name to a mesh axis (or a tuple of them, or None). A dimension
 that the mesh axes do not divide is replicated instead of failing, so that e.g.
 SmolLM2's 3 KV heads still run on a tensor axis of 2.
+
+A run builds its mesh once, from `config.mesh`, with `mesh_from_config`: the
+pipeline does (after `jax.distributed` is initialised, so it spans every
+process's devices) and hands it to each stage in its context; tools, tests and
+benchmarks that run a stage's pieces from a config build theirs the same way.
+Scorers and samplers take the mesh they run on as a required argument, with no
+default (a sampler's may be None: everything on the default device).
 """
 from __future__ import annotations
 

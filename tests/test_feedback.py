@@ -281,7 +281,7 @@ def test_chain_of_thought_scores_after_the_reasoning_and_clamps(tiny, constituti
                                  cot_max_new_tokens=8, cot_temperature=1.0, cot_top_p=0.95, seed=7,
                                  batch_size=4, max_len=512, mesh=shd.make_mesh({"data": -1}))
     records = labeler.label(COMPARISONS[:2])
-    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False)
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False)
     raw = []
     for c, r in zip(COMPARISONS, records):
         assert len(r["cot"]) == 1 and set(r["cot"][0]) == {"ab", "ba"}

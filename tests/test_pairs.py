@@ -88,7 +88,7 @@ def test_stage_writes_pairs_and_resumes_to_the_same_file(workdir):
 
     # Each answer depends only on (seed, id, slot): the sampler reproduces it alone.
     model = load_model(f"ckpt:{workdir}/models/sl_cai")
-    sampler = Sampler(model.config, model.tokenizer, progress=False)
+    sampler = Sampler(model.config, model.tokenizer, mesh=None, progress=False)
     r = records[1]
     prompt = build_initial_prompt(tuple(user(t["content"]) for t in r["prompt"]), style="chat",
                                   tokenizer=model.tokenizer)
@@ -205,7 +205,7 @@ def test_contrastive_stage_answers_under_each_framing_and_feedback_labels_by_con
     # Independently: the answer in the better slot is what the sampler writes
     # after the better framing's system message.
     model = load_model(f"ckpt:{workdir}/models/sl_cai")
-    sampler = Sampler(model.config, model.tokenizer, progress=False)
+    sampler = Sampler(model.config, model.tokenizer, mesh=None, progress=False)
     r = records[0]
     framing = framings[r["construction"]["framing"]]
     assert framing.kind == r["kind"]
