@@ -139,7 +139,7 @@ def direct(args, source: str, labeler: str, hh_pairs) -> dict:
 
 def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
     """feedback and pm_train stages on the pairs in `workdir`, then the PM on HH pairs."""
-    from cai_jax import pipeline
+    from cai_jax import pipeline, sharding
     from cai_jax.tools.score_pairs import p_chosen, pm_judge
 
     # One PM on all of the source's labels (no judge PM split off).
@@ -148,7 +148,7 @@ def pm_cell(args, workdir: str, hh_pairs, *overrides: str) -> dict:
     [labels] = pipeline.run_pipeline(config, workdir, ["feedback"], progress=True)
     label_seconds = time.time() - start
     [trained] = pipeline.run_pipeline(config, workdir, ["pm_train"], progress=True)
-    p = p_chosen(pm_judge(os.path.join(workdir, "models", "pm"), batch_size=8), hh_pairs)
+    p = p_chosen(pm_judge(os.path.join(workdir, "models", "pm"), 8, sharding.mesh_from_config(config)), hh_pairs)
     cell = {**accuracy_interval(p), "labels": labels["labels"],
             "seconds_per_label": label_seconds / max(1, labels["labels"]),
             "pm_eval_accuracy": trained.get("eval_accuracy")}

@@ -248,7 +248,7 @@ def compile_child(spec: str) -> None:
     from cai_jax.weights.loader import load_model
     s = json.loads(spec)
     loaded = load_model("smollm2")
-    sampler = Sampler(loaded.config, loaded.tokenizer, progress=False, unroll_layers=s["unroll"])
+    sampler = Sampler(loaded.config, loaded.tokenizer, mesh=None, progress=False, unroll_layers=s["unroll"])
     prompts = make_prompts(s["batch"], s["prompt_len"])
     sp = SamplingParams(temperature=0.0, max_new_tokens=s["new_tokens"], ignore_eos=True)
     times = []
@@ -289,11 +289,13 @@ def main():
     cfg = loaded.config
     print(f"# SmolLM2-135M float32, {args.prompt_len}-token prompts, {args.new_tokens} new tokens; "
           f"jax {jax.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    samplers = {"ours": Sampler(cfg, loaded.tokenizer, progress=False)}
+    samplers = {"ours": Sampler(cfg, loaded.tokenizer, mesh=None, progress=False)}
     if args.scanned:
-        samplers["ours (scanned)"] = Sampler(cfg, loaded.tokenizer, progress=False, unroll_layers=False)
+        samplers["ours (scanned)"] = Sampler(cfg, loaded.tokenizer, mesh=None, progress=False,
+                                             unroll_layers=False)
     if args.flax_trunk:
-        samplers["ours (Flax trunk)"] = Sampler(cfg, loaded.tokenizer, progress=False, feature_major=False)
+        samplers["ours (Flax trunk)"] = Sampler(cfg, loaded.tokenizer, mesh=None, progress=False,
+                                                feature_major=False)
     hf = None
     if not args.skip_hf:
         import torch

@@ -149,7 +149,7 @@ def bench_shape(name: str, loaded, prompts, run: dict, args, hf) -> list[str]:
     from cai_jax.inference.sampling import TRACE_COUNTS, Sampler
     from cai_jax.weights.tokenizer import pad_token_id
 
-    sampler = Sampler(loaded.config, loaded.tokenizer, progress=False)
+    sampler = Sampler(loaded.config, loaded.tokenizer, mesh=None, progress=False)
     n_new = run["max_new_tokens"]
     sides = ["whole", "shared"] + (["stored"] if "previous" in run else [])
     programs = {}

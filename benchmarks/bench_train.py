@@ -601,7 +601,7 @@ def main(argv=None) -> dict:
     config.model.matmul_dtype = args.matmul_dtype
     base = resolve("base", config).load(seed=config.seed, to_device=False)
     pad_id = pad_token_id(base.tokenizer) if base.tokenizer is not None else 0
-    mesh = shd.make_mesh(config.mesh.to_dict())
+    mesh = shd.mesh_from_config(config)
     meta = {"date": datetime.date.today().isoformat(), "config": os.path.relpath(args.config, REPO),
             "model": f"{base.source} ({config.model.name})", "jax": jax.__version__, "cpus": os.cpu_count(),
             "torch_threads": args.torch_threads, "peak_size": args.peak_size, "matmul_dtype": args.matmul_dtype,

@@ -41,6 +41,9 @@ def model_section(name: str = "smollm2-135m", source: str = "auto") -> ml_collec
 
 
 def mesh_section() -> ml_collections.ConfigDict:
+    """`mesh` section: the size of each mesh axis (data, fsdp, tensor), -1 for
+    the devices left over; by default every device is on data. A run builds
+    its mesh from it once (`sharding.mesh_from_config`)."""
     return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
 

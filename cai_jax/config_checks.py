@@ -91,7 +91,8 @@ def _check_counts(config) -> None:
 
 
 def _check_mesh(config):
-    """The mesh the stages will build (None when the config has no mesh section)."""
+    """The run's mesh as the pipeline will build it (None when the config has no
+    mesh section)."""
     from cai_jax import sharding
 
     sizes = _get(config, "mesh")
@@ -101,7 +102,7 @@ def _check_mesh(config):
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise UserError(f"config.mesh.{axis} is {size!r}; it must be a device count >= 1, "
                             "or -1 for the devices left over")
-    return _reuse("mesh", sharding.make_mesh, sizes.to_dict())
+    return _reuse("mesh", sharding.mesh_from_config, config)
 
 
 def _check_model(config) -> None:

@@ -45,6 +45,7 @@ def run(argv):
     enable_compilation_cache()  # before anything compiles
     distributed.maybe_initialize(config)
     config_checks.check_config(config)  # after initialize: the mesh check counts all devices
+    # After initialize too: the run's mesh (pipeline.run_mesh) spans every process's devices.
     rows = pipeline.run_pipeline(config, _WORKDIR.value, _STAGES.value, progress=_PROGRESS.value,
                                  force=_FORCE.value)
     print(pipeline.format_summary(rows))

@@ -30,6 +30,10 @@ started under another fingerprint (`.staging/<name>.started.json`): after a
 kill the stage resumes its own partial work, after a config or input change it
 starts over. One run at a time holds the work directory (`.lock`).
 
+Each stage is called with a `StageContext`: the config, its staging directory
+and the run's device mesh, which `run_pipeline` builds once from `config.mesh`
+(`sharding.mesh_from_config`) for every stage it runs.
+
 Stages are referenced by module path so that this file does not import every
 stage's dependencies up front.
 """
@@ -43,12 +47,15 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import ml_collections
 
 from cai_jax import artifacts, host_memory
 from cai_jax.errors import DivergenceError, UserError
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 STAGING = ".staging"  # <workdir>/.staging/<stage>/: a stage's work until it is complete
 LOCK = ".lock"
@@ -107,10 +114,16 @@ ORDER = tuple(STAGES)
 
 @dataclasses.dataclass
 class StageContext:
-    """What a stage gets: the full config, the work directory, and display options."""
+    """What a stage gets: the full config, the work directory, the run's mesh
+    and display options.
+
+    `mesh` is the run's device mesh (`run_mesh`), built once per run; a stage
+    called directly (tests) gets one from `sharding.mesh_from_config(config)`.
+    """
 
     config: ml_collections.ConfigDict
     workdir: str
+    mesh: Optional["Mesh"]
     progress: bool = True
 
     def path(self, *parts: str) -> str:
@@ -500,11 +513,25 @@ def _barrier(config, tag: str) -> None:
         multihost_utils.sync_global_devices(tag)
 
 
+def run_mesh(config) -> Optional["Mesh"]:
+    """The run's device mesh, handed to every stage: config.mesh over every
+    device of every process, so a multi-process run calls this after
+    `jax.distributed` is initialised (main.py does). None for a config
+    without a mesh section, whose stages use none (the pipeline's own tests
+    run such stages without importing JAX)."""
+    if "mesh" not in config:
+        return None
+    from cai_jax import sharding
+
+    return sharding.mesh_from_config(config)
+
+
 def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progress: bool = True,
                  force: bool = False) -> list[dict[str, Any]]:
     """Runs the named stages (default: all, in recipe order) holding the work
-    directory's lock; returns one summary row per stage. `config.json` is
-    written when they have all finished."""
+    directory's lock, each with the run's mesh (`run_mesh`, built once here);
+    returns one summary row per stage. `config.json` is written when they have
+    all finished."""
     stages = list(stages or ORDER)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -519,7 +546,8 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
             if finish_swap(workdir, name):
                 print(f"{name}: completed the swap-in a kill had cut short", flush=True)
         _barrier(config, "pipeline start")
-        rows = [_stage_row(StageContext(config, workdir, progress), name, force) for name in stages]
+        ctx = StageContext(config, workdir, run_mesh(config), progress)
+        rows = [_stage_row(ctx, name, force) for name in stages]
         if _main_process(config):
             artifacts.write_json_atomic(os.path.join(workdir, CONFIG), config.to_dict())
         with contextlib.suppress(OSError):

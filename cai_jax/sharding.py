@@ -5,6 +5,13 @@ Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
 maps each logical name to a mesh axis (or a tuple of them, or None). A dimension
 that the mesh axes do not divide is replicated instead of failing, so that e.g.
 SmolLM2's 3 KV heads still run on a tensor axis of 2.
+
+A run builds its mesh once, from `config.mesh`, with `mesh_from_config`: the
+pipeline does (after `jax.distributed` is initialised, so it spans every
+process's devices) and hands it to each stage in its context; tools, tests and
+benchmarks that run a stage's pieces from a config build theirs the same way.
+Scorers and samplers take the mesh they run on as a required argument, with no
+default (a sampler's may be None: everything on the default device).
 """
 from __future__ import annotations
 
@@ -52,6 +59,8 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A mesh of `devices` (default: every device of every process) with the
+    axis sizes `sizes` (see `mesh_shape`)."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(sizes, len(devices))
     try:
@@ -59,6 +68,17 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
     except Exception:  # non-TPU topologies or odd shapes: plain order is fine
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES)
+
+
+def mesh_from_config(config, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """The mesh of a run config: `config.mesh`'s axis sizes (config.mesh_section
+    holds the default) over `devices` (default: all). Call it after
+    `distributed.maybe_initialize`, so that a multi-process run's mesh holds
+    every process's devices."""
+    if "mesh" not in config:
+        raise ValueError("the config has no mesh section (config.mesh_section() makes one)")
+    sizes = config.mesh
+    return make_mesh(sizes.to_dict() if hasattr(sizes, "to_dict") else dict(sizes), devices)
 
 
 def rules_from_config(rules: Optional[Iterable]) -> tuple[tuple[str, Any], ...]:

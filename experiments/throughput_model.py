@@ -90,7 +90,7 @@ def measure_cpu(save=lambda partial: None) -> dict:
     # prompts (most of a short run: it must not be spread over the decode
     # steps). The two runs compile to generation buckets of 16 and 32 slots;
     # after a 256-token prompt that changes a step's cache by 6%.
-    sampler = Sampler(cfg, tokenizer, progress=False)
+    sampler = Sampler(cfg, tokenizer, mesh=None, progress=False)
     prompts = [list(map(int, tokens[i, :prompt_len])) for i in range(rows)]
     timed = {}
     for n in (8, 24):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import artifacts, pipeline
+from cai_jax import artifacts, pipeline, sharding as shd
 from cai_jax.config import load_config_module
 from cai_jax.data.conversation import Turn, render_chat
 from cai_jax.eval import evaluate, judges, report
@@ -326,7 +326,7 @@ def test_rerun_reuses_answers_and_judgments(run, monkeypatch):
 
     monkeypatch.setattr(evaluate, "make_answer_fn", forbidden)
     monkeypatch.setattr(evaluate.JudgeFactory, "get", forbidden)
-    evaluate.run_stage(pipeline.StageContext(config, wd, progress=False))
+    evaluate.run_stage(pipeline.StageContext(config, wd, shd.mesh_from_config(config), progress=False))
     for name, text in before.items():
         assert open(os.path.join(wd, "eval", name)).read() == text, name
 

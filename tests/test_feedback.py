@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax import sharding as shd
 from cai_jax.constitution import load_default_constitution, sample_principles
 from cai_jax.data.conversation import assistant, user
 from cai_jax.inference.option_scorer import option_token_ids
@@ -35,7 +36,8 @@ def constitution():
 @pytest.fixture(scope="module")
 def labeler(tiny, constitution):
     return fb.FeedbackLabeler(tiny, constitution, style="hh", num_principles=2, both_orders=True,
-                              num_exemplars=1, seed=5, batch_size=4, max_len=512, min_bucket=128)
+                              num_exemplars=1, seed=5, batch_size=4, max_len=512, min_bucket=128,
+                              mesh=shd.make_mesh({"data": -1}))
 
 
 COMPARISONS = [
@@ -134,7 +136,8 @@ def test_labels_are_the_exact_softmax_of_option_logprobs(labeler, tiny, constitu
 
 def test_chat_rendering_scores_the_same_way(tiny, constitution):
     labeler = fb.FeedbackLabeler(tiny, constitution, style="chat", num_principles=1, both_orders=False,
-                                 num_exemplars=0, seed=1, batch_size=2, max_len=512)
+                                 num_exemplars=0, seed=1, batch_size=2, max_len=512,
+                                 mesh=shd.make_mesh({"data": -1}))
     c = COMPARISONS[0]
     [r] = labeler.label([c])
     principle = sample_principles(constitution.feedback, 1, seed=1, example_id=c.id, kind="feedback")[0]
@@ -191,7 +194,7 @@ def test_combine_orders_algebra():
 
 def test_prompts_that_do_not_fit_drop_exemplars_then_old_turns(tiny, constitution):
     labeler = fb.FeedbackLabeler(tiny, constitution, style="hh", num_principles=1, num_exemplars=-1,
-                                 seed=0, max_len=512)
+                                 seed=0, max_len=512, mesh=shd.make_mesh({"data": -1}))
     conv = (user("first question " * 30), assistant("first answer " * 30), user("Short question?"))
     principle = constitution.feedback[0].text
 
@@ -276,9 +279,9 @@ def test_chain_of_thought_scores_after_the_reasoning_and_clamps(tiny, constituti
     labeler = fb.FeedbackLabeler(tiny, constitution, style="hh", num_principles=1, both_orders=True,
                                  num_exemplars=0, chain_of_thought=True, cot_clamp=(0.4, 0.6),
                                  cot_max_new_tokens=8, cot_temperature=1.0, cot_top_p=0.95, seed=7,
-                                 batch_size=4, max_len=512)
+                                 batch_size=4, max_len=512, mesh=shd.make_mesh({"data": -1}))
     records = labeler.label(COMPARISONS[:2])
-    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False)
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False)
     raw = []
     for c, r in zip(COMPARISONS, records):
         assert len(r["cot"]) == 1 and set(r["cot"][0]) == {"ab", "ba"}
@@ -310,7 +313,7 @@ def _exact_pointwise_score(model: LoadedModel, ids, length=512):
 @pytest.fixture(scope="module")
 def pointwise(tiny, constitution):
     return fb.PointwiseLabeler(tiny, constitution, style="hh", num_principles=2, num_exemplars=2, seed=5,
-                               batch_size=4, max_len=512, min_bucket=128)
+                               batch_size=4, max_len=512, min_bucket=128, mesh=shd.make_mesh({"data": -1}))
 
 
 def test_pointwise_label_formula_by_hand():
@@ -399,6 +402,7 @@ def test_pointwise_config_checks(tiny, constitution):
 def test_pointwise_stage_end_to_end(tmp_path):
     from cai_jax import artifacts
     from cai_jax.pipeline import StageContext
+    from cai_jax.sharding import mesh_from_config
     from cai_jax.tools.score_pairs import load_judge_config
 
     config = load_judge_config(None, ["feedback.source=pointwise", "feedback.model_source=init:tiny",
@@ -410,11 +414,11 @@ def test_pointwise_stage_end_to_end(tmp_path):
                                                   ("helpful", "What is 2+2?", "4.", "Fish."),
                                                   ("harmless", "Insult me.", "No thanks.", "You fool.")])]
     artifacts.write_jsonl_atomic(str(tmp_path / "pairs.jsonl"), pairs)
-    summary = fb.run_stage(StageContext(config, str(tmp_path), progress=False))
+    summary = fb.run_stage(StageContext(config, str(tmp_path), mesh_from_config(config), progress=False))
     labels = artifacts.read_jsonl(str(tmp_path / "labels.jsonl"))
     assert summary["source"] == "pointwise" and summary["labels"] == 3 and "position_bias" not in summary
     assert 0.0 < summary["option_mass"] <= 1.0
-    labeler = fb.labeler_from_config(config)
+    labeler = fb.labeler_from_config(config, mesh=mesh_from_config(config))
     assert isinstance(labeler, fb.PointwiseLabeler)
     again = labeler.label(fb.comparisons_from_pairs(pairs))
     for label, pair, r in zip(labels, pairs, again):

@@ -10,6 +10,7 @@ from cai_jax.config import load_config_module
 from cai_jax.data.conversation import answer_stop_strings, build_initial_prompt, user
 from cai_jax.data.prompt_sets import embedded_prompts
 from cai_jax.pipeline import StageContext
+from cai_jax.sharding import mesh_from_config
 from cai_jax.rl_cai import pairs
 from cai_jax.inference.sampling import Sampler, SamplingParams
 from cai_jax.inference.sampling_buckets import cut_at_stops
@@ -74,7 +75,7 @@ def test_answers_are_cut_at_the_next_turn():
 
 def test_stage_writes_pairs_and_resumes_to_the_same_file(workdir):
     config = make_config()
-    ctx = StageContext(config, str(workdir), progress=False)
+    ctx = StageContext(config, str(workdir), mesh_from_config(config), progress=False)
     summary = pairs.run_stage(ctx)
     records = artifacts.read_jsonl(ctx.path("pairs.jsonl"))
     assert summary["pairs"] == 5 and summary["harmless"] == 3 and summary["helpful"] == 2
@@ -87,7 +88,7 @@ def test_stage_writes_pairs_and_resumes_to_the_same_file(workdir):
 
     # Each answer depends only on (seed, id, slot): the sampler reproduces it alone.
     model = load_model(f"ckpt:{workdir}/models/sl_cai")
-    sampler = Sampler(model.config, model.tokenizer, progress=False)
+    sampler = Sampler(model.config, model.tokenizer, mesh=None, progress=False)
     r = records[1]
     prompt = build_initial_prompt(tuple(user(t["content"]) for t in r["prompt"]), style="chat",
                                   tokenizer=model.tokenizer)
@@ -111,7 +112,7 @@ def test_hh_rendering_stops_at_the_next_human_turn(workdir, tmp_path):
     config.pairs.red_team_limit = 1
     os.makedirs(tmp_path / "models", exist_ok=True)
     os.symlink(workdir / "models" / "sl_cai", tmp_path / "models" / "sl_cai")
-    ctx = StageContext(config, str(tmp_path), progress=False)
+    ctx = StageContext(config, str(tmp_path), mesh_from_config(config), progress=False)
     pairs.run_stage(ctx)
     for r in artifacts.read_jsonl(ctx.path("pairs.jsonl")):
         assert "\n\nHuman:" not in r["answer_a"] and "\n\nHuman:" not in r["answer_b"]
@@ -119,7 +120,8 @@ def test_hh_rendering_stops_at_the_next_human_turn(workdir, tmp_path):
 
 
 def test_missing_sl_cai_model_is_a_clear_error(tmp_path):
-    ctx = StageContext(make_config(), str(tmp_path), progress=False)
+    config = make_config()
+    ctx = StageContext(config, str(tmp_path), mesh_from_config(config), progress=False)
     with pytest.raises(FileNotFoundError, match="sl_train"):
         pairs.run_stage(ctx)
 
@@ -193,7 +195,7 @@ def test_contrastive_stage_answers_under_each_framing_and_feedback_labels_by_con
     config.feedback.source = "construction"
     os.makedirs(tmp_path / "models", exist_ok=True)
     os.symlink(workdir / "models" / "sl_cai", tmp_path / "models" / "sl_cai")
-    ctx = StageContext(config, str(tmp_path), progress=False)
+    ctx = StageContext(config, str(tmp_path), mesh_from_config(config), progress=False)
     summary = pairs.run_stage(ctx)
     records = artifacts.read_jsonl(ctx.path("pairs.jsonl"))
     assert summary["mode"] == "contrastive" and summary["better_in_slot_a"] == sum(
@@ -203,7 +205,7 @@ def test_contrastive_stage_answers_under_each_framing_and_feedback_labels_by_con
     # Independently: the answer in the better slot is what the sampler writes
     # after the better framing's system message.
     model = load_model(f"ckpt:{workdir}/models/sl_cai")
-    sampler = Sampler(model.config, model.tokenizer, progress=False)
+    sampler = Sampler(model.config, model.tokenizer, mesh=None, progress=False)
     r = records[0]
     framing = framings[r["construction"]["framing"]]
     assert framing.kind == r["kind"]

@@ -54,7 +54,7 @@ def stage_runner(fake_run):
     """The runner the stage builds (policy, reference, value model from the PM,
     PM reward), compiled once for the tests below."""
     workdir, config = fake_run
-    return ppo.PPORunner(ppo.load_setup(config, str(workdir)))
+    return ppo.PPORunner(ppo.load_setup(config, str(workdir), shd.mesh_from_config(config)))
 
 
 def _params(runner):
@@ -179,7 +179,7 @@ def test_pm_with_another_vocabulary_rewards_the_policy_as_text(fake_run, tmp_pat
     other = config.copy_and_resolve_references()
     other.ppo.preference_model = f"ckpt:{tmp_path / 'pm512'}"
     other.ppo.share_trunk = True
-    setup = ppo.load_setup(other, str(workdir))
+    setup = ppo.load_setup(other, str(workdir), shd.mesh_from_config(other))
     assert setup.reward_fn.scorer.config.vocab_size == 512 != setup.policy_config.vocab_size
     prompts = setup.train_red_team[:2]
     # The reward reads only the prompts and the answers' text.
@@ -193,4 +193,4 @@ def test_pm_with_another_vocabulary_rewards_the_policy_as_text(fake_run, tmp_pat
     other.ppo.share_trunk = False
     other.ppo.value_init = "pm"
     with pytest.raises(ValueError, match=r"value_init='pm'.*vocabulary \(512\).*policy's \(\d+\)"):
-        ppo.load_setup(other, str(workdir))
+        ppo.load_setup(other, str(workdir), shd.mesh_from_config(other))

@@ -146,7 +146,7 @@ def test_pm_recovers_soft_label_ordering_and_probabilities(tiny_pm, tmp_path):
     assert metrics["calibration_gap"] < 0.05, metrics
     # Scores of the four words follow the hidden utilities.
     trained = LoadedModel(tiny_pm.config, jax.tree.map(np.asarray, params), tok, "trained")
-    scorer = ps.PreferenceScorer(trained, style="hh", max_len=64)
+    scorer = ps.PreferenceScorer(trained, style="hh", max_len=64, mesh=mesh)
     word_scores = scorer.score([(user("Say a word."),)] * 4, [f"the {w}" for w in WORDS])
     assert list(np.argsort(word_scores)) == [0, 1, 2, 3]
     p = _p_first(scorer, [(user("Say a word."),)], ["the cloud"], ["the apple"])[0]
@@ -157,7 +157,7 @@ def test_scorer_reads_the_saved_model_and_matches_a_full_forward(tiny_pm, tmp_pa
     params = _random_head(tiny_pm, seed=4)
     save_model_dir(str(tmp_path / "pm"), tiny_pm.config, params, tiny_pm.tokenizer,
                    about={"render": "hh", "max_seq_len": 128})
-    scorer = ps.PreferenceScorer.from_dir(str(tmp_path / "pm"), batch_size=2)
+    scorer = ps.PreferenceScorer.from_dir(str(tmp_path / "pm"), batch_size=2, mesh=shd.make_mesh({"data": -1}))
     assert scorer.style == "hh" and scorer.max_len == 128
     convs = [(user("Hi"),), (user("What is two plus two?"),), (user("Bye"),)]
     answers = ["Hello!", "Four, of course.", "See you"]
@@ -176,7 +176,7 @@ def test_scorer_refuses_a_policy_directory(tmp_path):
     policy = load_model("init:tiny", seed=0, to_device=False)
     save_model_dir(str(tmp_path / "policy"), policy.config, policy.params, policy.tokenizer)
     with pytest.raises(ValueError, match=r"a preference model needs heads=\('scalar',\), got \('lm',\)"):
-        ps.PreferenceScorer.from_dir(str(tmp_path / "policy"))
+        ps.PreferenceScorer.from_dir(str(tmp_path / "policy"), mesh=shd.make_mesh({"data": -1}))
 
 
 def _label(id_, kind, p_a, a="1", b="2", complete_a=True):
@@ -246,12 +246,13 @@ def test_pairs_feedback_pm_train_end_to_end(tmp_path):
     metrics = artifacts.read_jsonl(str(tmp_path / "pm_train" / "main" / "metrics.jsonl"))
     assert [m["step"] for m in metrics] == [1, 2, 3] and "eval_loss" in metrics[1]
 
-    scorer = ps.PreferenceScorer.from_dir(str(tmp_path / "models" / "pm"))
+    mesh = shd.mesh_from_config(config)
+    scorer = ps.PreferenceScorer.from_dir(str(tmp_path / "models" / "pm"), mesh=mesh)
     assert scorer.style == config.data.render and scorer.config.heads == ("scalar",)
     conv = tuple(user(t["content"]) for t in pair_records[0]["prompt"])
     assert np.isfinite(scorer.score([conv], [pair_records[0]["answer_a"]])).all()
 
-    judge = ps.PreferenceScorer.from_dir(str(tmp_path / "models" / "pm_judge"))
+    judge = ps.PreferenceScorer.from_dir(str(tmp_path / "models" / "pm_judge"), mesh=mesh)
     two = [judge.score([conv], [pair_records[0]["answer_a"]]), scorer.score([conv], [pair_records[0]["answer_a"]])]
     assert np.isfinite(two).all() and two[0] != two[1]  # another model, not a copy
 

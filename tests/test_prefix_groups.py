@@ -3,6 +3,7 @@ over each whole prompt, for groups of every shape."""
 import numpy as np
 import pytest
 
+from cai_jax import sharding as shd
 from cai_jax.constitution import load_default_constitution
 from cai_jax.data.conversation import user
 from cai_jax.inference import prefix_groups as pxs
@@ -75,7 +76,8 @@ def test_batches_of_groups_cut_groups_at_batch_boundaries():
 
 
 def test_shared_prefix_log_probs_equal_full_forward(tiny):
-    scorer = OptionScorer(tiny.config, tiny.params, 11, 12, batch_size=4, max_len=256, min_bucket=16)
+    scorer = OptionScorer(tiny.config, tiny.params, 11, 12, batch_size=4, max_len=256, min_bucket=16,
+                          mesh=shd.make_mesh({"data": -1}))
     rng = np.random.default_rng(0)
     vocab = tiny.config.vocab_size
     prompts, keys = [], []
@@ -104,7 +106,8 @@ def test_labels_with_and_without_shared_prefix(tiny, source, exemplars):
     labels = {}
     for shared in (False, True):
         labeler = kind(tiny, load_default_constitution(), style="hh", num_principles=2, num_exemplars=exemplars,
-                       seed=5, batch_size=4, max_len=512, min_bucket=64, shared_prefix=shared)
+                       seed=5, batch_size=4, max_len=512, min_bucket=64, shared_prefix=shared,
+                       mesh=shd.make_mesh({"data": -1}))
         labels[shared] = labeler.label(comparisons)
     for full, shared in zip(labels[False], labels[True]):
         assert abs(full["p_a"] - shared["p_a"]) < 1e-4

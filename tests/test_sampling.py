@@ -38,7 +38,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_sampler(tiny):
-    return Sampler(tiny.config, tiny.tokenizer, progress=False)
+    return Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def smol_sampler(smollm2):
     # Scanned layers for SmolLM2: the unrolled default compiles ~5x slower with
     # 30 layers. The tiny model's tests run the unrolled path, and
     # test_unrolled_equals_scanned ties the two together.
-    return Sampler(smollm2.config, smollm2.tokenizer, progress=False, unroll_layers=False)
+    return Sampler(smollm2.config, smollm2.tokenizer, mesh=None, progress=False, unroll_layers=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +124,7 @@ def test_greedy_matches_full_forward_tiny(tiny, tiny_sampler):
 @pytest.mark.parametrize("trunk", ["flax, scanned", "feature-major (default)"])
 def test_greedy_smollm2_matches_full_forward_and_scorer(smollm2, smol_sampler, trunk):
     sampler = smol_sampler if trunk == "flax, scanned" else \
-        Sampler(smollm2.config, smollm2.tokenizer, progress=False)
+        Sampler(smollm2.config, smollm2.tokenizer, mesh=None, progress=False)
     assert sampler._program.feature_major == (trunk != "flax, scanned")
     prompts = [ids(smollm2.tokenizer, "The capital of France is"),
                ids(smollm2.tokenizer, "The three primary colours are")]
@@ -163,7 +163,7 @@ def test_mixed_lengths_equal_each_alone(tiny, tiny_sampler):
 
 def test_unrolled_equals_scanned(tiny, tiny_sampler):
     prompt = ids(tiny.tokenizer, "one two three four five")
-    scanned = Sampler(tiny.config, tiny.tokenizer, progress=False, unroll_layers=False)
+    scanned = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False, unroll_layers=False)
     sp = SamplingParams(temperature=1.0, max_new_tokens=10, ignore_eos=True)
     a = tiny_sampler.generate(tiny.params, [prompt], sp, seed=2)[0]
     b = scanned.generate(tiny.params, [prompt], sp, seed=2)[0]
@@ -259,7 +259,7 @@ def test_stop_string_cuts_text_and_tokens(smollm2, smol_sampler):
     assert cut.tokens.tolist() == full.tokens[:len(cut.tokens)].tolist()
     np.testing.assert_allclose(cut.logprobs, full.logprobs[:len(cut.tokens)], atol=1e-6)
     # Found between decode segments, a stop string ends the loop early.
-    segmented = Sampler(smollm2.config, smollm2.tokenizer, progress=False, unroll_layers=False,
+    segmented = Sampler(smollm2.config, smollm2.tokenizer, mesh=None, progress=False, unroll_layers=False,
                         stop_check_interval=4)
     steps = segmented.decode_steps
     early = segmented.generate(smollm2.params, prompts[:1] * 2,
@@ -297,7 +297,7 @@ def test_eos_ends_rows_and_loop(tiny, tiny_sampler):
 def test_reused_buckets_do_not_recompile(tiny):
     # Samplers of one config share compilations; a context length no other
     # test uses gives this test programs of its own.
-    sampler = Sampler(tiny.config.replace(max_seq_len=400), tiny.tokenizer, progress=False)
+    sampler = Sampler(tiny.config.replace(max_seq_len=400), tiny.tokenizer, mesh=None, progress=False)
     tok = tiny.tokenizer
     before = dict(TRACE_COUNTS)
 
@@ -412,13 +412,13 @@ def test_feature_major_trunk_equals_the_flax_model(family, matmul_dtype, tiny):
     rng = np.random.default_rng(1)  # init leaves norms at 1 and biases at 0: randomize every term
     params = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, 0.2, x.shape), jnp.float32)
                                        for x in leaves])
-    fm = Sampler(cfg, tiny.tokenizer, progress=False)
-    flax_model = Sampler(cfg, tiny.tokenizer, progress=False, unroll_layers=False)
+    fm = Sampler(cfg, tiny.tokenizer, mesh=None, progress=False)
+    flax_model = Sampler(cfg, tiny.tokenizer, mesh=None, progress=False, unroll_layers=False)
     assert fm._program.feature_major and not flax_model._program.feature_major
     placed = fm.place_params(params)
     assert {placed["layers"][0]["qkv"]["kernel_t"].dtype, placed["head_vd"].dtype} == {jnp.dtype(matmul_dtype)}
     with pytest.raises(ValueError, match="feature_major=True needs one device"):
-        Sampler(cfg, tiny.tokenizer, unroll_layers=False, feature_major=True)
+        Sampler(cfg, tiny.tokenizer, mesh=None, unroll_layers=False, feature_major=True)
     prompts = [[5, 6, 7], [9], [10, 20, 30, 40, 50, 60, 70]]
     # Sampling with both filters: equal draws need equal filtered distributions
     # (greedy against the uncached forward pass is tested above).

@@ -10,7 +10,7 @@ from cai_jax.data.conversation import Turn
 from cai_jax.data.loaders import split_heldout
 from cai_jax.models.transformer import Transformer
 from cai_jax.pipeline import StageContext
-from cai_jax.sharding import make_mesh
+from cai_jax.sharding import make_mesh, mesh_from_config
 from cai_jax.inference.batched_forward import training_width
 from cai_jax.sl_cai import generate, sft
 from cai_jax.training.metrics import read_metrics
@@ -126,7 +126,7 @@ def test_sft_stage_learns_its_examples(tmp_path):
                   _sl_record(2, "Insult my coworker.", "Let's find a kinder way to say it.")])
     _write_jsonl(tmp_path / "helpful_data.jsonl",
                  [{"id": "h0", "category": "c", "prompt": "Name a fruit.", "answer": "An apple.", "dropped": None}])
-    summary = sft.run_stage(StageContext(config, str(tmp_path), progress=False))
+    summary = sft.run_stage(StageContext(config, str(tmp_path), mesh_from_config(config), progress=False))
     assert summary["train_examples"] == 3 and summary["helpful_examples"] == 1 and summary["steps"] == 25
     assert summary["revision_examples"] == 2 and summary["eval_examples"] == 1
     # A random model's loss on held-out text is about log(vocabulary size).
@@ -158,7 +158,7 @@ def test_sft_stage_learns_its_examples(tmp_path):
 
     # Run again (as after a kill once training was done): the last checkpoint is
     # restored, no step is repeated, and the same model comes out.
-    again = sft.run_stage(StageContext(config, str(tmp_path), progress=False))
+    again = sft.run_stage(StageContext(config, str(tmp_path), mesh_from_config(config), progress=False))
     assert again["sl_cai_eval_loss"] == pytest.approx(summary["sl_cai_eval_loss"], rel=1e-6)
     assert len(read_metrics(str(tmp_path / "sl_train" / "metrics.jsonl"))) == 26
     assert os.path.exists(tmp_path / "sl_train" / "summary.json")

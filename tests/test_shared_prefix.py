@@ -55,8 +55,8 @@ def test_the_prompts_do_share_starts(tiny):
 @pytest.mark.parametrize("trunk", ["feature_major", "flax", "scanned"])
 @pytest.mark.parametrize("batch_size", [3, 8])
 def test_greedy_tokens_identical_with_and_without_sharing(tiny, trunk, batch_size):
-    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False, feature_major=trunk == "feature_major",
-                      unroll_layers=trunk != "scanned")
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False,
+                      feature_major=trunk == "feature_major", unroll_layers=trunk != "scanned")
     prompts = mixed_prompts(tiny.config.vocab_size)
     whole = sampler.generate(tiny.params, prompts, GREEDY, batch_size=batch_size)
     shared = sampler.generate(tiny.params, prompts, GREEDY, batch_size=batch_size, shared_prefix=True)
@@ -64,7 +64,7 @@ def test_greedy_tokens_identical_with_and_without_sharing(tiny, trunk, batch_siz
 
 
 def test_sampled_answers_do_not_depend_on_sharing_or_batching(tiny):
-    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False, shared_prefix=True)
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False, shared_prefix=True)
     prompts = mixed_prompts(tiny.config.vocab_size, seed=1)
     hot = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True)
     ids = [f"p{i}" for i in range(len(prompts))]
@@ -76,7 +76,7 @@ def test_sampled_answers_do_not_depend_on_sharing_or_batching(tiny):
 
 
 def test_stop_strings_and_eos_with_sharing(smollm2):
-    sampler = Sampler(smollm2.config, smollm2.tokenizer, progress=False, unroll_layers=False)
+    sampler = Sampler(smollm2.config, smollm2.tokenizer, mesh=None, progress=False, unroll_layers=False)
     system = "You are a careful assistant. Answer in one short sentence, then stop."
     questions = ["What is the capital of France?", "Name a primary colour.", "How many legs has a spider?"]
     prompts = [smollm2.tokenizer.apply_chat_template(
@@ -90,7 +90,7 @@ def test_stop_strings_and_eos_with_sharing(smollm2):
 
 
 def test_score_with_sharing_equals_the_full_pass(tiny):
-    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False)
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False)
     prompts = mixed_prompts(tiny.config.vocab_size, seed=2)
     rng = np.random.default_rng(3)
     conts = [list(rng.integers(1, tiny.config.vocab_size, n)) for n in rng.integers(0, 9, len(prompts))]
@@ -102,7 +102,7 @@ def test_score_with_sharing_equals_the_full_pass(tiny):
 
 
 def test_next_token_logprobs_with_caller_groups(tiny):
-    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False)
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False)
     prompts = mixed_prompts(tiny.config.vocab_size, seed=5)
     tokens = [7, 11, 13]
     whole = sampler.next_token_logprobs(tiny.params, prompts, tokens, batch_size=4)
@@ -141,7 +141,8 @@ def test_a_kv_store_continues_the_last_call(tiny, unroll, monkeypatch):
     used = []
     original = kv.prefix_arrays
     monkeypatch.setattr(kv, "prefix_arrays", lambda *a, **k: used.append(1) or original(*a, **k))
-    sampler = Sampler(tiny.config, tiny.tokenizer, progress=False, unroll_layers=unroll, shared_prefix=True)
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False, unroll_layers=unroll,
+                      shared_prefix=True)
     rng = np.random.default_rng(6)
     vocab = tiny.config.vocab_size
     prompts = mixed_prompts(vocab, seed=6)

@@ -269,6 +269,7 @@ import os  # noqa: E402
 from cai_jax import artifacts  # noqa: E402
 from cai_jax.config import load_config_module  # noqa: E402
 from cai_jax.pipeline import StageContext  # noqa: E402
+from cai_jax.sharding import mesh_from_config  # noqa: E402
 
 base_config = load_config_module(
     os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")).base_config
@@ -315,7 +316,7 @@ def test_stage_on_tiny_model_writes_records_and_resumes(tmp_path, monkeypatch, s
     CountingSampler.install(monkeypatch)
     config = tiny_config()
     config.sampling.shared_prefix = shared_prefix
-    summary = gen.run_stage(StageContext(config, str(tmp_path / "a"), progress=False))
+    summary = gen.run_stage(StageContext(config, str(tmp_path / "a"), mesh_from_config(config), progress=False))
     records = artifacts.read_jsonl(str(tmp_path / "a" / "sl_data.jsonl"))
     helpful = artifacts.read_jsonl(str(tmp_path / "a" / "helpful_data.jsonl"))
     prompts = load_prompts(config.data, "red_team", "train")[:4]
@@ -344,7 +345,7 @@ def test_stage_on_tiny_model_writes_records_and_resumes(tmp_path, monkeypatch, s
     done = [dict(r, final_answer="FROM THE KILLED RUN") for r in records[:2]]
     artifacts.write_jsonl_atomic(str(workdir / "sl_data.jsonl.partial"), done)
     CountingSampler.calls = []
-    gen.run_stage(StageContext(config, str(workdir), progress=False))
+    gen.run_stage(StageContext(config, str(workdir), mesh_from_config(config), progress=False))
     resumed = artifacts.read_jsonl(str(workdir / "sl_data.jsonl"))
     assert [r["id"] for r in resumed] == [r["id"] for r in records]
     assert [r["final_answer"] for r in resumed[:2]] == ["FROM THE KILLED RUN"] * 2

@@ -26,7 +26,7 @@ import dataclasses
 import itertools
 import os
 import re
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -40,6 +40,9 @@ from cai_jax.eval import judges as judges_lib
 from cai_jax.eval import report
 from cai_jax.eval.elo import fit_elo
 from cai_jax.model_ref import CHECKPOINTS_FILE, directory_version, resolve, rl_checkpoints
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 # Judge dimension -> the prompts it is judged on. "harmless_reward_pm" is the
 # harmlessness column of the PM that PPO maximised (eval.reward_pm_judge).
@@ -236,7 +239,7 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
 
 
 def collect_answers(models: Sequence[EvalModel], prompts: Sequence[Prompt], path: str, *,
-                    sampling, render: str, seed: int, mesh=None, progress: bool = True,
+                    sampling, render: str, seed: int, mesh: Mesh, progress: bool = True,
                     answer_fn_factory: Optional[Callable] = None,
                     shared_prefix: bool = False) -> dict[tuple[str, str], dict]:
     """Answers of every model to every prompt, from the cache or the sampler.
@@ -288,7 +291,7 @@ class JudgeFactory:
     """Builds judges from spec strings on first use and shares them (one PM
     serves both dimensions and figure 5)."""
 
-    def __init__(self, config, workdir: str, mesh=None):
+    def __init__(self, config, workdir: str, mesh: Mesh):
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self._built: dict[str, judges_lib.Judge] = {}
 
@@ -456,8 +459,6 @@ def fit_dimension(records: Sequence[dict], reference: str, section, seed: int):
 
 
 def run_stage(ctx) -> dict:
-    from cai_jax.sharding import make_mesh
-
     config, section = ctx.config, ctx.config.eval
     specs = {"harmless": section.harmless_judge, "helpful": section.helpful_judge,
              "harmless_reward_pm": ("none" if section.reward_pm_judge == section.harmless_judge
@@ -465,7 +466,7 @@ def run_stage(ctx) -> dict:
     for dim, spec in specs.items():
         key = "eval.reward_pm_judge" if dim == "harmless_reward_pm" else f"eval.{dim}_judge"
         judges_lib.parse_judge_spec(spec, key=key)  # fail before any sampling
-    mesh = make_mesh(config.mesh.to_dict())
+    mesh = ctx.mesh
     models = find_models(config, ctx.workdir)
     prompts = eval_prompts(config.data, section)
     active = {dim: spec for dim, spec in specs.items() if spec != "none" and prompts[DIMENSIONS[dim]]}

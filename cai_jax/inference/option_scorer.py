@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Hashable, Optional, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from cai_jax import sharding as shd
@@ -48,14 +49,14 @@ class OptionScorer:
 
     Prompts are token ids that already end with the options' shared prefix.
     The model computes logits only at each prompt's last position, never
-    [B, T, vocab].
+    [B, T, vocab]. `mesh` is the one it runs on (the run's: sharding.mesh_from_config).
     """
 
     def __init__(self, model_config, params, token_a: int, token_b: int, *, batch_size: int = 8,
-                 max_len: int = 1024, min_bucket: int = 128, mesh=None):
+                 max_len: int = 1024, min_bucket: int = 128, mesh: Mesh):
         if "lm" not in model_config.heads:
             raise ValueError(f"the feedback model needs a language-model head; it has {model_config.heads}")
-        self.mesh = mesh or shd.make_mesh({"data": -1})
+        self.mesh = mesh
         self.params = shd.place(params, shd.param_shardings(model_config, self.mesh))
         self.sampler = Sampler(model_config, None, mesh=self.mesh, progress=False)
         self.token_ids = (int(token_a), int(token_b))

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from cai_jax import sharding as shd
 from cai_jax.data.conversation import Conversation, Turn, encode_answer
@@ -60,7 +61,7 @@ def make_score_fn(model: Transformer):
 class PreferenceScorer:
     """Scores (conversation, answer) pairs with a trained preference model.
 
-        scorer = PreferenceScorer.from_dir("<workdir>/models/pm")
+        scorer = PreferenceScorer.from_dir("<workdir>/models/pm", mesh=mesh)
         scores = scorer.score(conversations, answers)          # [N] floats
 
     Pairs of answers are judged by eval/judges.PreferenceModelJudge:
@@ -68,11 +69,12 @@ class PreferenceScorer:
 
     Answers are rendered as in training (the render style stored beside the
     weights unless given); rows are batched in similar lengths and padded to
-    buckets so few shapes compile.
+    buckets so few shapes compile, and split over `mesh` (the run's:
+    sharding.mesh_from_config).
     """
 
     def __init__(self, model: LoadedModel, *, style: str = "chat", max_len: int = 512,
-                 batch_size: int = 8, min_bucket: int = 64, mesh=None):
+                 batch_size: int = 8, min_bucket: int = 64, mesh: Mesh):
         if "scalar" not in model.config.heads:
             raise ValueError(f"{model.source}: a preference model needs heads=('scalar',), "
                              f"got {model.config.heads}")
@@ -81,7 +83,7 @@ class PreferenceScorer:
         self.config, self.tokenizer, self.style = model.config, model.tokenizer, style
         self.max_len = min(max_len, model.config.max_seq_len)
         self.min_bucket = min_bucket
-        self.mesh = mesh or shd.make_mesh({"data": -1})
+        self.mesh = mesh
         self.batch_size = batch_size
         self.params = shd.place(model.params, shd.param_shardings(model.config, self.mesh))
         self.pad_id = pad_token_id(self.tokenizer)
@@ -89,7 +91,7 @@ class PreferenceScorer:
 
     @classmethod
     def from_dir(cls, directory: str, *, style: Optional[str] = None, max_len: Optional[int] = None,
-                 batch_size: int = 8, mesh=None) -> "PreferenceScorer":
+                 batch_size: int = 8, mesh: Mesh) -> "PreferenceScorer":
         directory = directory[len("ckpt:"):] if directory.startswith("ckpt:") else directory
         # Loaded with the heads it was saved with: forcing a scalar head here made
         # a policy directory a PM with a zero head (p = 0.5 for every pair).

@@ -404,7 +404,7 @@ class Sampler:
 
     With a mesh, parameters are placed as `sharding.param_shardings` says (a
     no-op for parameters already placed so) and batches go over the mesh's
-    batch axes; without one everything runs on the default device.
+    batch axes; with `mesh=None` (passed explicitly) everything runs on the default device.
 
     `unroll_layers` (default) runs the layers unrolled with one cache buffer per
     layer: on XLA:CPU a scanned decode step copies every layer's weights out of
@@ -420,7 +420,7 @@ class Sampler:
     in the other layer layout are converted once per call.
     """
 
-    def __init__(self, model_config: TransformerConfig, tokenizer, mesh: Optional[Mesh] = None,
+    def __init__(self, model_config: TransformerConfig, tokenizer, mesh: Optional[Mesh],
                  rules=shd.DEFAULT_RULES, stop_check_interval: int = 16, progress: bool = True,
                  unroll_layers: bool = True, feature_major: Optional[bool] = None,
                  shared_prefix: bool = False):

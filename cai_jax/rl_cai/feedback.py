@@ -50,9 +50,10 @@ from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, sharding as shd
+from cai_jax import artifacts
 from cai_jax.inference import prefix_groups
 from cai_jax.inference.option_scorer import OptionScorer, option_token_ids, p_first_and_mass
 from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
@@ -220,7 +221,7 @@ class FeedbackLabeler:
                  chain_of_thought: bool = False, cot_clamp: tuple[float, float] = (0.4, 0.6),
                  cot_max_new_tokens: int = 128, cot_temperature: float = 1.0, cot_top_p: float = 0.95,
                  seed: int = 0, batch_size: int = 8, max_len: int = 1024, min_bucket: int = 128,
-                 shared_prefix: bool = True, mesh=None):
+                 shared_prefix: bool = True, mesh: Mesh):
         if model.tokenizer is None:
             raise ValueError(f"feedback model {model.source!r} has no tokenizer")
         if num_principles < 1:
@@ -481,14 +482,13 @@ class PointwiseLabeler(FeedbackLabeler):
 
 
 def labeler_from_config(config, workdir: Optional[str] = None, model: Optional[LoadedModel] = None,
-                        mesh=None) -> FeedbackLabeler:
+                        *, mesh: Mesh) -> FeedbackLabeler:
     """The judge feedback.source names: multiple choice (also for "construction",
-    whose stage needs no judge but whose callers may want one) or pointwise."""
+    whose stage needs no judge but whose callers may want one) or pointwise,
+    on `mesh` (the run's: sharding.mesh_from_config(config))."""
     section = config.feedback
     if model is None:
         model = resolve(section.model_source, config, workdir).load(seed=config.seed)
-    if mesh is None and "mesh" in config:
-        mesh = shd.make_mesh(config.mesh.to_dict())
     kind = PointwiseLabeler if section.source == "pointwise" else FeedbackLabeler
     return kind(
         model, constitution_from_config(config.constitution, config.seed), style=config.data.render,
@@ -565,7 +565,7 @@ def run_stage(ctx) -> dict:
         out.extend(label_record(c, construction_label(c, section.construction_confidence, pairs_path))
                    for c in todo)
     elif todo:
-        labeler = labeler_from_config(config, ctx.workdir)
+        labeler = labeler_from_config(config, ctx.workdir, mesh=ctx.mesh)
         # Chunks of a few batches: each finished chunk is saved, so a kill loses little.
         per_chunk = max(1, 4 * section.batch_size // (2 * section.num_principles))
         bar = tqdm(total=len(comparisons), initial=len(comparisons) - len(todo), desc="feedback",

@@ -221,10 +221,9 @@ def run_stage(ctx) -> dict:
         if model.tokenizer is None:
             raise ValueError(f"pairs.model_source {section.model_source!r} has no tokenizer")
         style = generator_style(model.tokenizer, config.data.render, section.mode)
-        mesh = shd.make_mesh(config.mesh.to_dict())
-        sampler = Sampler(model.config, model.tokenizer, mesh=mesh, progress=False,
+        sampler = Sampler(model.config, model.tokenizer, mesh=ctx.mesh, progress=False,
                           shared_prefix=config.sampling.shared_prefix)
-        params = shd.place(model.params, shd.param_shardings(model.config, mesh))
+        params = shd.place(model.params, shd.param_shardings(model.config, ctx.mesh))
         sampling = SamplingParams(
             temperature=section.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,
             max_new_tokens=section.max_new_tokens or config.sampling.max_new_tokens,

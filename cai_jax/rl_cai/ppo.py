@@ -523,13 +523,13 @@ def preference_reward(ref, overrides: dict, default_render: str, mesh,
     return ro.PreferenceModelReward(scorer)
 
 
-def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) -> PPOSetup:
-    """Loads models and prompts as the config says. `reward_fn` replaces the
-    preference model (tests, synthetic rewards)."""
+def load_setup(config, workdir: str, mesh, reward_fn: Optional[ro.RewardFn] = None) -> PPOSetup:
+    """Loads models and prompts as the config says, for the run's `mesh`
+    (sharding.mesh_from_config(config) outside a pipeline run). `reward_fn`
+    replaces the preference model (tests, synthetic rewards)."""
     from cai_jax.model_ref import resolve
 
     c = config.ppo
-    mesh = shd.make_mesh(dict(config.get("mesh", {"data": -1})))
     overrides = model_overrides(c)
     policy = resolve(c.policy, config, workdir).load(overrides["policy"], seed=config.seed,
                                                      to_device=False)
@@ -574,7 +574,7 @@ def load_setup(config, workdir: str, reward_fn: Optional[ro.RewardFn] = None) ->
 
 
 def run_stage(ctx) -> dict:
-    setup = load_setup(ctx.config, ctx.workdir)
+    setup = load_setup(ctx.config, ctx.workdir, ctx.mesh)
     runner = PPORunner(setup)
     return runner.run(ctx.path("ppo"), ctx.path("models", "rl_cai"), progress=ctx.progress,
                       release_host_params=True)

@@ -324,7 +324,7 @@ def run_stage(ctx) -> dict:
         raise ValueError(f"pm_train.init_source {section.init_source!r} has no tokenizer")
     pad_id = pad_token_id(tokenizer)
     max_len = min(section.max_seq_len, cfg.max_seq_len)
-    mesh = shd.make_mesh(config.mesh.to_dict())
+    mesh = ctx.mesh
     params = loaded.params
     summary = {}
 

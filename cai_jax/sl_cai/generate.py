@@ -379,8 +379,8 @@ class _Model:
     """The helpful model, its sampler and prompt builder, loaded on first use
     (a resumed run with nothing left to do never loads it)."""
 
-    def __init__(self, config, settings: StepSettings, progress: bool):
-        self.config, self.settings, self.progress = config, settings, progress
+    def __init__(self, config, settings: StepSettings, mesh, progress: bool):
+        self.config, self.settings, self.mesh, self.progress = config, settings, mesh, progress
         self.ref = resolve("base", config)
         self.source = self.ref.source
         self._parts = None
@@ -388,11 +388,10 @@ class _Model:
     def parts(self) -> tuple[GenerateFn, PromptBuilder]:
         if self._parts is None:
             from cai_jax.inference.sampling import Sampler
-            from cai_jax.sharding import make_mesh
             loaded = self.ref.load(seed=self.config.seed)
             if loaded.tokenizer is None:
                 raise ValueError(f"model source {self.source!r} has no tokenizer; sl_generate needs one")
-            sampler = Sampler(loaded.config, loaded.tokenizer, mesh=make_mesh(self.config.mesh.to_dict()),
+            sampler = Sampler(loaded.config, loaded.tokenizer, mesh=self.mesh,
                               progress=self.progress, shared_prefix=self.config.sampling.shared_prefix)
             self._parts = (make_generate_fn(sampler, loaded.params, self.settings, self.config.seed),
                            PromptBuilder(loaded.tokenizer, self.config.data.render, loaded.config.max_seq_len))
@@ -406,7 +405,7 @@ def run_stage(ctx) -> dict:
     red_team = load_prompts(config.data, "red_team", "train")[:section.red_team_limit or None]
     helpful = (load_prompts(config.data, "helpful", "train")[:section.helpful_limit or None]
                if section.helpful_answers else [])
-    model = _Model(config, settings, ctx.progress)
+    model = _Model(config, settings, ctx.mesh, ctx.progress)
     stamp = {**dataclasses.asdict(settings), "seed": config.seed, "render": config.data.render,
              "model": model.source, "constitution": constitution.name,
              "num_revisions": section.num_revisions, "num_fewshot": section.num_fewshot,

@@ -227,7 +227,7 @@ def run_stage(ctx) -> dict:
     num_steps = section.num_steps or max(
         1, math.ceil(section.num_epochs * len(train_examples) / section.batch_size))
 
-    mesh = shd.make_mesh(section_dict(config.mesh))
+    mesh = ctx.mesh
     out_dir = ctx.path("sl_train")
     trainer = build_trainer(cfg, section, mesh, num_steps, os.path.join(out_dir, "checkpoints"))
     writer = MetricWriter(out_dir, "metrics")
@@ -269,7 +269,3 @@ def run_stage(ctx) -> dict:
     }
     artifacts.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
-
-
-def section_dict(section) -> dict:
-    return section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section)

@@ -288,7 +288,8 @@ def run_aot(config, topology: str, kind: str, mesh_sizes: Optional[Mapping[str, 
     chip, _ = tpu_specs.parse_topology(topology)
     devices = devices if devices is not None else topology_devices(topology)
     try:
-        mesh = shd.make_mesh(dict(mesh_sizes if mesh_sizes is not None else config.mesh), devices)
+        mesh = (shd.make_mesh(mesh_sizes, devices) if mesh_sizes is not None
+                else shd.mesh_from_config(config, devices))
     except ValueError as e:
         raise AotConfigError(f"{e} (topology {topology} has {len(devices)} chips)") from None
     try:

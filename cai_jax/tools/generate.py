@@ -115,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
                               ignore_eos=args.ignore_eos)
-    sampler = Sampler(loaded.config, loaded.tokenizer, progress=not args.no_progress,
+    # One device, no mesh: a prompt or a few need no sharding.
+    sampler = Sampler(loaded.config, loaded.tokenizer, mesh=None, progress=not args.no_progress,
                       shared_prefix=not args.no_shared_prefix)
     samples = sampler.generate(loaded.params, texts, sampling, seed=args.seed,
                                batch_size=args.batch_size)

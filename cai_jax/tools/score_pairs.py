@@ -12,7 +12,7 @@ runs it; --model replaces feedback.model_source); `pointwise` is the same
 labeller judging each answer alone (feedback.source=pointwise: Yes/No under
 each principle, p = sigmoid of the score difference); `pm:DIR` is a trained
 preference model directory. p(chosen) is the judge's verdict, its two orders
-averaged.
+averaged. Each judge runs on the config's mesh (`config.mesh`).
 
 Printed: accuracy (p(chosen) > 0.5), mean p(chosen), expected calibration
 error and Brier score. Calibration is measured on both orientations of every
@@ -93,13 +93,14 @@ def load_judge_config(path: Optional[str], overrides: Sequence[str] = ()):
 
 def feedback_judge(config, progress: bool) -> judges.FeedbackJudge:
     """The AI feedback labeller of config.feedback as a harmlessness judge, as
-    configured (both orders are asked when feedback.both_orders). Its seconds
-    and option masses count the pairs this process scored, not those a resumed
-    run read back."""
+    configured (both orders are asked when feedback.both_orders), on config's
+    mesh. Its seconds and option masses count the pairs this process scored,
+    not those a resumed run read back."""
+    from cai_jax import sharding
     from cai_jax.rl_cai import feedback
 
-    return judges.FeedbackJudge(feedback.labeler_from_config(config), "harmless",
-                                require_both_orders=False, progress=progress)
+    labeler = feedback.labeler_from_config(config, mesh=sharding.mesh_from_config(config))
+    return judges.FeedbackJudge(labeler, "harmless", require_both_orders=False, progress=progress)
 
 
 def check_preference_model(directory: str) -> None:
@@ -116,12 +117,12 @@ def check_preference_model(directory: str) -> None:
                         "no 'scalar'); give a preference model directory such as <workdir>/models/pm")
 
 
-def pm_judge(directory: str, batch_size: int) -> judges.PreferenceModelJudge:
-    """The preference model in `directory` as a judge: p = sigmoid(score(A) - score(B))."""
+def pm_judge(directory: str, batch_size: int, mesh) -> judges.PreferenceModelJudge:
+    """The preference model in `directory` as a judge: p = sigmoid(score(A) - score(B)), on `mesh`."""
     from cai_jax.inference.preference_scorer import PreferenceScorer
 
     check_preference_model(directory)
-    return judges.PreferenceModelJudge(PreferenceScorer.from_dir(directory, batch_size=batch_size),
+    return judges.PreferenceModelJudge(PreferenceScorer.from_dir(directory, batch_size=batch_size, mesh=mesh),
                                        f"pm:{directory}")
 
 
@@ -191,7 +192,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         overrides += [f"feedback.model_source={args.model}"] if args.model else []
         judge = feedback_judge(load_judge_config(args.config, overrides), not args.no_progress)
     elif args.judge.startswith("pm:"):
-        judge = pm_judge(args.judge[3:], args.batch_size)
+        from cai_jax import sharding
+        mesh = sharding.mesh_from_config(load_judge_config(args.config, args.set))
+        judge = pm_judge(args.judge[3:], args.batch_size, mesh)
     else:
         parser.error(f"--judge {args.judge!r}: use 'feedback', 'pointwise' or 'pm:CHECKPOINT_DIR'")
     score = functools.partial(p_chosen, judge)
