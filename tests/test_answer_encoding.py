@@ -11,6 +11,7 @@ from cai_jax.data.conversation import (
     encode_answer,
     end_of_answer_ids,
 )
+from cai_jax import sharding as shd
 from cai_jax.inference import preference_scorer as ps
 from cai_jax.inference.sampling_buckets import cut_at_stops
 from cai_jax.rl_cai import feedback_prompts as fp
@@ -55,7 +56,7 @@ def test_training_and_scoring_encode_an_answer_to_the_same_ids(tiny_pm, style):
     assert list(prompt.tokens) == prompt_ids
 
     # The PM is trained on the rows it scores, complete answers or not.
-    scorer = ps.PreferenceScorer(tiny_pm, style=style, max_len=1000)
+    scorer = ps.PreferenceScorer(tiny_pm, style=style, max_len=1000, mesh=shd.make_mesh({"data": -1}))
     for complete in (True, False):
         [trained] = pm.tokenize_pairs([{"id": "x", "conversation": CONV, "a": ANSWER, "b": "No.",
                                         "p_a": 1.0, "complete_a": complete}], tok, style, 1000)[0]
