@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 
 import ml_collections
 
-from cai_jax import artifacts, host_memory
+from cai_jax import artifacts, host_memory, interrupts
 from cai_jax.errors import DivergenceError, UserError
 
 STAGING = ".staging"  # <workdir>/.staging/<stage>/: a stage's work until it is complete
@@ -424,7 +424,8 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     manifest = {"stage": name, "fingerprint": fingerprint, "outputs": outputs, "seconds": seconds,
                 "summary": summary}
     if _main_process(ctx.config):
-        _swap_in(ctx.workdir, name, manifest)
+        with interrupts.deferred():  # Ctrl-C waits for the swap-in (a second one does not)
+            _swap_in(ctx.workdir, name, manifest)
     _barrier(ctx.config, f"swap-in {name}")  # the other processes read what was swapped in
     return {"stage": name, "status": f"done in {seconds}s", "seconds": seconds, **summary}
 
@@ -462,22 +463,27 @@ def workdir_lock(workdir: str):
     UserError naming its pid and host."""
     path = os.path.join(workdir, LOCK)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    while not _take(path, me):
-        holder = _read_json(path)
-        if holder is None:
-            continue  # released meanwhile
-        pid, host = holder.get("pid"), holder.get("host")
-        if isinstance(pid, int) and host and (host != me["host"] or _alive(pid)):
-            raise UserError(f"work directory {workdir} is in use by pid {pid} on {host} (lock {path}); "
-                            "wait for that run to end, or delete the lock if it is gone")
-        print(f"taking over the stale lock {path} of pid {pid} on {host} (no longer running)", flush=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+    held = False
     try:
+        with interrupts.deferred():  # Ctrl-C never leaves a lock behind
+            while not _take(path, me):
+                holder = _read_json(path)
+                if holder is None:
+                    continue  # released meanwhile
+                pid, host = holder.get("pid"), holder.get("host")
+                if isinstance(pid, int) and host and (host != me["host"] or _alive(pid)):
+                    raise UserError(f"work directory {workdir} is in use by pid {pid} on {host} (lock {path}); "
+                                    "wait for that run to end, or delete the lock if it is gone")
+                print(f"taking over the stale lock {path} of pid {pid} on {host} (no longer running)", flush=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            held = True
         yield
     finally:
-        if _read_json(path) == me:
-            os.remove(path)
+        if held:
+            with interrupts.deferred():
+                if _read_json(path) == me:
+                    os.remove(path)
 
 
 def _distributed(config) -> bool:
@@ -529,6 +535,11 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
 
 def _stage_row(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
     """Skips the stage when complete (discarding a rerun's leftovers), else runs it."""
+    with interrupts.during(f"stage {name}"):  # its start and end are where Ctrl-C stops a run
+        return _skip_or_run(ctx, name, force)
+
+
+def _skip_or_run(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
     fingerprint = stage_fingerprint(ctx.config, ctx.workdir, name)
     if os.path.exists(_manifest_path(ctx.workdir, name)):
         reason = "forced (--force)" if force else rerun_reason(ctx.workdir, name, fingerprint)
