@@ -37,12 +37,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import importlib
+import itertools
 import json
 import os
 import shutil
 import socket
 import time
+import uuid
 from typing import Any, Callable, Optional
 
 import ml_collections
@@ -135,11 +138,11 @@ def _read_json(path: str) -> Optional[dict]:
     """A manifest or started marker; None when absent. A torn or corrupt one
     reads as {}, which matches no fingerprint: its stage reruns (and discards
     its scratch) instead of the run stopping on it."""
-    if not os.path.exists(path):
-        return None
     try:
         with open(path) as f:
             manifest = json.load(f)
+    except FileNotFoundError:  # also when it goes between a look and the open (a lock released)
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         print(f"warning: {path} is not valid JSON ({e}); treating its stage as not complete", flush=True)
         return {}
@@ -299,7 +302,7 @@ def _mirror(src: str, dst: str, owned: list[str]) -> None:
         below.setdefault(head, []).append(rest)
     for entry in sorted(os.listdir(src)) if os.path.isdir(src) else []:
         target, link, rests = os.path.join(src, entry), os.path.join(dst, entry), below.get(entry)
-        if entry in (STAGING, LOCK) or (rests is not None and "" in rests):
+        if entry in (STAGING, LOCK) or entry.startswith(LOCK + ".") or (rests is not None and "" in rests):
             continue  # the pipeline's, or the stage's own: it writes that afresh
         if rests is None:
             if not os.path.lexists(link):
@@ -442,11 +445,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _take(path: str, holder: dict) -> bool:
-    """Creates the lock file with its content in one step (a link of a complete
-    temp file); False when it exists."""
-    tmp = f"{path}.{holder['pid']}.tmp"
-    artifacts.write_json_atomic(tmp, holder)
+def _create(path: str, content: dict) -> bool:
+    """Creates `path` with its content in one step (a link of a complete temp
+    file: no reader sees it empty); False when it exists."""
+    tmp = f"{path}.{content['token']}.tmp"
+    artifacts.write_json_atomic(tmp, content)
     try:
         os.link(tmp, path)
         return True
@@ -456,27 +459,75 @@ def _take(path: str, holder: dict) -> bool:
         os.remove(tmp)
 
 
+def _take_over(path: str, stale: dict, me: dict) -> bool:
+    """Replaces the stale lock, as read (`stale`), by `me`; False when the lock
+    is no longer what was read (another process took it over first).
+
+    "Replace it only if it is still the one I read" is what makes this safe
+    when several processes find the same stale lock: removing it and creating
+    a new one let a late process remove the lock another had just taken. POSIX
+    has no such conditional rename, so one process at a time may replace a
+    given lock: the one that creates its claim `<lock>.<id>.claim<k>` (id: a
+    fingerprint of the lock's content, unique by its token), which then checks
+    the lock is unchanged and renames its own over it. A claimant that died
+    leaves its claim behind; the next process tries claim k + 1. On Cloud
+    Storage the claim, the check and the rename are one write of the lock
+    object with the precondition ifGenerationMatch=<the generation read>
+    (and creating a lock, `_create`, is ifGenerationMatch=0).
+    """
+    stale_id = artifacts.fingerprint(stale)
+    for k in itertools.count(1):
+        claim = f"{path}.{stale_id}.claim{k}"
+        if _create(claim, me):
+            break
+        claimant = _read_json(claim)
+        if claimant is None:
+            return False  # done and cleared by the process that took it over
+        if isinstance(claimant.get("pid"), int) and _alive(claimant["pid"]):
+            time.sleep(0.01)  # another process is taking it over: wait for it
+            return False
+    won = False
+    try:
+        if _read_json(path) == stale:
+            tmp = f"{path}.{me['token']}.tmp"
+            artifacts.write_json_atomic(tmp, me)
+            os.replace(tmp, path)
+            won = True
+        return won
+    finally:
+        # Late claims of a replaced lock find it changed and give up: safe to remove.
+        prefix = f"{path}.{stale_id}.claim"
+        for leftover in [c for c in glob.glob(glob.escape(prefix) + "*") if c[len(prefix):].isdigit()] if won \
+                else [claim]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+
+
+def _acquire(workdir: str, path: str, me: dict) -> None:
+    while not _create(path, me):
+        holder = _read_json(path)
+        if holder is None:
+            continue  # released meanwhile
+        pid, host = holder.get("pid"), holder.get("host")
+        if isinstance(pid, int) and host and (host != me["host"] or _alive(pid)):
+            raise UserError(f"work directory {workdir} is in use by pid {pid} on {host} (lock {path}); "
+                            "wait for that run to end, or delete the lock if it is gone")
+        if _take_over(path, holder, me):
+            print(f"taking over the stale lock {path} of pid {pid} on {host} (no longer running)", flush=True)
+            return
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-    """Holds `<workdir>/.lock` (this pid and host) while the block runs. A lock
-    whose pid is dead on this host is stale and taken over; a live one is a
-    UserError naming its pid and host."""
+    """Holds `<workdir>/.lock` (this pid and host, and a token unique to this
+    hold) while the block runs. A lock whose pid is dead on this host is stale
+    and taken over; a live one is a UserError naming its pid and host."""
     path = os.path.join(workdir, LOCK)
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
     held = False
     try:
         with interrupts.deferred():  # Ctrl-C never leaves a lock behind
-            while not _take(path, me):
-                holder = _read_json(path)
-                if holder is None:
-                    continue  # released meanwhile
-                pid, host = holder.get("pid"), holder.get("host")
-                if isinstance(pid, int) and host and (host != me["host"] or _alive(pid)):
-                    raise UserError(f"work directory {workdir} is in use by pid {pid} on {host} (lock {path}); "
-                                    "wait for that run to end, or delete the lock if it is gone")
-                print(f"taking over the stale lock {path} of pid {pid} on {host} (no longer running)", flush=True)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+            _acquire(workdir, path, me)
             held = True
         yield
     finally:

@@ -257,6 +257,51 @@ def test_a_second_run_on_a_workdir_in_use_stops_with_one_line(tmp_path):
         holder.wait()
 
 
+def test_processes_racing_to_take_over_a_stale_lock_end_with_one_holder(tmp_path):
+    # Before: each read the stale lock and removed whatever lock was there, so a
+    # late one removed the lock another had just taken (2 trials in 30 to 40
+    # had two holders), and one whose lock vanished between a look and the
+    # read stopped on FileNotFoundError. 120 trials of 6 processes.
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "lock_race.py"),
+                          str(tmp_path), "120", "6"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result == {"trials": 120, "two_holders": 0, "errors": [], "unheld": 0}
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_a_lock_that_vanishes_while_it_is_read_is_not_an_error(tmp_path, monkeypatch):
+    assert pipeline._read_json(str(tmp_path / ".lock")) is None
+    # The lock is there when the create fails and gone when it is read: try again.
+    create, fails = pipeline._create, [True]
+    monkeypatch.setattr(pipeline, "_create", lambda path, content: False if fails and fails.pop()
+                        else create(path, content))
+    with pipeline.workdir_lock(str(tmp_path)):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_takeover_whose_claimant_died_goes_to_the_next_claim(tmp_path, capsys):
+    import socket
+
+    from cai_jax import artifacts
+
+    stale = {"pid": _dead_pid(), "host": socket.gethostname()}
+    (tmp_path / ".lock").write_text(json.dumps(stale))
+    # A process that claimed this stale lock and died before replacing it.
+    claim = tmp_path / f".lock.{artifacts.fingerprint(stale)}.claim1"
+    claim.write_text(json.dumps({"pid": stale["pid"], "host": stale["host"], "token": "x"}))
+    with pipeline.workdir_lock(str(tmp_path)):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        assert f"taking over the stale lock {tmp_path / '.lock'}" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # the lock released, the claims cleared
+
+
 def test_artifacts_and_model_directories_follow_the_umask(tmp_path, monkeypatch):
     import tempfile
     from cai_jax import artifacts
