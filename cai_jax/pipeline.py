@@ -28,7 +28,9 @@ deleted before the swap and a finished run keeps only models and records.
 Before a stage runs, the pipeline discards its staging directory if it was
 started under another fingerprint (`.staging/<name>.started.json`): after a
 kill the stage resumes its own partial work, after a config or input change it
-starts over. One run at a time holds the work directory (`.lock`).
+starts over. One run at a time holds the work directory (`.lock`). A work
+directory the run cannot write is only inspected: when every stage asked for
+is complete it says so and writes nothing, else one line says what must run.
 
 Stages are referenced by module path so that this file does not import every
 stage's dependencies up front.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import importlib
 import itertools
@@ -527,7 +530,13 @@ def workdir_lock(workdir: str):
     held = False
     try:
         with interrupts.deferred():  # Ctrl-C never leaves a lock behind
-            _acquire(workdir, path, me)
+            try:
+                _acquire(workdir, path, me)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                raise UserError(f"cannot write the lock {path}: {e.strerror}; make {workdir} writable or "
+                                "choose another --workdir") from e
             held = True
         yield
     finally:
@@ -568,8 +577,10 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
         raise UserError(f"--stages: unknown stage {', '.join(map(repr, unknown))}; "
                         f"known: {','.join(ORDER)}")
     stages.sort(key=ORDER.index)
-    os.makedirs(workdir, exist_ok=True)
-    workdir = os.path.abspath(workdir)
+    workdir = _make_workdir(workdir)
+    unwritable = _unwritable(workdir, stages)
+    if unwritable is not None:
+        return _inspect_read_only(config, workdir, stages, force, unwritable)
     lock = workdir_lock(workdir) if _main_process(config) else contextlib.nullcontext()
     with lock:
         for name in ORDER if _main_process(config) else ():
@@ -603,6 +614,67 @@ def _skip_or_run(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
             return {"stage": name, "status": "skipped (complete)", **summary}
         print(f"{name}: {reason}; rerunning", flush=True)
     return _run_stage(ctx, name, fingerprint)
+
+
+# ------------------------------------------------------------ a work directory that cannot be written
+
+def _make_workdir(workdir: str) -> str:
+    """The work directory, made if absent, as an absolute path; a path that is
+    no directory or cannot be made is a UserError."""
+    if not workdir:
+        raise UserError("--workdir is empty; name the directory the run's artifacts go in")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir} is a file, not a directory; name a directory (it is made if absent)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise  # a full disk has its own line (errors.py)
+        raise UserError(f"cannot make the work directory {workdir}: {e.strerror}"
+                        + (f" ({e.filename})" if e.filename and e.filename != workdir else "")) from e
+    return os.path.abspath(workdir)
+
+
+def _unwritable(workdir: str, stages) -> Optional[str]:
+    """Why the run could not write what it must, or None: the first directory
+    it writes in (the work directory, stages/, .staging/, the directories
+    holding what the stages make and all below them: old versions move out and
+    are deleted) that this process cannot write."""
+    dirs, trees = [workdir], [os.path.join(workdir, "stages"), os.path.join(workdir, STAGING)]
+    for name in stages:
+        for rel in STAGES[name].owned():
+            parts = rel.split("/")
+            dirs += [os.path.join(workdir, *parts[:i]) for i in range(1, len(parts))]
+            trees.append(os.path.join(workdir, rel))
+    for top in trees:
+        dirs += [root for root, _, _ in os.walk(top)]  # nothing when absent or a file
+    for path in dict.fromkeys(dirs):
+        if os.path.isdir(path) and not os.path.islink(path) and \
+                not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            readonly = os.statvfs(path).f_flag & os.ST_RDONLY
+            return f"{path} is {'on a read-only file system' if readonly else 'not writable'}"
+    return None
+
+
+def _inspect_read_only(config, workdir: str, stages, force: bool, unwritable: str) -> list[dict[str, Any]]:
+    """A run in a work directory it cannot write: the rows of the stages when
+    all are complete (nothing written, not even the lock), else a UserError
+    saying what would have to be written."""
+    for name in ORDER:
+        if os.path.exists(_journal_path(workdir, name)):
+            raise UserError(f"{unwritable}, and the run must finish the swap-in of stage {name} a kill cut "
+                            "short; make it writable, then rerun")
+    rows = []
+    for name in stages:
+        manifest = _read_json(_manifest_path(workdir, name))
+        reason = "it has not run" if manifest is None else "forced (--force)" if force else \
+            rerun_reason(workdir, name, stage_fingerprint(config, workdir, name))
+        if reason is not None:
+            raise UserError(f"{unwritable}, and stage {name} must run ({reason}); make it writable or choose "
+                            "another --workdir")
+        rows.append({"stage": name, "status": "skipped (complete)", **manifest.get("summary", {})})
+    print(f"{unwritable}: every stage asked for is complete, so nothing was written", flush=True)
+    return rows
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:

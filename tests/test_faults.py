@@ -396,12 +396,36 @@ def test_runs_interrupted_at_random_points_of_every_stage_resume_to_the_unbroken
     for i, stage in enumerate(ORDER):
         signum = (signal.SIGINT, signal.SIGTERM)[i % 2]
         code, stderr, inside = _interrupt_in(workdir, stage, draw.uniform(0.0, 6.0), signum)
-        assert code == 128 + signum and len(stderr) == 1 and re.match(INTERRUPTED, stderr[0]), (stage, stderr)
         assert not (workdir / pipeline.LOCK).exists()
         landed += inside
+        if code in (0, -signum) and stage == ORDER[-1] and not inside:
+            continue  # the run had finished (a signal in Python's last teardown kills it, as before)
+        assert code == 128 + signum and len(stderr) == 1 and re.match(INTERRUPTED, stderr[0]), (stage, stderr)
     code, stdout, stderr = _run(workdir)
     assert code == 0, stderr[-20:]
     assert landed >= len(ORDER) // 2
     _same_result(workdir, tiny_run)
     assert not (workdir / ".staging").exists()
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the modes say")
+def test_a_finished_run_in_a_read_only_directory_reruns_as_a_no_op_without_writing(tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    dirs = [workdir, *(p for p in workdir.rglob("*") if p.is_dir() and not p.is_symlink())]
+    for path in dirs:
+        path.chmod(0o555)
+    try:
+        before = {str(p): p.stat().st_mtime_ns for p in [workdir, *workdir.rglob("*")]}
+        code, stdout, stderr = _run(workdir)
+        assert code == 0, stderr[-20:]
+        assert f"{workdir} is not writable: every stage asked for is complete, so nothing was written" in stdout
+        assert stdout.count("skipped (complete)") == len(pipeline.ORDER)
+        assert {str(p): p.stat().st_mtime_ns for p in [workdir, *workdir.rglob("*")]} == before
+        code, _, stderr = _run(workdir, "--stages=eval", "--force")
+        assert code == 2 and stderr == [f"error: {workdir} is not writable, and stage eval must run (forced "
+                                        "(--force)); make it writable or choose another --workdir"]
+    finally:
+        for path in dirs:
+            path.chmod(0o755)
