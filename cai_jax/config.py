@@ -5,7 +5,8 @@ ml_collections ConfigDict. On the command line `--config=configs/x.py
 --config.a.b=value` overrides a field; ConfigDict rejects unknown keys and
 wrongly typed values. `load_config` does the same for Python callers and tests.
 Both go through `parse_config_flags`, which turns a missing file, an unknown
-key or a wrongly typed value into a one-line `UserError`.
+key, a wrongly typed value or a config file that is not valid Python into a
+one-line `UserError`.
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def parse_config_flags(flag_values, argv: Sequence[str]) -> list[str]:
         return flag_values(list(argv))
     except flags.Error as e:  # a wrongly typed value, a missing required flag
         raise UserError(str(e)) from None
+    except SyntaxError as e:  # the config file is not valid Python
+        raise _syntax_error(e) from None
     except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such key"
         unknown = _unknown_key_message(path, keys) if path is not None else None
         if unknown is None:
@@ -137,6 +140,11 @@ def _unknown_key_message(path: str, keys: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _syntax_error(e: SyntaxError) -> UserError:
+    where = f"{e.filename} line {e.lineno}" if e.lineno else e.filename
+    return UserError(f"config file {where}: {e.msg} (not valid Python)")
+
+
 def _check_config_file(path: str) -> None:
     if not os.path.exists(path):
         raise UserError(f"config file {path} not found")
@@ -146,5 +154,8 @@ def load_config_module(path: str):
     _check_config_file(path)
     spec = importlib.util.spec_from_file_location("experiment_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise _syntax_error(e) from None
     return module

@@ -7,17 +7,20 @@
 Stages run in recipe order (sl_generate, sl_train, pairs, feedback, pm_train,
 ppo, eval); complete stages are skipped, a killed stage resumes. The whole
 config is checked before the first stage; a user error (bad config, command
-line or data) prints one line `error: ...` and exits with status 2.
+line or data) prints one line `error: ...` and exits with status 2. Ctrl-C or
+SIGTERM stops the run with one line and status 130 or 143 (interrupts.py).
 """
 if __name__ == "__main__":  # first, so the re-run starts before jax is imported
+    from cai_jax import interrupts
     from cai_jax.errors import exit_on_user_error
     from cai_jax.huge_pages import rerun_with_huge_pages
     exit_on_user_error(rerun_with_huge_pages)  # a bad $CAI_JAX_HUGE_PAGES is one line
+    interrupts.install()  # before the slow imports: Ctrl-C from here on is one line
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cai_jax import config_checks, distributed, errors, pipeline
+from cai_jax import config_checks, distributed, errors, interrupts, pipeline
 from cai_jax.compile_cache import enable_compilation_cache
 from cai_jax.config import parse_config_flags
 
@@ -52,7 +55,7 @@ def run(argv):
 
 
 def main(argv):
-    errors.exit_on_user_error(run, argv, debug=_DEBUG.value)
+    interrupts.call(errors.exit_on_user_error, run, argv, debug=_DEBUG.value)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ deleted before the swap and a finished run keeps only models and records.
 Before a stage runs, the pipeline discards its staging directory if it was
 started under another fingerprint (`.staging/<name>.started.json`): after a
 kill the stage resumes its own partial work, after a config or input change it
-starts over. One run at a time holds the work directory (`.lock`).
+starts over. One run at a time holds the work directory (`.lock`). A work
+directory the run cannot write is only inspected: when every stage asked for
+is complete it says so and writes nothing, else one line says what must run.
 
 Each stage is called with a `StageContext`: the config, its staging directory
 and the run's device mesh, which `run_pipeline` builds once from `config.mesh`
@@ -41,17 +43,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import glob
 import importlib
+import itertools
 import json
 import os
 import shutil
 import socket
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import ml_collections
 
-from cai_jax import artifacts, host_memory
+from cai_jax import artifacts, host_memory, interrupts
 from cai_jax.errors import DivergenceError, UserError
 
 if TYPE_CHECKING:
@@ -148,11 +154,11 @@ def _read_json(path: str) -> Optional[dict]:
     """A manifest or started marker; None when absent. A torn or corrupt one
     reads as {}, which matches no fingerprint: its stage reruns (and discards
     its scratch) instead of the run stopping on it."""
-    if not os.path.exists(path):
-        return None
     try:
         with open(path) as f:
             manifest = json.load(f)
+    except FileNotFoundError:  # also when it goes between a look and the open (a lock released)
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         print(f"warning: {path} is not valid JSON ({e}); treating its stage as not complete", flush=True)
         return {}
@@ -312,7 +318,7 @@ def _mirror(src: str, dst: str, owned: list[str]) -> None:
         below.setdefault(head, []).append(rest)
     for entry in sorted(os.listdir(src)) if os.path.isdir(src) else []:
         target, link, rests = os.path.join(src, entry), os.path.join(dst, entry), below.get(entry)
-        if entry in (STAGING, LOCK) or (rests is not None and "" in rests):
+        if entry in (STAGING, LOCK) or entry.startswith(LOCK + ".") or (rests is not None and "" in rests):
             continue  # the pipeline's, or the stage's own: it writes that afresh
         if rests is None:
             if not os.path.lexists(link):
@@ -437,7 +443,8 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     manifest = {"stage": name, "fingerprint": fingerprint, "outputs": outputs, "seconds": seconds,
                 "summary": summary}
     if _main_process(ctx.config):
-        _swap_in(ctx.workdir, name, manifest)
+        with interrupts.deferred():  # Ctrl-C waits for the swap-in (a second one does not)
+            _swap_in(ctx.workdir, name, manifest)
     _barrier(ctx.config, f"swap-in {name}")  # the other processes read what was swapped in
     return {"stage": name, "status": f"done in {seconds}s", "seconds": seconds, **summary}
 
@@ -454,11 +461,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _take(path: str, holder: dict) -> bool:
-    """Creates the lock file with its content in one step (a link of a complete
-    temp file); False when it exists."""
-    tmp = f"{path}.{holder['pid']}.tmp"
-    artifacts.write_json_atomic(tmp, holder)
+def _create(path: str, content: dict) -> bool:
+    """Creates `path` with its content in one step (a link of a complete temp
+    file: no reader sees it empty); False when it exists."""
+    tmp = f"{path}.{content['token']}.tmp"
+    artifacts.write_json_atomic(tmp, content)
     try:
         os.link(tmp, path)
         return True
@@ -468,14 +475,52 @@ def _take(path: str, holder: dict) -> bool:
         os.remove(tmp)
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-    """Holds `<workdir>/.lock` (this pid and host) while the block runs. A lock
-    whose pid is dead on this host is stale and taken over; a live one is a
-    UserError naming its pid and host."""
-    path = os.path.join(workdir, LOCK)
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    while not _take(path, me):
+def _take_over(path: str, stale: dict, me: dict) -> bool:
+    """Replaces the stale lock, as read (`stale`), by `me`; False when the lock
+    is no longer what was read (another process took it over first).
+
+    "Replace it only if it is still the one I read" is what makes this safe
+    when several processes find the same stale lock: removing it and creating
+    a new one let a late process remove the lock another had just taken. POSIX
+    has no such conditional rename, so one process at a time may replace a
+    given lock: the one that creates its claim `<lock>.<id>.claim<k>` (id: a
+    fingerprint of the lock's content, unique by its token), which then checks
+    the lock is unchanged and renames its own over it. A claimant that died
+    leaves its claim behind; the next process tries claim k + 1. On Cloud
+    Storage the claim, the check and the rename are one write of the lock
+    object with the precondition ifGenerationMatch=<the generation read>
+    (and creating a lock, `_create`, is ifGenerationMatch=0).
+    """
+    stale_id = artifacts.fingerprint(stale)
+    for k in itertools.count(1):
+        claim = f"{path}.{stale_id}.claim{k}"
+        if _create(claim, me):
+            break
+        claimant = _read_json(claim)
+        if claimant is None:
+            return False  # done and cleared by the process that took it over
+        if isinstance(claimant.get("pid"), int) and _alive(claimant["pid"]):
+            time.sleep(0.01)  # another process is taking it over: wait for it
+            return False
+    won = False
+    try:
+        if _read_json(path) == stale:
+            tmp = f"{path}.{me['token']}.tmp"
+            artifacts.write_json_atomic(tmp, me)
+            os.replace(tmp, path)
+            won = True
+        return won
+    finally:
+        # Late claims of a replaced lock find it changed and give up: safe to remove.
+        prefix = f"{path}.{stale_id}.claim"
+        for leftover in [c for c in glob.glob(glob.escape(prefix) + "*") if c[len(prefix):].isdigit()] if won \
+                else [claim]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+
+
+def _acquire(workdir: str, path: str, me: dict) -> None:
+    while not _create(path, me):
         holder = _read_json(path)
         if holder is None:
             continue  # released meanwhile
@@ -483,14 +528,35 @@ def workdir_lock(workdir: str):
         if isinstance(pid, int) and host and (host != me["host"] or _alive(pid)):
             raise UserError(f"work directory {workdir} is in use by pid {pid} on {host} (lock {path}); "
                             "wait for that run to end, or delete the lock if it is gone")
-        print(f"taking over the stale lock {path} of pid {pid} on {host} (no longer running)", flush=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        if _take_over(path, holder, me):
+            print(f"taking over the stale lock {path} of pid {pid} on {host} (no longer running)", flush=True)
+            return
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds `<workdir>/.lock` (this pid and host, and a token unique to this
+    hold) while the block runs. A lock whose pid is dead on this host is stale
+    and taken over; a live one is a UserError naming its pid and host."""
+    path = os.path.join(workdir, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
+    held = False
     try:
+        with interrupts.deferred():  # Ctrl-C never leaves a lock behind
+            try:
+                _acquire(workdir, path, me)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                raise UserError(f"cannot write the lock {path}: {e.strerror}; make {workdir} writable or "
+                                "choose another --workdir") from e
+            held = True
         yield
     finally:
-        if _read_json(path) == me:
-            os.remove(path)
+        if held:
+            with interrupts.deferred():
+                if _read_json(path) == me:
+                    os.remove(path)
 
 
 def _distributed(config) -> bool:
@@ -538,8 +604,10 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
         raise UserError(f"--stages: unknown stage {', '.join(map(repr, unknown))}; "
                         f"known: {','.join(ORDER)}")
     stages.sort(key=ORDER.index)
-    os.makedirs(workdir, exist_ok=True)
-    workdir = os.path.abspath(workdir)
+    workdir = _make_workdir(workdir)
+    unwritable = _unwritable(workdir, stages)
+    if unwritable is not None:
+        return _inspect_read_only(config, workdir, stages, force, unwritable)
     lock = workdir_lock(workdir) if _main_process(config) else contextlib.nullcontext()
     with lock:
         for name in ORDER if _main_process(config) else ():
@@ -557,6 +625,11 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
 
 def _stage_row(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
     """Skips the stage when complete (discarding a rerun's leftovers), else runs it."""
+    with interrupts.during(f"stage {name}"):  # its start and end are where Ctrl-C stops a run
+        return _skip_or_run(ctx, name, force)
+
+
+def _skip_or_run(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
     fingerprint = stage_fingerprint(ctx.config, ctx.workdir, name)
     if os.path.exists(_manifest_path(ctx.workdir, name)):
         reason = "forced (--force)" if force else rerun_reason(ctx.workdir, name, fingerprint)
@@ -569,6 +642,67 @@ def _stage_row(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
             return {"stage": name, "status": "skipped (complete)", **summary}
         print(f"{name}: {reason}; rerunning", flush=True)
     return _run_stage(ctx, name, fingerprint)
+
+
+# ------------------------------------------------------------ a work directory that cannot be written
+
+def _make_workdir(workdir: str) -> str:
+    """The work directory, made if absent, as an absolute path; a path that is
+    no directory or cannot be made is a UserError."""
+    if not workdir:
+        raise UserError("--workdir is empty; name the directory the run's artifacts go in")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir} is a file, not a directory; name a directory (it is made if absent)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise  # a full disk has its own line (errors.py)
+        raise UserError(f"cannot make the work directory {workdir}: {e.strerror}"
+                        + (f" ({e.filename})" if e.filename and e.filename != workdir else "")) from e
+    return os.path.abspath(workdir)
+
+
+def _unwritable(workdir: str, stages) -> Optional[str]:
+    """Why the run could not write what it must, or None: the first directory
+    it writes in (the work directory, stages/, .staging/, the directories
+    holding what the stages make and all below them: old versions move out and
+    are deleted) that this process cannot write."""
+    dirs, trees = [workdir], [os.path.join(workdir, "stages"), os.path.join(workdir, STAGING)]
+    for name in stages:
+        for rel in STAGES[name].owned():
+            parts = rel.split("/")
+            dirs += [os.path.join(workdir, *parts[:i]) for i in range(1, len(parts))]
+            trees.append(os.path.join(workdir, rel))
+    for top in trees:
+        dirs += [root for root, _, _ in os.walk(top)]  # nothing when absent or a file
+    for path in dict.fromkeys(dirs):
+        if os.path.isdir(path) and not os.path.islink(path) and \
+                not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            readonly = os.statvfs(path).f_flag & os.ST_RDONLY
+            return f"{path} is {'on a read-only file system' if readonly else 'not writable'}"
+    return None
+
+
+def _inspect_read_only(config, workdir: str, stages, force: bool, unwritable: str) -> list[dict[str, Any]]:
+    """A run in a work directory it cannot write: the rows of the stages when
+    all are complete (nothing written, not even the lock), else a UserError
+    saying what would have to be written."""
+    for name in ORDER:
+        if os.path.exists(_journal_path(workdir, name)):
+            raise UserError(f"{unwritable}, and the run must finish the swap-in of stage {name} a kill cut "
+                            "short; make it writable, then rerun")
+    rows = []
+    for name in stages:
+        manifest = _read_json(_manifest_path(workdir, name))
+        reason = "it has not run" if manifest is None else "forced (--force)" if force else \
+            rerun_reason(workdir, name, stage_fingerprint(config, workdir, name))
+        if reason is not None:
+            raise UserError(f"{unwritable}, and stage {name} must run ({reason}); make it writable or choose "
+                            "another --workdir")
+        rows.append({"stage": name, "status": "skipped (complete)", **manifest.get("summary", {})})
+    print(f"{unwritable}: every stage asked for is complete, so nothing was written", flush=True)
+    return rows
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:

@@ -4,6 +4,7 @@ any point resumes to the artifacts of an unbroken run."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -169,20 +170,22 @@ def tiny_run(tmp_path_factory):
 
 # ------------------------------------------------------------ kills at random points (short)
 
-def _two_stage(workdir, kill_after=None):
-    """Runs tests/scripts/two_stage_run.py; with `kill_after` seconds, SIGKILLs it
-    then (if it is still running). Returns whether it completed."""
+def _two_stage(workdir, kill_after=None, signum=signal.SIGKILL, *options):
+    """Runs tests/scripts/two_stage_run.py; with `kill_after` seconds, sends it
+    `signum` then (if it is still running). Returns whether it completed, its
+    exit status and its stderr lines."""
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "scripts", "two_stage_run.py"),
-                             str(workdir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(workdir), *options], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     if kill_after is not None:
         try:
             proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
-    if kill_after is None:
+    if kill_after is None and not options:
         assert proc.returncode == 0, err[-2000:]
-    return "complete" in out
+    return "complete" in out, proc.returncode, err.strip().splitlines()
 
 
 def _finished_files(workdir) -> dict:
@@ -208,11 +211,15 @@ def test_a_run_killed_at_random_points_resumes_to_the_unbroken_result(tmp_path):
     rng = random.Random(0)
     kills = 0
     for _ in range(6):
-        if _two_stage(killed, kill_after=rng.uniform(0.4, 2.2)):
+        if _two_stage(killed, kill_after=rng.uniform(0.4, 2.2))[0]:
             break  # finished before the kill
         kills += 1
     _two_stage(killed)
     assert kills >= 3
+    _assert_same_run(killed, unbroken)
+
+
+def _assert_same_run(killed, unbroken) -> None:
     expected = _finished_files(unbroken)
     got = _finished_files(killed)
     manifests = {k for k in expected if k.startswith("stages" + os.sep)}
@@ -223,6 +230,48 @@ def test_a_run_killed_at_random_points_resumes_to_the_unbroken_result(tmp_path):
     for name in manifests:
         ours, theirs = (json.load(open(os.path.join(d, name))) for d in (killed, unbroken))
         assert ours["outputs"] == theirs["outputs"] and ours["fingerprint"] == theirs["fingerprint"]
+
+
+INTERRUPTED = r"^interrupted (before the first stage|(during|after) stage \w+); rerun the same command to resume$"
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_run_interrupted_at_random_points_stops_with_one_line_and_resumes(tmp_path, signum, status):
+    # Before: Ctrl-C was a KeyboardInterrupt traceback (or dropped in a gc
+    # callback, and the run exited 0); SIGTERM exited -15 without a word and
+    # left the lock. Now: one line, 128 + the signal, the lock released, and
+    # the runs that follow resume to the unbroken result.
+    unbroken, interrupted = tmp_path / "unbroken", tmp_path / "interrupted"
+    _two_stage(unbroken)
+    rng, stops = random.Random(signum), 0
+    for _ in range(6):
+        complete, code, stderr = _two_stage(interrupted, rng.uniform(0.2, 1.4), signum)
+        if complete:
+            break  # finished before the signal
+        assert code == status and len(stderr) == 1 and re.match(INTERRUPTED, stderr[0]), (code, stderr)
+        assert not (interrupted / pipeline.LOCK).exists()
+        stops += 1
+    _two_stage(interrupted)
+    assert stops >= 3
+    _assert_same_run(interrupted, unbroken)
+
+
+def test_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run(tmp_path):
+    # JAX's gc callback (_xla_gc_callback) ran when a Ctrl-C came 2.5 s into
+    # ppo: the KeyboardInterrupt was printed as "Exception ignored in ..." and
+    # dropped, and the run finished with status 0.
+    complete, code, stderr = _two_stage(tmp_path / "run", None, signal.SIGINT, "--sigint-in-gc")
+    assert (complete, code, stderr) == (
+        False, 130, ["interrupted during stage produce; rerun the same command to resume"])
+    assert not (tmp_path / "run" / pipeline.LOCK).exists() and not (tmp_path / "run" / "stages").exists()
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_the_tiny_run_with_one_line(tmp_path, signum, status):
+    workdir = tmp_path / "run"
+    code, stderr, _ = _interrupt_in(workdir, "sl_generate", 1.0, signum)
+    assert code == status and stderr == ["interrupted during stage sl_generate; rerun the same command to resume"]
+    assert not (workdir / pipeline.LOCK).exists() and not (workdir / "stages").exists()
 
 
 # The whole-run tests below share one tiny run (minutes on two cores): slow,
@@ -294,20 +343,28 @@ def _same_result(workdir, expected) -> None:
 def _kill_in(workdir, stage: str, delay: float) -> bool:
     """Starts the run, waits until `stage` is running, SIGKILLs the run `delay`
     seconds later. False when the stage was already complete (nothing killed)."""
-    proc = subprocess.Popen(_main(workdir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return _interrupt_in(workdir, stage, delay, signal.SIGKILL)[2]
+
+
+def _interrupt_in(workdir, stage: str, delay: float, signum) -> tuple[int, list[str], bool]:
+    """Starts the run, waits until `stage` is running, sends the run `signum`
+    `delay` seconds later. Returns its exit status, its stderr lines and
+    whether the signal landed in the stage (False when it was complete)."""
+    proc = subprocess.Popen(_main(workdir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     started, done = workdir / ".staging" / f"{stage}.started.json", workdir / "stages" / f"{stage}.json"
+    landed = False
     try:
         while proc.poll() is None and not started.exists() and not done.exists():
             time.sleep(0.1)
-        if done.exists() and not started.exists():
-            return False
-        time.sleep(delay)
-        return proc.poll() is None and not done.exists()  # the kill landed in the stage
+        if not (done.exists() and not started.exists()):
+            time.sleep(delay)
+            landed = proc.poll() is None and not done.exists()  # the signal lands in the stage
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            os.killpg(proc.pid, signum)
+        _, err = proc.communicate(timeout=300)
+    return proc.returncode, err.strip().splitlines(), landed
 
 
 @pytest.mark.slow
@@ -326,3 +383,49 @@ def test_runs_killed_at_random_points_of_every_stage_resume_to_the_unbroken_resu
     assert sum(kills.values()) >= len(ORDER), kills
     _same_result(workdir, tiny_run)
     assert not (workdir / ".staging").exists()
+
+
+@pytest.mark.slow
+def test_runs_interrupted_at_random_points_of_every_stage_resume_to_the_unbroken_result(tiny_run, tmp_path):
+    """A SIGINT (SIGTERM for every other stage) at a seeded random time after
+    each stage starts: one line, status 130 (143), the lock released, and the
+    run resumed from there ends with the data and weights of an unbroken run."""
+    from cai_jax.pipeline import ORDER
+
+    workdir, draw, landed = tmp_path / "run", random.Random(2), 0
+    for i, stage in enumerate(ORDER):
+        signum = (signal.SIGINT, signal.SIGTERM)[i % 2]
+        code, stderr, inside = _interrupt_in(workdir, stage, draw.uniform(0.0, 6.0), signum)
+        assert not (workdir / pipeline.LOCK).exists()
+        landed += inside
+        if code in (0, -signum) and stage == ORDER[-1] and not inside:
+            continue  # the run had finished (a signal in Python's last teardown kills it, as before)
+        assert code == 128 + signum and len(stderr) == 1 and re.match(INTERRUPTED, stderr[0]), (stage, stderr)
+    code, stdout, stderr = _run(workdir)
+    assert code == 0, stderr[-20:]
+    assert landed >= len(ORDER) // 2
+    _same_result(workdir, tiny_run)
+    assert not (workdir / ".staging").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the modes say")
+def test_a_finished_run_in_a_read_only_directory_reruns_as_a_no_op_without_writing(tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    dirs = [workdir, *(p for p in workdir.rglob("*") if p.is_dir() and not p.is_symlink())]
+    for path in dirs:
+        path.chmod(0o555)
+    try:
+        before = {str(p): p.stat().st_mtime_ns for p in [workdir, *workdir.rglob("*")]}
+        code, stdout, stderr = _run(workdir)
+        assert code == 0, stderr[-20:]
+        assert f"{workdir} is not writable: every stage asked for is complete, so nothing was written" in stdout
+        assert stdout.count("skipped (complete)") == len(pipeline.ORDER)
+        assert {str(p): p.stat().st_mtime_ns for p in [workdir, *workdir.rglob("*")]} == before
+        code, _, stderr = _run(workdir, "--stages=eval", "--force")
+        assert code == 2 and stderr == [f"error: {workdir} is not writable, and stage eval must run (forced "
+                                        "(--force)); make it writable or choose another --workdir"]
+    finally:
+        for path in dirs:
+            path.chmod(0o755)

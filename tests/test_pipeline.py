@@ -257,6 +257,107 @@ def test_a_second_run_on_a_workdir_in_use_stops_with_one_line(tmp_path):
         holder.wait()
 
 
+def test_processes_racing_to_take_over_a_stale_lock_end_with_one_holder(tmp_path):
+    # Before: each read the stale lock and removed whatever lock was there, so a
+    # late one removed the lock another had just taken (2 trials in 30 to 40
+    # had two holders), and one whose lock vanished between a look and the
+    # read stopped on FileNotFoundError. 120 trials of 6 processes.
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "lock_race.py"),
+                          str(tmp_path), "120", "6"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result == {"trials": 120, "two_holders": 0, "errors": [], "unheld": 0}
+
+
+def _dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_a_lock_that_vanishes_while_it_is_read_is_not_an_error(tmp_path, monkeypatch):
+    assert pipeline._read_json(str(tmp_path / ".lock")) is None
+    # The lock is there when the create fails and gone when it is read: try again.
+    create, fails = pipeline._create, [True]
+    monkeypatch.setattr(pipeline, "_create", lambda path, content: False if fails and fails.pop()
+                        else create(path, content))
+    with pipeline.workdir_lock(str(tmp_path)):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_takeover_whose_claimant_died_goes_to_the_next_claim(tmp_path, capsys):
+    import socket
+
+    from cai_jax import artifacts
+
+    stale = {"pid": _dead_pid(), "host": socket.gethostname()}
+    (tmp_path / ".lock").write_text(json.dumps(stale))
+    # A process that claimed this stale lock and died before replacing it.
+    claim = tmp_path / f".lock.{artifacts.fingerprint(stale)}.claim1"
+    claim.write_text(json.dumps({"pid": stale["pid"], "host": stale["host"], "token": "x"}))
+    with pipeline.workdir_lock(str(tmp_path)):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        assert f"taking over the stale lock {tmp_path / '.lock'}" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # the lock released, the claims cleared
+
+
+def _deny_writes_under(monkeypatch, top):
+    """os.access as for a user who cannot write below `top` (root can, whatever the modes)."""
+    access = os.access
+    monkeypatch.setattr(pipeline.os, "access", lambda path, mode: access(path, mode) and not (
+        mode & os.W_OK and os.path.abspath(path).startswith(str(top))))
+
+
+def _listing(workdir) -> dict:
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in sorted(workdir.rglob("*"))}
+
+
+def test_a_finished_run_in_a_directory_it_cannot_write_is_inspected_without_writing(
+        fake_stages, tmp_path, monkeypatch, capsys):
+    pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+    before = _listing(tmp_path)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _deny_writes_under(m, tmp_path)
+        rows = pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
+        assert [r["status"] for r in rows] == ["skipped (complete)"] * 2 and rows[1]["wrote"] == "two.txt"
+        assert f"{tmp_path} is not writable: every stage asked for is complete, so nothing was written" \
+            in capsys.readouterr().out
+        assert _listing(tmp_path) == before  # not even the lock
+        # Work to do: one line saying what and why, before anything runs.
+        with pytest.raises(UserError) as error:
+            pipeline.run_pipeline(_config(y=3), str(tmp_path), progress=False)
+        assert str(error.value) == (f"{tmp_path} is not writable, and stage second must run (config section b "
+                                    "changed); make it writable or choose another --workdir")
+    with monkeypatch.context() as m:  # only a model directory the stage replaces is read-only
+        _deny_writes_under(m, tmp_path / "model")
+        with pytest.raises(UserError, match=f"^{tmp_path / 'model'} is not writable, and stage first must run "
+                                            r"\(forced \(--force\)\)"):
+            pipeline.run_pipeline(_config(), str(tmp_path), stages=["first"], progress=False, force=True)
+        pipeline.run_pipeline(_config(y=3), str(tmp_path), stages=["second"], progress=False)  # not its
+    assert fake_stages == ["first", "second", "second"] and _listing(tmp_path).keys() == before.keys()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the modes say")
+def test_a_read_only_work_directory_is_inspected_without_writing(fake_stages, tmp_path, capsys):
+    pipeline.run_pipeline(_config(), str(tmp_path / "run"), progress=False)
+    before = _listing(tmp_path / "run")
+    for path in [tmp_path / "run", *(tmp_path / "run").rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o555)
+    try:
+        rows = pipeline.run_pipeline(_config(), str(tmp_path / "run"), progress=False)
+        assert [r["status"] for r in rows] == ["skipped (complete)"] * 2
+        assert _listing(tmp_path / "run") == before
+        with pytest.raises(UserError, match="is not writable, and stage first must run"):
+            pipeline.run_pipeline(_config(x=2), str(tmp_path / "run"), progress=False)
+    finally:
+        for path in [tmp_path / "run", *(tmp_path / "run").rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+
+
 def test_artifacts_and_model_directories_follow_the_umask(tmp_path, monkeypatch):
     import tempfile
     from cai_jax import artifacts

@@ -137,6 +137,52 @@ def test_main_prints_one_line_and_exits_2_for_an_unknown_key(tmp_path):
         "did you mean 'num_steps'?"]
 
 
+# ------------------------------------------------------------ row: work directory mistakes, a config that is not Python
+
+@pytest.mark.parametrize("workdir, message", [
+    ("file", "--workdir {tmp}/file is a file, not a directory; name a directory (it is made if absent)"),
+    ("file/run", "cannot make the work directory {tmp}/file/run: Not a directory"),
+    ("", "--workdir is empty; name the directory the run's artifacts go in"),
+])
+def test_a_work_directory_mistake_is_one_line_and_exit_2(tmp_path, workdir, message):
+    # Before: FileExistsError, NotADirectoryError, FileNotFoundError tracebacks.
+    (tmp_path / "file").write_text("not a directory")
+    status, stderr = _main(tmp_path, f"--workdir={tmp_path / workdir if workdir else ''}")
+    assert status == 2 and stderr == ["error: " + message.format(tmp=tmp_path)]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the modes say")
+def test_a_work_directory_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
+    # Before: PermissionError tracebacks (for the lock's temp file first).
+    (tmp_path / "locked").mkdir(mode=0o555)
+    (tmp_path / "run").mkdir(mode=0o555)
+    try:
+        status, stderr = _main(tmp_path, f"--workdir={tmp_path / 'locked' / 'run'}")
+        assert status == 2 and stderr == [f"error: cannot make the work directory {tmp_path / 'locked' / 'run'}: "
+                                          "Permission denied"]
+        status, stderr = _main(tmp_path)
+        assert status == 2 and stderr == [f"error: {tmp_path / 'run'} is not writable, and stage sl_generate "
+                                          "must run (it has not run); make it writable or choose another --workdir"]
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+        (tmp_path / "run").chmod(0o755)
+
+
+def test_a_config_file_that_is_not_python_is_one_line_naming_file_and_line(tmp_path):
+    # Before: a 60-line SyntaxError traceback.
+    config = tmp_path / "broken.py"
+    config.write_text("def get_config():\n    return dict(a=1,\n\nx = ]\n")
+    argv = [sys.executable, "-m", "cai_jax.main", f"--config={config}", f"--workdir={tmp_path / 'run'}"]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: config file {config} line 4: closing parenthesis ']' does not match opening parenthesis '(' "
+        "on line 2 (not valid Python)"]
+    with pytest.raises(UserError, match=f"^config file {config} line 4: ") as error:
+        load_config(str(config))
+    _one_line(error)
+
+
 def test_only_user_errors_become_exit_2(capsys):
     def bad_input():
         raise UserError("config.x is 3; it must be 4")
