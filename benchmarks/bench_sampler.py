@@ -44,7 +44,7 @@ def parse_args():
     p.add_argument("--scanned", action="store_true",
                    help="also time the sampler with scanned layers (unroll_layers=False)")
     p.add_argument("--flax_trunk", action="store_true",
-                   help="also time the sampler running the Flax model (feature_major=False): "
+                   help="also time the sampler running the Flax model (trunk='flax'): "
                         "activations-first products, except the LM head, weights-first either way")
     p.add_argument("--formulations", action="store_true",
                    help="also time decode attention under alternative cache layouts and updates")
@@ -294,8 +294,7 @@ def main():
         samplers["ours (scanned)"] = Sampler(cfg, loaded.tokenizer, mesh=None, progress=False,
                                              unroll_layers=False)
     if args.flax_trunk:
-        samplers["ours (Flax trunk)"] = Sampler(cfg, loaded.tokenizer, mesh=None, progress=False,
-                                                feature_major=False)
+        samplers["ours (Flax trunk)"] = Sampler(cfg, loaded.tokenizer, mesh=None, progress=False, trunk="flax")
     hf = None
     if not args.skip_hf:
         import torch

@@ -6,7 +6,7 @@ import pytest
 
 from cai_jax.models.config import model_config_from_dict
 from cai_jax.models.transformer import Transformer, init_cache, init_params, positions_from_mask
-from cai_jax.weights import layout
+from cai_jax.models.layer_layout import stack_layers, unstack_layers
 
 CFG = model_config_from_dict({"name": "tiny", "vocab_size": 128})
 
@@ -47,8 +47,8 @@ def test_remat_and_unscanned_layers_give_the_same_gradients(params, remat):
 
     ref = jax.grad(lambda p: loss(CFG, p))(params)
     cfg = CFG.replace(remat=remat, scan_layers=False)
-    got = jax.grad(lambda p: loss(cfg, p))(layout.unstack_layers(params, CFG.num_layers))
-    got = layout.stack_layers(jax.tree.map(np.asarray, got), CFG.num_layers)
+    got = jax.grad(lambda p: loss(cfg, p))(unstack_layers(params, CFG.num_layers))
+    got = stack_layers(jax.tree.map(np.asarray, got), CFG.num_layers)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(a), b, atol=1e-6)
 

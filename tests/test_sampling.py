@@ -125,7 +125,7 @@ def test_greedy_matches_full_forward_tiny(tiny, tiny_sampler):
 def test_greedy_smollm2_matches_full_forward_and_scorer(smollm2, smol_sampler, trunk):
     sampler = smol_sampler if trunk == "flax, scanned" else \
         Sampler(smollm2.config, smollm2.tokenizer, mesh=None, progress=False)
-    assert sampler._program.feature_major == (trunk != "flax, scanned")
+    assert sampler.trunk.name == ("flax" if trunk == "flax, scanned" else "feature_major")
     prompts = [ids(smollm2.tokenizer, "The capital of France is"),
                ids(smollm2.tokenizer, "The three primary colours are")]
     got = sampler.generate(smollm2.params, prompts, GREEDY)
@@ -414,11 +414,13 @@ def test_feature_major_trunk_equals_the_flax_model(family, matmul_dtype, tiny):
                                        for x in leaves])
     fm = Sampler(cfg, tiny.tokenizer, mesh=None, progress=False)
     flax_model = Sampler(cfg, tiny.tokenizer, mesh=None, progress=False, unroll_layers=False)
-    assert fm._program.feature_major and not flax_model._program.feature_major
+    assert (fm.trunk.name, flax_model.trunk.name) == ("feature_major", "flax")
     placed = fm.place_params(params)
     assert {placed["layers"][0]["qkv"]["kernel_t"].dtype, placed["head_vd"].dtype} == {jnp.dtype(matmul_dtype)}
-    with pytest.raises(ValueError, match="feature_major=True needs one device"):
-        Sampler(cfg, tiny.tokenizer, mesh=None, unroll_layers=False, feature_major=True)
+    with pytest.raises(ValueError, match="feature_major trunk needs one device"):
+        Sampler(cfg, tiny.tokenizer, mesh=None, unroll_layers=False, trunk="feature_major")
+    with pytest.raises(ValueError, match="unknown trunk 'fast'; the trunks are feature_major, flax"):
+        Sampler(cfg, tiny.tokenizer, mesh=None, trunk="fast")
     prompts = [[5, 6, 7], [9], [10, 20, 30, 40, 50, 60, 70]]
     # Sampling with both filters: equal draws need equal filtered distributions
     # (greedy against the uncached forward pass is tested above).

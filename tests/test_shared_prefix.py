@@ -55,8 +55,8 @@ def test_the_prompts_do_share_starts(tiny):
 @pytest.mark.parametrize("trunk", ["feature_major", "flax", "scanned"])
 @pytest.mark.parametrize("batch_size", [3, 8])
 def test_greedy_tokens_identical_with_and_without_sharing(tiny, trunk, batch_size):
-    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False,
-                      feature_major=trunk == "feature_major", unroll_layers=trunk != "scanned")
+    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False, unroll_layers=trunk != "scanned",
+                      trunk="flax" if trunk == "scanned" else trunk)
     prompts = mixed_prompts(tiny.config.vocab_size)
     whole = sampler.generate(tiny.params, prompts, GREEDY, batch_size=batch_size)
     shared = sampler.generate(tiny.params, prompts, GREEDY, batch_size=batch_size, shared_prefix=True)

@@ -20,9 +20,10 @@ the next, so a prompt that continues the last call's prompt and answer
 prefills only what is new (`kv_store.py`). Either way the answers are those
 of whole prompts up to float rounding (greedy tokens identical in the tests).
 
-On one device the forward pass is `models/feature_major.py` (the model's math
-with weights-first products, faster on XLA:CPU); with a mesh it is the Flax
-model. Either way the logits come out vocabulary-major, [V, B].
+The forward pass is a trunk chosen by name (`trunks/`): on one device
+`models/feature_major.py` (the model's math with weights-first products,
+faster on XLA:CPU), with a mesh the Flax model. Either way the logits come
+out vocabulary-major, [V, B].
 
 Shapes are bucketed so that varied calls reuse a few compilations: generation
 width and batch size are each rounded up to a power of two, prompt width to a
@@ -47,13 +48,10 @@ costing steps. The text is cut before the earliest stop string and the tokens
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import weakref
 from typing import Optional, Sequence, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,13 +61,13 @@ from cai_jax import sharding as shd
 from cai_jax.inference import kv_store as kv_store_lib
 from cai_jax.inference import prefix_groups
 from cai_jax.inference.batched_forward import batch_row_multiple, batched_forward, place_batch
+from cai_jax.inference.trunks import make_trunk
+from cai_jax.inference.trunks.base import TRACE_COUNTS, DerivedWhileAlive, Trunk
 from cai_jax.models.config import TransformerConfig
-from cai_jax.models import feature_major, matmul
-from cai_jax.models.transformer import Transformer, cache_shapes, init_cache, positions_from_mask
+from cai_jax.models.transformer import positions_from_mask
 from cai_jax.inference.sampling_buckets import (ExampleId, bucket, example_key_id, find_stop, left_pad,
                                       length_sorted_batches, tokens_within, width_bucket)
 from cai_jax.inference.sampling_choice import Mode, choose_tokens
-from cai_jax.weights import layout
 from cai_jax.weights.tokenizer import encode_text, pad_token_id, stop_token_ids
 
 Prompt = Union[str, Sequence[int]]
@@ -77,10 +75,6 @@ Prompt = Union[str, Sequence[int]]
 FINISH_REASONS = ("eos", "stop_string", "length")
 MIN_PROMPT_BUCKET = 16
 MIN_GEN_BUCKET = 16
-# The LM head in both orientations, in the parameters `place_params` makes
-# (see feature_major.logits_vb; the Flax-model path adds only HEAD_VD, and only
-# for an untied head).
-HEAD_VD, HEAD_DV = "head_vd", "head_dv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,114 +150,12 @@ def _step_keys(row_keys_b, step):
 
 
 # ----------------------------------------------------------- compiled pieces
+#
+# Each takes the sampler's trunk (`trunks/base.py`) as a static argument: what
+# it runs the model with, and where its cache lives. TRACE_COUNTS counts how
+# often each was traced, i.e. compiled.
 
-# How often each compiled function was traced, i.e. compiled (jit traces only
-# on a cache miss). Tests check that a reused bucket does not add to these.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Program:
-    """What the compiled functions close over. Hashable and passed as a static
-    argument, so samplers for the same model and mesh share their compilations.
-
-    `feature_major`: run the trunk as `models/feature_major.py` (one device,
-    parameters from `Sampler.place_params`), else as the Flax model (with a
-    mesh, or scanned layers)."""
-
-    config: TransformerConfig
-    mesh: Optional[Mesh]
-    rules: tuple
-    pad_id: int
-    feature_major: bool
-
-    def trunk(self, params, tokens_bt, positions_bt, key_mask_bs, cache=None, cache_index=0,
-              last_only=False):
-        """(final hidden states feature-major, [D, B*T] or [D, B] with
-        `last_only`; the new cache or None)."""
-        if self.feature_major:
-            return feature_major.forward(self.config, params, tokens_bt, positions_bt, key_mask_bs,
-                                         cache, cache_index, last_only)
-        params = {k: v for k, v in params.items() if k != HEAD_VD}
-        with nn.logical_axis_rules(self.rules):
-            out, cache = Transformer(self.config).apply({"params": params}, tokens_bt, positions_bt,
-                                                        key_mask_bs, cache=cache,
-                                                        cache_index=cache_index, last_only=last_only)
-        return out["hidden"].reshape(-1, self.config.d_model).T, cache
-
-    def logits_vb(self, params, hidden_dn):
-        """Float32 logits [V, N] (vocabulary-major, as `choose_tokens` takes them)."""
-        cfg = self.config
-        if self.feature_major:
-            return feature_major.logits_vb(cfg, params[HEAD_VD], params[HEAD_DV], hidden_dn)
-        # An untied [D, V] kernel contracted on its first axis (kernel.T here)
-        # took 88 ms against 14 for a [V, D] copy at 32 rows on XLA:CPU, and a
-        # transposed [N, V] product folds back into that slow form: hence HEAD_VD.
-        w_vd = params["embed"] if cfg.tie_embeddings else params[HEAD_VD]
-        return matmul.einsum("vd,dn->vn", w_vd.astype(cfg.compute_dtype), hidden_dn, cfg.matmul_dtype)
-
-    def constrain(self, tree, names):
-        """Shards every leaf of `tree` by the logical axis `names` (on a mesh)."""
-        if self.mesh is None:
-            return tree
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, NamedSharding(self.mesh, shd.spec_for(x.shape, names, self.mesh, self.rules))), tree)
-
-    @property
-    def cache_batch_axis(self) -> int:
-        return 1 if self.config.scan_layers else 0
-
-    @property
-    def cache_names(self) -> tuple:
-        batch_first = ("batch", "kv_heads", None, None)
-        return (None,) + batch_first if self.config.scan_layers else batch_first
-
-    def new_cache(self, batch: int, length: int):
-        """An empty KV cache: [L, ...] arrays when scanned, else lists of per-layer
-        buffers, each updated in place by the decode loop (shapes in `cache_shapes`)."""
-        cfg = self.config
-        if cfg.scan_layers:
-            return self.constrain(init_cache(cfg, batch, length), self.cache_names)
-        cache = {name: [jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)]
-                 for name, shape in cache_shapes(cfg, batch, length).items()}
-        return self.constrain(cache, self.cache_names)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _transposed(program: _Program, w, names: tuple):
-    """A [D, V] LM head from a [V, D] one or the reverse (one copy), sharded
-    by the logical axis `names` of the result on a mesh."""
-    TRACE_COUNTS["lm_head"] += 1
-    return program.constrain(w.T, names)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _product_operands(program: _Program, weights):
-    return [matmul.stored_operand(w, program.config.matmul_dtype) for w in weights]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _feature_major_layers(program: _Program, layer_params):
-    TRACE_COUNTS["relayout"] += 1
-    return feature_major.transposed_layers(program.config, layer_params)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _relayout(program: _Program, params):
-    """Scanned <-> unrolled parameters, placed as the sampler's layout wants."""
-    TRACE_COUNTS["relayout"] += 1
-    cfg = program.config
-    if cfg.scan_layers:
-        params = layout.stack_layers(params, cfg.num_layers)
-    else:
-        params = layout.unstack_layers(params, cfg.num_layers)
-    if program.mesh is None:
-        return params
-    return jax.lax.with_sharding_constraint(
-        params, shd.param_shardings(cfg, program.mesh, program.rules))
-
-
-def _run_prompts(program: _Program, params, prompt: dict, free_slots: int, last_only: bool = True):
+def _run_prompts(trunk: Trunk, params, prompt: dict, free_slots: int, last_only: bool = True):
     """The prompts through the trunk into a new KV cache with `free_slots`
     empty slots after them. `prompt` is one of the layouts `_prompt_arrays`
     makes: whole rows ("tokens", "mask": [B, W], left-padded), or shared
@@ -282,15 +174,15 @@ def _run_prompts(program: _Program, params, prompt: dict, free_slots: int, last_
         tokens_bp, mask_bp = prompt["tokens"], prompt["mask"]
         b, p = tokens_bp.shape
         key_mask_bs = jnp.concatenate([mask_bp, jnp.ones((b, free_slots), bool)], axis=1)
-        hidden, cache = program.trunk(params, tokens_bp, positions_from_mask(mask_bp), key_mask_bs,
-                                      cache=program.new_cache(b, p + free_slots), cache_index=0,
+        hidden, cache = trunk.forward(params, tokens_bp, positions_from_mask(mask_bp), key_mask_bs,
+                                      cache=trunk.new_cache(b, p + free_slots), cache_index=0,
                                       last_only=last_only)
         return hidden, cache, key_mask_bs, jnp.sum(mask_bp, axis=1, dtype=jnp.int32)
     prefix_mask_gp = prompt["prefix_mask"]
     suffix_bs, suffix_mask_bs, group_b = prompt["suffix"], prompt["suffix_mask"], prompt["group"]
     (g, wp), (b, ws) = prefix_mask_gp.shape, suffix_bs.shape
     if "prefix_kv" in prompt:  # computed by an earlier call, one row per suffix
-        cache = program.new_cache(b, wp + ws + free_slots)
+        cache = trunk.new_cache(b, wp + ws + free_slots)
         stored = prompt["prefix_kv"]
         cache = {"k": jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, c.ndim - 1),
                                    cache["k"], stored["k"]),
@@ -299,35 +191,35 @@ def _run_prompts(program: _Program, params, prompt: dict, free_slots: int, last_
     else:
         prefix_gp = prompt["prefix"]
         # Written from slot 0, the prefix attends only to its own slots (write_cache).
-        _, cache = program.trunk(params, prefix_gp, positions_from_mask(prefix_mask_gp), prefix_mask_gp,
-                                 cache=program.new_cache(g, wp + ws + free_slots), cache_index=0,
+        _, cache = trunk.forward(params, prefix_gp, positions_from_mask(prefix_mask_gp), prefix_mask_gp,
+                                 cache=trunk.new_cache(g, wp + ws + free_slots), cache_index=0,
                                  last_only=True)
-        cache = program.constrain(jax.tree.map(lambda c: jnp.take(c, group_b, axis=program.cache_batch_axis),
-                                               cache), program.cache_names)
+        cache = trunk.constrain(jax.tree.map(lambda c: jnp.take(c, group_b, axis=trunk.cache_batch_axis),
+                                             cache), trunk.cache_names)
     prefix_len_b = jnp.sum(prefix_mask_gp, axis=1, dtype=jnp.int32)[group_b]
     key_mask_bs = jnp.concatenate([prefix_mask_gp[group_b], suffix_mask_bs,
                                    jnp.ones((b, free_slots), bool)], axis=1)
     positions_bs = prefix_len_b[:, None] + positions_from_mask(suffix_mask_bs)
-    hidden, cache = program.trunk(params, suffix_bs, positions_bs, key_mask_bs, cache=cache,
+    hidden, cache = trunk.forward(params, suffix_bs, positions_bs, key_mask_bs, cache=cache,
                                   cache_index=wp, last_only=last_only)
     return hidden, cache, key_mask_bs, prefix_len_b + jnp.sum(suffix_mask_bs, axis=1, dtype=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("gen_width", "mode"))
-def _prefill(program: _Program, params, prompt: dict, row_ids_b, active_b, seed, knobs,
-             *, gen_width: int, mode: Mode):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("gen_width", "mode", "pad_id"))
+def _prefill(trunk: Trunk, params, prompt: dict, row_ids_b, active_b, seed, knobs,
+             *, gen_width: int, mode: Mode, pad_id: int):
     """Fills the cache from the prompts (`_run_prompts`) and picks each row's first token."""
     TRACE_COUNTS["prefill"] += 1
-    hidden_db, cache, key_mask_bs, prompt_lens_b = _run_prompts(program, params, prompt, gen_width)
+    hidden_db, cache, key_mask_bs, prompt_lens_b = _run_prompts(trunk, params, prompt, gen_width)
     b = hidden_db.shape[1]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_b)
-    logits = program.logits_vb(params, hidden_db)
+    logits = trunk.logits_vb(params, hidden_db)
     first, first_logp = choose_tokens(logits, _step_keys(row_keys, 0),
                                       knobs["temperature"], knobs["top_k"], knobs["top_p"], mode)
-    first = jnp.where(active_b, first, program.pad_id)
+    first = jnp.where(active_b, first, pad_id)
     return {
         "cache": cache,
-        "tokens": jnp.full((b, gen_width), program.pad_id, jnp.int32).at[:, 0].set(first),
+        "tokens": jnp.full((b, gen_width), pad_id, jnp.int32).at[:, 0].set(first),
         "logprobs": jnp.zeros((b, gen_width), jnp.float32).at[:, 0].set(
             jnp.where(active_b, first_logp, 0.0)),
         "num_tokens": active_b.astype(jnp.int32),  # valid tokens per row
@@ -339,8 +231,8 @@ def _prefill(program: _Program, params, prompt: dict, row_ids_b, active_b, seed,
     }
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode",), donate_argnums=(2,))
-def _decode(program: _Program, params, state, limit, force_done_b, knobs, *, mode: Mode):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mode", "pad_id"), donate_argnums=(2,))
+def _decode(trunk: Trunk, params, state, limit, force_done_b, knobs, *, mode: Mode, pad_id: int):
     """One-token steps over the donated state until `limit` tokens exist or
     every row is done."""
     TRACE_COUNTS["decode"] += 1
@@ -354,14 +246,14 @@ def _decode(program: _Program, params, state, limit, force_done_b, knobs, *, mod
         step = s["step"]
         last_b1 = jax.lax.dynamic_slice_in_dim(s["tokens"], step - 1, 1, axis=1)
         # The last token goes to cache slot prompt_width + step - 1.
-        hidden_db, cache = program.trunk(params, last_b1, (s["prompt_lens"] + step - 1)[:, None],
+        hidden_db, cache = trunk.forward(params, last_b1, (s["prompt_lens"] + step - 1)[:, None],
                                          s["key_mask"], cache=s["cache"],
                                          cache_index=prompt_width + step - 1, last_only=True)
-        logits = program.logits_vb(params, hidden_db)
+        logits = trunk.logits_vb(params, hidden_db)
         new, new_logp = choose_tokens(logits, _step_keys(s["row_keys"], step),
                                       knobs["temperature"], knobs["top_k"], knobs["top_p"], mode)
         live = ~s["done"]
-        new = jnp.where(live, new, program.pad_id)
+        new = jnp.where(live, new, pad_id)
         return dict(
             s, cache=cache, step=step + 1,
             tokens=jax.lax.dynamic_update_index_in_dim(s["tokens"], new, step, axis=1),
@@ -375,25 +267,25 @@ def _decode(program: _Program, params, state, limit, force_done_b, knobs, *, mod
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(program: _Program, params, prompt: dict):
+def _score(trunk: Trunk, params, prompt: dict):
     """log p(slot t + 1 | slots up to t) over each row's prompt slots (whole
     rows, or the suffixes after the shared prefixes): [B, W-1]."""
     TRACE_COUNTS["score"] += 1
-    hidden_dn, _, _, _ = _run_prompts(program, params, prompt, free_slots=0, last_only=False)
+    hidden_dn, _, _, _ = _run_prompts(trunk, params, prompt, free_slots=0, last_only=False)
     tokens_bt = prompt["tokens" if "tokens" in prompt else "suffix"]
     b, t = tokens_bt.shape
     predicting = hidden_dn.reshape(-1, b, t)[:, :, :-1].reshape(hidden_dn.shape[0], -1)
-    logits = program.logits_vb(params, predicting).reshape(-1, b, t - 1)  # [V, B, T-1]
+    logits = trunk.logits_vb(params, predicting).reshape(-1, b, t - 1)  # [V, B, T-1]
     target = jnp.take_along_axis(logits, tokens_bt[None, :, 1:], axis=0)[0]
     return target - jax.nn.logsumexp(logits, axis=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _next_token_logprobs(program: _Program, params, prompt: dict, token_ids_k):
+def _next_token_logprobs(trunk: Trunk, params, prompt: dict, token_ids_k):
     """log p(token k | the whole prompt) for the given tokens: [B, K]."""
     TRACE_COUNTS["next_token"] += 1
-    hidden_db, _, _, _ = _run_prompts(program, params, prompt, free_slots=0)
-    logits_vb = program.logits_vb(params, hidden_db)
+    hidden_db, _, _, _ = _run_prompts(trunk, params, prompt, free_slots=0)
+    logits_vb = trunk.logits_vb(params, hidden_db)
     return (logits_vb[token_ids_k] - jax.nn.logsumexp(logits_vb, axis=0)).T
 
 
@@ -411,18 +303,18 @@ class Sampler:
     the stacked array, which made it about twice as slow (`bench_sampler.py --scanned`),
     but the unrolled program takes longer to compile.
 
-    On one device (no mesh, or a one-device mesh) with unrolled layers the
-    trunk is `models/feature_major.py` (`feature_major=False` runs the Flax
-    model instead, for comparisons), which wants every kernel transposed:
-    `place_params` makes that copy once and keeps it while the caller's
-    parameter arrays live (the same arrays passed again reuse it), so it costs
-    one more copy of the weights in memory. On the Flax-model path, parameters
-    in the other layer layout are converted once per call.
+    `trunk` names what runs the model (`trunks/__init__.py`): None picks
+    "feature_major" (`models/feature_major.py`) on one device (no mesh, or a
+    one-device mesh) with unrolled layers, else "flax" (the Flax model);
+    trunk="flax" runs the Flax model anywhere, for comparisons. The
+    feature-major trunk keeps a transposed copy of the weights while the
+    caller's parameter arrays live; the Flax trunk converts parameters in the
+    other layer layout once per call.
     """
 
     def __init__(self, model_config: TransformerConfig, tokenizer, mesh: Optional[Mesh],
                  rules=shd.DEFAULT_RULES, stop_check_interval: int = 16, progress: bool = True,
-                 unroll_layers: bool = True, feature_major: Optional[bool] = None,
+                 unroll_layers: bool = True, trunk: Optional[str] = None,
                  shared_prefix: bool = False):
         if "lm" not in model_config.heads:
             raise ValueError(f"the sampler needs a model with an 'lm' head; heads are "
@@ -437,18 +329,11 @@ class Sampler:
         self.pad_id = pad_token_id(tokenizer)
         self.default_stop_ids = tuple(stop_token_ids(tokenizer)) if tokenizer is not None else ()
         self.decode_steps = 0  # while-loop iterations run, summed over calls
-        one_device = mesh is None or mesh.size == 1
-        if feature_major and not (one_device and unroll_layers):
-            raise ValueError("feature_major=True needs one device (no mesh or a one-device mesh) "
-                             "and unroll_layers=True")
-        if feature_major is None:
-            feature_major = one_device and unroll_layers
-        self._program = _Program(self.config, mesh, self.rules, self.pad_id, feature_major=feature_major)
-        # The feature-major parameters, made once per set of caller's arrays;
-        # on the Flax-model path, an untied LM head's [V, D] copy.
-        self._feature_major_params = _DerivedWhileAlive()
-        self._head_vd = _DerivedWhileAlive()
-        self._param_shardings = shd.param_shardings(self.config, mesh, self.rules) if mesh else None
+        self.trunk = make_trunk(trunk, self.config, mesh, self.rules)
+        # What the trunk derives from the caller's parameters (its transposed
+        # copies), kept here rather than in the trunk so that it goes with the
+        # sampler: the compiled functions' caches hold on to the trunk.
+        self._trunk_memo = DerivedWhileAlive()
 
     @property
     def batch_multiple(self) -> int:
@@ -457,40 +342,9 @@ class Sampler:
 
     def place_params(self, params):
         """The parameters as the compiled functions take them, without heads the
-        sampler does not use: feature-major (see the class docstring), or in the
-        sampler's layer layout and on the mesh if there is one."""
+        sampler does not use: as the trunk wants them (`Trunk.place_params`)."""
         params = {k: v for k, v in params.items() if k != "scalar_head"}
-        if self._program.feature_major:
-            return self._feature_major_params.get(params, self._make_feature_major)
-        if ("layers" in params) != self.config.scan_layers:
-            placed = _relayout(self._program, params)
-        elif self.mesh is not None:
-            placed = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
-                                  else jax.device_put(x, s), params, self._param_shardings)
-        else:
-            placed = params
-        if not self.config.tie_embeddings:
-            placed = dict(placed, **{HEAD_VD: self._head_vd.get(
-                params["lm_head"]["kernel"],
-                lambda kernel: _transposed(self._program, kernel, ("vocab", "embed")))})
-        return placed
-
-    def _make_feature_major(self, params):
-        cfg = self.config
-        layers = {k: v for k, v in params.items() if k.startswith("layers")}
-        out = {"embed": params["embed"], "final_norm": params["final_norm"],
-               "layers": _feature_major_layers(self._program, layers)}
-        if "pos_embed" in params:
-            out["pos_embed"] = params["pos_embed"]
-        if cfg.tie_embeddings:
-            out[HEAD_VD] = params["embed"]
-            out[HEAD_DV] = _transposed(self._program, params["embed"], ("embed", "vocab"))
-        else:
-            kernel = params["lm_head"]["kernel"]
-            out[HEAD_VD], out[HEAD_DV] = _transposed(self._program, kernel, ("vocab", "embed")), kernel
-        if cfg.matmul_dtype != "float32":
-            out[HEAD_VD], out[HEAD_DV] = _product_operands(self._program, (out[HEAD_VD], out[HEAD_DV]))
-        return out
+        return self.trunk.place_params(params, self._trunk_memo)
 
     def _put_batch(self, x):
         return place_batch(x, self.mesh, self.rules)
@@ -655,7 +509,7 @@ class Sampler:
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, kv)
         return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(self.mesh, shd.spec_for(
-            x.shape, self._program.cache_names, self.mesh, self.rules))), kv)
+            x.shape, self.trunk.cache_names, self.mesh, self.rules))), kv)
 
     def _generate_batch(self, params, prompts, groups, row_ids, sampling: SamplingParams, mode: Mode,
                         knobs: dict, seed: int, kv_store: Optional[kv_store_lib.KVStore] = None,
@@ -671,16 +525,18 @@ class Sampler:
                       for key, g in zip(row_ids, groups)]
             if all(p is None for p in stored):
                 stored, groups = None, [prefix_groups.Group([], idx, [prompts[i] for i in idx])]
-        state = _prefill(self._program, params,
+        state = _prefill(self.trunk, params,
                          self._prompt_arrays(groups, rows, MIN_PROMPT_BUCKET, stored, slots),
                          put(ids_b), put(np.arange(rows) < n), np.uint32(seed % (1 << 32)), knobs,
-                         gen_width=bucket(sampling.max_new_tokens, MIN_GEN_BUCKET), mode=mode)
+                         gen_width=bucket(sampling.max_new_tokens, MIN_GEN_BUCKET), mode=mode,
+                         pad_id=self.pad_id)
         interval = self.stop_check_interval if sampling.stop_strings else sampling.max_new_tokens
         stopped = np.zeros((rows,), bool)  # rows the host found a stop string in
         step = 1
         while step < sampling.max_new_tokens:
             limit = min(step + interval, sampling.max_new_tokens)
-            state = _decode(self._program, params, state, np.int32(limit), put(stopped), knobs, mode=mode)
+            state = _decode(self.trunk, params, state, np.int32(limit), put(stopped), knobs, mode=mode,
+                            pad_id=self.pad_id)
             new_step = int(state["step"])
             self.decode_steps += new_step - step
             if new_step < limit:  # the loop exited early: every row is done
@@ -742,7 +598,7 @@ class Sampler:
         placed = self.place_params(params)
         if not (self.shared_prefix if shared_prefix is None else shared_prefix):
             logp_rows = batched_forward(
-                lambda tokens, mask: _score(self._program, placed, {"tokens": tokens, "mask": mask}),
+                lambda tokens, mask: _score(self.trunk, placed, {"tokens": tokens, "mask": mask}),
                 [p + c for p, c in zip(prompts, conts)], batch_size=batch_size,
                 min_width=MIN_PROMPT_BUCKET, max_width=self.config.max_seq_len, pad_id=self.pad_id,
                 mesh=self.mesh, rules=self.rules, on_batch=bar.update)
@@ -757,7 +613,7 @@ class Sampler:
             for g in groups:
                 g.suffixes = [s + conts[i] for s, i in zip(g.suffixes, g.rows)]
             idx = [i for g in groups for i in g.rows]
-            logp = np.asarray(_score(self._program, placed, self._prompt_arrays(
+            logp = np.asarray(_score(self.trunk, placed, self._prompt_arrays(
                 groups, bucket(len(idx), self.batch_multiple), MIN_PROMPT_BUCKET)))
             for r, i in enumerate(idx):
                 out[i] = logp[r, logp.shape[1] - len(conts[i]):].astype(np.float32)
@@ -784,37 +640,10 @@ class Sampler:
         for groups in self._batches(prompts, batch_size, keys is not None, keys):
             idx = [i for g in groups for i in g.rows]
             arrays = self._prompt_arrays(groups, bucket(len(idx), self.batch_multiple), min_width)
-            out[idx] = np.asarray(_next_token_logprobs(self._program, placed, arrays, tokens_k))[:len(idx)]
+            out[idx] = np.asarray(_next_token_logprobs(self.trunk, placed, arrays, tokens_k))[:len(idx)]
             if on_batch is not None:
                 on_batch(len(idx))
         return out
-
-
-class _DerivedWhileAlive:
-    """A value derived from a pytree of jax arrays, kept only as long as all of
-    those arrays live, so that repeated calls with the same arrays derive it
-    once without holding on to arrays the caller has dropped. A hit needs every
-    leaf to be the very same array object (jax arrays are immutable)."""
-
-    def __init__(self):
-        self._refs, self._value = (), None
-
-    def get(self, source, derive):
-        leaves = jax.tree.leaves(source)
-        if not all(isinstance(x, jax.Array) for x in leaves):  # numpy arrays can change in place
-            return derive(source)
-        if self._refs and len(self._refs) == len(leaves) and all(
-                ref() is leaf for ref, leaf in zip(self._refs, leaves)):
-            return self._value
-        self._refs, self._value = (), None  # drop the old value before deriving the new one
-        value = derive(source)
-        self._refs = tuple(weakref.ref(leaf, self._forget) for leaf in leaves)
-        self._value = value
-        return value
-
-    def _forget(self, ref):
-        if any(ref is mine for mine in self._refs):  # `in` would compare live arrays by value
-            self._refs, self._value = (), None
 
 
 class _NoBar:

@@ -13,7 +13,9 @@ from the embedding to the head and the logits come out [V, B]
 
 The math is `transformer.py`'s, sharing its attention (`write_cache`,
 `attend`) and norm (`normalize`); the tests check the sampler against the Flax
-model token for token. Sharded sampling keeps the Flax model (`sampling.py`).
+model token for token. The sampler runs it as its `feature_major` trunk
+(`inference/trunks/feature_major.py`); sharded sampling runs the Flax model
+(`inference/trunks/flax_model.py`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 from cai_jax.models import matmul
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import attend, normalize, rope, write_cache
-from cai_jax.weights import layout
+from cai_jax.models.layer_layout import unstack_layers
 
 
 def _kernel_t(kernel, n_in_axes: int = 1):
@@ -57,7 +59,7 @@ def transposed_layers(cfg: TransformerConfig, params: dict) -> list:
     (scanned `layers` or unrolled `layers_i`): kernels transposed to [out, in],
     biases flat. Meant to run under `jax.jit`, so each kernel is copied once."""
     if "layers" in params:
-        params = layout.unstack_layers(params, cfg.num_layers)
+        params = unstack_layers(params, cfg.num_layers)
     return [_layer(cfg, params[f"layers_{i}"]) for i in range(cfg.num_layers)]
 
 

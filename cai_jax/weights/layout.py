@@ -12,6 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from cai_jax.models.config import TransformerConfig
+from cai_jax.models.layer_layout import stack_layers, unstack_layers
 
 
 def _t(w):
@@ -191,23 +192,6 @@ def from_hf(tensors, cfg: TransformerConfig, source="weights") -> dict:
 
 def to_hf(params, cfg: TransformerConfig) -> dict[str, np.ndarray]:
     return (llama_to_hf if cfg.arch == "llama" else gpt2_to_hf)(params, cfg)
-
-
-def unstack_layers(params: dict, num_layers: int) -> dict:
-    """Scan layout (`layers` with a leading axis) -> `layers_0 ... layers_{L-1}`."""
-    import jax
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-    return out
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-    import jax
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                                 *[params[f"layers_{i}"] for i in range(num_layers)])
-    return out
 
 
 def to_model_layout(params: dict, cfg: TransformerConfig) -> dict:
