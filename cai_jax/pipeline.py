@@ -9,7 +9,10 @@ When a stage finishes, its manifest `<workdir>/stages/<name>.json` records its
 fingerprint (its config sections with the content of any file they name, the
 content of its inputs, the fingerprints of the earlier stages) and the
 fingerprints of its outputs (file contents; for a directory, every file in it,
-so a model's weights are checksummed). A later run skips the stage only when
+so a model's weights are checksummed; a saved model counts by its parameters'
+values, which its seal records with its files' checksums, so the same weights
+saved again, under orbax's random file names, keep their fingerprint: see
+artifacts.content_fingerprint). A later run skips the stage only when
 the fingerprint matches and every output is still there, unchanged; otherwise
 it reruns it and prints one line saying why.
 
