@@ -50,7 +50,7 @@ from typing import Any, Callable, Optional
 
 import ml_collections
 
-from cai_jax import artifacts, host_memory
+from cai_jax import artifacts, errors, host_memory
 from cai_jax.errors import DivergenceError, UserError
 
 STAGING = ".staging"  # <workdir>/.staging/<stage>/: a stage's work until it is complete
@@ -517,7 +517,7 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
     os.makedirs(workdir, exist_ok=True)
     workdir = os.path.abspath(workdir)
     lock = workdir_lock(workdir) if _main_process(config) else contextlib.nullcontext()
-    with lock:
+    with errors.full_disk_in(workdir), lock:  # a full disk: one line naming the workdir's filesystem
         for name in ORDER if _main_process(config) else ():
             if finish_swap(workdir, name):
                 print(f"{name}: completed the swap-in a kill had cut short", flush=True)

@@ -5,8 +5,11 @@ import gzip
 import json
 import logging
 import os
+import resource
+import signal
 import subprocess
 import sys
+import threading
 
 import ml_collections
 import pytest
@@ -178,6 +181,95 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, capsys, raise_it):
         assert str(target) in err and f"filesystem of {tmp_path}" in err
     with pytest.raises((OSError, ValueError)):
         errors.exit_on_user_error(write_checkpoint, debug=True)
+
+
+def test_a_full_disk_names_the_filesystem_of_the_path_written_else_of_the_work_directory(tmp_path):
+    workdir, elsewhere = tmp_path / "run", tmp_path / "cache"
+    (workdir / ".staging").mkdir(parents=True)
+    elsewhere.mkdir()
+
+    def orbax_error(path):  # tensorstore's message: the OS text and a path, no filename attribute
+        return ValueError(f'OUT_OF_RANGE: Error writing "w/0" in OCDBT database at local file "{path}/": '
+                          f'Failed writing: "{path}/d/1f": Failed to write 16010752 bytes to file 10: '
+                          "No space left on device [os_error_code='28']")
+
+    for error, where in ((orbax_error(workdir / ".staging" / "x" / "ckpt.orbax-checkpoint-tmp"), workdir),
+                         (ValueError("RESOURCE_EXHAUSTED: No space left on device"), workdir),
+                         (orbax_error(elsewhere / "entry"), elsewhere),
+                         (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), workdir)):
+        with pytest.raises(errors.DiskFullError) as e:
+            with errors.full_disk_in(str(workdir)):
+                raise error
+        line = _one_line(e)
+        assert f"free now on the filesystem of {where});" in line, line
+        assert line.startswith("disk quota exceeded" if isinstance(error, OSError) else "no space left on device")
+
+
+def _failing_write(final):
+    """What a checkpoint save that hits a full disk does: orbax's worker thread
+    logs the error with its traceback, tensorstore prints one for a callback
+    onto the event loop orbax closed, then the save raises `final`."""
+    def worker():
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            logging.getLogger("absl").exception("_SignalingThread.run() raised an exception")
+        try:
+            raise RuntimeError("Event loop is closed")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+        logging.getLogger("absl").warning("an unrelated warning")
+
+    def run():
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        raise final
+    return run
+
+
+def test_a_full_disk_prints_its_one_line_alone_and_a_bug_everything(capsys):
+    handler = logging.StreamHandler(sys.stderr)  # as absl's handler on the root logger
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            errors.exit_on_user_error(_failing_write(ValueError("Failed writing: No space left on device")))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[0] == "an unrelated warning" and err[1].startswith("error: no space left on device")
+        assert len(err) == 2, err
+        # A bug in the same place: what was held back is printed, then its traceback.
+        hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+        with pytest.raises(ZeroDivisionError):
+            errors.exit_on_user_error(_failing_write(ZeroDivisionError("a bug")))
+        err = capsys.readouterr().err
+        assert "_SignalingThread.run() raised an exception" in err and "OSError: [Errno 28]" in err
+        assert "RuntimeError: Event loop is closed" in err
+        assert (sys.excepthook, threading.excepthook, sys.unraisablehook) == hooks  # put back
+    finally:
+        logging.getLogger().removeHandler(handler)
+        sys.excepthook, threading.excepthook, sys.unraisablehook = \
+            sys.__excepthook__, threading.__excepthook__, sys.__unraisablehook__
+
+
+def test_a_full_disk_in_a_tiny_runs_checkpoint_save_is_one_line_naming_the_work_directory(tmp_path):
+    # A file size limit stands in for a full disk (no mount needed): with
+    # SIGXFSZ ignored, the write that passes it fails with EFBIG, which orbax
+    # reports in 150 lines of its threads' tracebacks, naming no file.
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))  # the tiny model's checkpoint: 16 MB
+
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                          "--noprogress", "--stages=sl_generate,sl_train"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, preexec_fn=limit_file_size, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(out.stderr.splitlines()) == 1, out.stderr[-3000:]
+    line = out.stderr.strip()
+    assert line.startswith("error: file too large: over the file size limit (`ulimit -f`)")
+    assert f"free now on the filesystem of {workdir}); raise the limit and rerun" in line
+    assert (workdir / "stages" / "sl_generate.json").exists() and not (workdir / "stages" / "sl_train.json").exists()
 
 
 # ------------------------------------------------------------ row: damaged prompt and pair files
