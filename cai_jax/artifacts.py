@@ -15,7 +15,7 @@ import os
 import tempfile
 from typing import Any, Iterable, Iterator, Optional
 
-from cai_jax.errors import MalformedFileError
+from cai_jax.errors import MalformedFileError, json_error_text
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,19 @@ def read_jsonl(path: str, drop_torn_tail: bool = False) -> list[dict]:
     `drop_torn_tail`: a malformed last line is dropped with a warning instead,
     for logs appended to while running (a writer killed mid-line leaves one).
     """
-    with open(path) as f:
+    with open(path, "rb") as f:
         lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     out = []
     for i, (number, line) in enumerate(lines):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            out.append(json.loads(line.decode("utf-8").rstrip("\r\n")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if not (drop_torn_tail and i == len(lines) - 1):
                 # A stage reads its inputs through links in its staging directory: name the real file.
                 shown = os.path.realpath(path) if os.path.islink(path) else path
-                raise MalformedFileError(f"{shown} line {number}: not valid JSON ({e.msg})") from e
+                what = (f"not valid JSON ({json_error_text(e)})" if isinstance(e, json.JSONDecodeError)
+                        else f"not UTF-8 text (byte {e.start + 1} of the line)")
+                raise MalformedFileError(f"{shown} line {number}: {what}") from e
             log.warning("%s line %d: dropped a torn last line (a writer killed mid-line)", path, number)
     return out
 

@@ -41,6 +41,16 @@ class MalformedFileError(UserError, ValueError):
     code that handles bad values handles it too."""
 
 
+def json_error_text(error, whole_file: bool = False) -> str:
+    """All of a json.JSONDecodeError's message, where it is: the column of a
+    JSONL line (its own "line 1" would mislead), or the line and column of a
+    whole file. Its bare `msg` can end mid-sentence ("Unterminated string
+    starting at")."""
+    message = error.msg[:-len(" at")] if error.msg.endswith(" at") else error.msg
+    where = f"line {error.lineno} column {error.colno}" if whole_file else f"column {error.colno}"
+    return f"{message} at {where}"
+
+
 class DivergenceError(UserError):
     """Training produced a non-finite loss, gradient or update. Raised before
     anything from that step is saved, so the last good checkpoint stays the

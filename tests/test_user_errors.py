@@ -304,11 +304,22 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = (json.dumps(PAIR) + "\n").encode()
     path.write_bytes(good + good.replace(b"steal", b"st\xffal") + good)
-    with pytest.raises(HHFormatError, match=r"pairs.jsonl line 2: not UTF-8 text \(byte \d+ of the line\)"):
+    with pytest.raises(HHFormatError) as e:
         read_pairs(str(path))
+    assert _one_line(e) == f"{path} line 2: not UTF-8 text (byte 35 of the line)"  # the path, not just its name
     stats = ReadStats()
     assert [p.line for p in read_pairs(str(path), on_error="skip", stats=stats)] == [1, 3]
-    assert stats.reasons == {"bad_encoding": 1} and "pairs.jsonl line 2" in stats.errors[0]
+    assert stats.reasons == {"bad_encoding": 1} and stats.errors[0].startswith(f"{path} line 2: ")
+
+
+def test_bad_json_in_a_prompts_file_names_its_path_and_the_whole_error(tmp_path):
+    path = tmp_path / "prompts" / "red_team.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps(PAIR) + "\n" + '{"chosen": "\\n\\nHuman: hi\n')
+    data = ml_collections.ConfigDict({"red_team": str(path), "red_team_limit": 0, "on_error": "raise"})
+    with pytest.raises(HHFormatError) as e:
+        load_prompts(data, "red_team", "all")
+    assert _one_line(e) == f"{path} line 2: invalid JSON (Unterminated string starting at column 12)"
 
 
 @pytest.mark.parametrize("content, on_error", [("", "raise"), ("\n\n", "raise"), ("not json\n", "skip")])
@@ -416,10 +427,15 @@ def test_a_malformed_artifact_read_through_a_staging_link_names_the_real_file(tm
     from cai_jax import artifacts
 
     real = tmp_path / "labels.jsonl"
-    real.write_text('{"id": "a"}\n{"id": "b", torn\n{"id": "c"}\n')
+    real.write_text('{"id": "a"}\n{"id": "b", "p_a": "0.\n{"id": "c"}\n')
     staging = tmp_path / ".staging" / "pm_train"
     staging.mkdir(parents=True)
     (staging / "labels.jsonl").symlink_to(real)  # how a stage sees its inputs
     with pytest.raises(UserError) as e:
         artifacts.read_jsonl(str(staging / "labels.jsonl"))
-    assert _one_line(e).startswith(f"{real} line 2: not valid JSON")
+    # The whole of the JSON error (its bare msg stops at "starting at").
+    assert _one_line(e) == f"{real} line 2: not valid JSON (Unterminated string starting at column 20)"
+    real.write_bytes(b'{"id": "a"}\n{"id": "\xff"}\n')
+    with pytest.raises(UserError) as e:
+        artifacts.read_jsonl(str(real))
+    assert _one_line(e) == f"{real} line 2: not UTF-8 text (byte 9 of the line)"
