@@ -360,6 +360,18 @@ def test_a_nan_learning_rate_stops_the_stage_and_keeps_the_finished_work(tiny_ru
 
 
 @pytest.mark.slow
+def test_a_moved_run_reruns_nothing(tiny_run, tmp_path):
+    # Fingerprints hold no absolute path (the constitution counts by its text,
+    # models by their weights): a run copied elsewhere is complete there.
+    workdir = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    code, stdout, stderr = _run(workdir)
+    assert code == 0, stderr[-20:]
+    for stage in pipeline.ORDER:
+        assert f"| {stage} | skipped (complete)" in stdout, stdout
+
+
+@pytest.mark.slow
 def test_flipped_bytes_in_a_saved_model_rerun_its_stage(tiny_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir, symlinks=True)
