@@ -443,5 +443,11 @@ def test_runs_killed_at_random_points_of_every_stage_resume_to_the_unbroken_resu
     got, want = _manifests(workdir), _manifests(tiny_run)
     assert set(got) == set(want)
     for name in want:
-        assert {k: got[name][k] for k in ("fingerprint", "outputs")} == \
-            {k: want[name][k] for k in ("fingerprint", "outputs")}, name
+        assert got[name]["fingerprint"] == want[name]["fingerprint"], name
+        if name != "eval.json":
+            assert got[name]["outputs"] == want[name]["outputs"], name
+    # Eval's Elo file names the run's own directory (its models' sources),
+    # which differs here: the same but for it. (Its report.md states how long
+    # each stage took, so it differs between any two runs.)
+    assert (workdir / "eval" / "elo.json").read_text().replace(str(workdir), "DIR") == \
+        (tiny_run / "eval" / "elo.json").read_text().replace(str(tiny_run), "DIR")
