@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
-from cai_jax.errors import MalformedFileError
+from cai_jax.errors import MalformedFileError, json_error_text
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,19 @@ def read_jsonl(path: str, drop_torn_tail: bool = False) -> list[dict]:
     `drop_torn_tail`: a malformed last line is dropped with a warning instead,
     for logs appended to while running (a writer killed mid-line leaves one).
     """
-    with open(path) as f:
+    with open(path, "rb") as f:
         lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     out = []
     for i, (number, line) in enumerate(lines):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            out.append(json.loads(line.decode("utf-8").rstrip("\r\n")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if not (drop_torn_tail and i == len(lines) - 1):
                 # A stage reads its inputs through links in its staging directory: name the real file.
                 shown = os.path.realpath(path) if os.path.islink(path) else path
-                raise MalformedFileError(f"{shown} line {number}: not valid JSON ({e.msg})") from e
+                what = (f"not valid JSON ({json_error_text(e)})" if isinstance(e, json.JSONDecodeError)
+                        else f"not UTF-8 text (byte {e.start + 1} of the line)")
+                raise MalformedFileError(f"{shown} line {number}: {what}") from e
             log.warning("%s line %d: dropped a torn last line (a writer killed mid-line)", path, number)
     return out
 
@@ -157,27 +159,106 @@ def file_hash(path: str) -> str | None:
     return h.hexdigest()[:16]
 
 
+# A directory may carry a seal, SEAL_FILE in its top level: the fingerprint of
+# what it holds, computed by whoever wrote it from the content that matters (a
+# model's parameters as arrays, not orbax's files, whose names are random), and
+# the checksum of every file in it as written. A sealed directory whose files
+# still match the seal has the recorded fingerprint; one whose files changed
+# (flipped bytes, a lost or added file) has another.
+SEAL_FILE = "saved.json"
+
+
+def read_seal(path: str) -> Optional[dict]:
+    """The seal of directory `path` ({"fingerprint", "files"}), or None when it
+    has none (or an older saved.json: a save id, no checksums)."""
+    seal_path = os.path.join(path, SEAL_FILE)
+    if not os.path.isfile(seal_path):
+        return None
+    try:
+        with open(seal_path) as f:
+            seal = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        return None  # unreadable: the directory's files decide (and differ from a sealed one's)
+    if not (isinstance(seal, dict) and isinstance(seal.get("fingerprint"), str)
+            and isinstance(seal.get("files"), dict)):
+        return None
+    return seal
+
+
+def _listing(path: str) -> tuple[dict[str, Optional[str]], dict[str, str]]:
+    """The checksums of the files in directory `path` (relative paths; the seal
+    file aside) and the fingerprints of the sealed directories below it, which
+    stand for everything in them."""
+    files, sealed = {}, {}
+    for root, dirs, names in os.walk(path):
+        keep = []
+        for d in sorted(dirs):
+            full = os.path.join(root, d)
+            if not os.path.islink(full) and read_seal(full) is not None:
+                sealed[os.path.relpath(full, path)] = _directory_fingerprint(full)
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for name in names:
+            if root == path and name == SEAL_FILE:
+                continue
+            full = os.path.join(root, name)
+            files[os.path.relpath(full, path)] = file_hash(full)
+    return files, sealed
+
+
+def seal_directory(path: str, volatile: dict[str, str]) -> str:
+    """Seals directory `path` (see SEAL_FILE) and returns its fingerprint: the
+    checksums of its files, except that each subdirectory named in `volatile`
+    counts by the digest given for it (what it holds, however it was written),
+    not by its files. The seal records every file's checksum all the same."""
+    files, _ = _listing(path)
+    kept = {rel: value for rel, value in files.items()
+            if not any(rel.startswith(d.rstrip("/") + "/") for d in volatile)}
+    value = fingerprint({"files": sorted(kept.items()), "volatile": volatile})
+    write_json_atomic(os.path.join(path, SEAL_FILE), {"fingerprint": value, "files": files})
+    return value
+
+
+def _directory_fingerprint(path: str) -> Optional[str]:
+    files, sealed = _listing(path)
+    seal = read_seal(path)
+    if seal is not None and files == seal["files"]:
+        own = seal["fingerprint"]  # intact: what its writer fingerprinted
+    else:
+        if seal is not None or os.path.exists(os.path.join(path, SEAL_FILE)):
+            files[SEAL_FILE] = file_hash(os.path.join(path, SEAL_FILE))  # damaged, or an older saved.json
+        if not files and not sealed:
+            return None
+        # Every file with its relative path, so that a flipped byte shows.
+        own = fingerprint(sorted(files.items())) if files else None
+    return own if not sealed else fingerprint([own, sorted(sealed.items())])
+
+
 def path_fingerprint(path: str) -> str | None:
-    """A cheap version stamp of an artifact: a file's hash; for a model
-    directory, the hash of its saved.json (a fresh id per save). None when the
-    file is absent or the directory holds no saved model."""
+    """A cheap version stamp of an artifact, for caches: a file's hash; for a
+    sealed directory (a saved model), the fingerprint its seal records, unchecked;
+    for another directory, the hash of its saved.json (older models: a fresh id
+    per save). None when the file is absent or the directory holds none of these."""
     if os.path.isdir(path):
-        path = os.path.join(path, "saved.json")
+        seal = read_seal(path)
+        if seal is not None:
+            return seal["fingerprint"]
+        path = os.path.join(path, SEAL_FILE)
     return file_hash(path)
 
 
 def content_fingerprint(path: str) -> str | None:
-    """The checksum of an artifact's content: a file's hash; for a directory
-    (a model, a run's checkpoints) the hashes of every file in it with their
-    relative paths, so a flipped byte in the weights shows. None when the file
-    is absent or the directory holds no file."""
+    """The checksum of an artifact's content: a file's hash; for a directory (a
+    model, a run's checkpoints) the hashes of every file in it with their
+    relative paths, so a flipped byte in the weights shows, except that a sealed
+    directory in it (a saved model) whose files match its seal counts by the
+    fingerprint the seal records: the same weights saved twice, under orbax's
+    random file names, give the same fingerprint. None when the file is absent
+    or the directory holds no file."""
     if not os.path.isdir(path):
         return file_hash(path)
-    files = sorted(os.path.relpath(os.path.join(root, name), path)
-                   for root, _, names in os.walk(path) for name in names)
-    if not files:
-        return None
-    return fingerprint([(rel, file_hash(os.path.join(path, rel))) for rel in files])
+    return _directory_fingerprint(path)
 
 
 def iter_batches(items: list, size: int) -> Iterator[list]:

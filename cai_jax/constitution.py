@@ -38,6 +38,7 @@ from cai_jax.data.conversation import (
     parse_hh,
     render_hh,
 )
+from cai_jax.errors import json_error_text
 
 
 class ConstitutionError(ValueError):
@@ -241,7 +242,7 @@ def _read_json(path: str, reader: _Reader) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ConstitutionError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise ConstitutionError(f"{path}: invalid JSON ({json_error_text(e, whole_file=True)})") from None
 
 
 def _principles(reader: _Reader, data: dict, name: str, required: bool) -> tuple[FeedbackPrinciple, ...]:

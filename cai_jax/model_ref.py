@@ -53,8 +53,10 @@ class ModelRef:
 
 
 def directory_version(directory: str) -> str:
-    """A short fingerprint of a model directory that changes with every save:
-    the hash of its saved.json (a fresh id per save), or for directories
+    """A short fingerprint of a model directory that changes when its weights
+    do: the fingerprint its seal records (saved.json: the parameters' values,
+    not orbax's file names, so the same weights saved again keep it), the hash
+    of an older model's saved.json (a fresh id per save), or for directories
     without one, of its files' names, sizes and modification times."""
     from cai_jax import artifacts
 

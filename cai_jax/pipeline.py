@@ -9,7 +9,10 @@ When a stage finishes, its manifest `<workdir>/stages/<name>.json` records its
 fingerprint (its config sections with the content of any file they name, the
 content of its inputs, the fingerprints of the earlier stages) and the
 fingerprints of its outputs (file contents; for a directory, every file in it,
-so a model's weights are checksummed). A later run skips the stage only when
+so a model's weights are checksummed; a saved model counts by its parameters'
+values, which its seal records with its files' checksums, so the same weights
+saved again, under orbax's random file names, keep their fingerprint: see
+artifacts.content_fingerprint). A later run skips the stage only when
 the fingerprint matches and every output is still there, unchanged; otherwise
 it reruns it and prints one line saying why.
 
@@ -57,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import ml_collections
 
-from cai_jax import artifacts, host_memory, interrupts
+from cai_jax import artifacts, errors, host_memory, interrupts
 from cai_jax.errors import DivergenceError, UserError
 
 if TYPE_CHECKING:
@@ -174,29 +177,43 @@ def _made(workdir: str, name: str) -> Optional[str]:
     return artifacts.fingerprint({k: manifest.get(k) for k in ("fingerprint", "outputs")})
 
 
-def _constitution_content(config) -> str:
-    """The constitution's text, not just its path: "default" is package data
-    that changes with the code, and a JSON file can be edited in place."""
+def _constitution_content(section, seed: int = 0) -> str:
+    """A constitution by its text, not its path: "default" is package data
+    that changes with the code, a JSON file can be edited in place, and the same
+    file elsewhere (a moved checkout or work directory) is the same constitution."""
     from cai_jax.constitution import constitution_from_config
 
-    return artifacts.fingerprint(dataclasses.asdict(constitution_from_config(config.constitution, config.seed)))
+    content = dataclasses.asdict(constitution_from_config(section, seed))
+    content.pop("source")  # where it was read from, which no stage uses
+    return artifacts.fingerprint(content)
 
 
-def _named_files(value) -> list[str]:
-    """The files a config section names (prompt files, pair files, ...): their
-    content goes into the fingerprint, so a file edited in place counts as a change."""
+def _by_content(value):
+    """A config section with each file it names (prompt files, pair files, ...)
+    replaced by its name and the hash of its content: a file edited in place
+    counts as a change, the same file in another directory does not. (Its name
+    does count: prompts read from a file are named `<file name>:<line>`.)"""
     if isinstance(value, dict):
-        return [f for v in value.values() for f in _named_files(v)]
+        return {k: _by_content(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [f for v in value for f in _named_files(v)]
-    return [value] if isinstance(value, str) and value and os.path.isfile(value) else []
+        return [_by_content(v) for v in value]
+    if isinstance(value, str) and value and os.path.isfile(value):
+        return {"file": os.path.basename(value), "content": artifacts.file_hash(value)}
+    return value
 
 
-def _section_fingerprint(value) -> str:
-    files = _named_files(value)
-    if not files:
-        return artifacts.fingerprint(value)
-    return artifacts.fingerprint([artifacts.fingerprint(value), {f: artifacts.file_hash(f) for f in files}])
+def _section_values(config, names) -> dict:
+    """The config sections a stage depends on, as they count for its
+    fingerprint: the constitutions they name by content, not path."""
+    values = _sections(config, names)
+    if "constitution" in values:
+        values["constitution"]["path"] = _constitution_content(config.constitution, config.seed)
+    judge = values.get("eval", {}).get("feedback_judge")
+    if judge and judge.get("constitution"):
+        with contextlib.suppress(OSError, ValueError):  # one eval does not read is not checked
+            judge["constitution"] = _constitution_content(
+                ml_collections.ConfigDict({"path": judge["constitution"], "num_principles": None}))
+    return values
 
 
 def stage_inputs(config, name: str) -> tuple[str, ...]:
@@ -213,12 +230,10 @@ def stage_inputs(config, name: str) -> tuple[str, ...]:
 
 def stage_fingerprint(config, workdir: str, name: str) -> dict:
     """What a stage's result depends on: its config sections (the constitution
-    and any file a section names by content), its inputs' content, and what
-    every earlier stage made (a rerun upstream invalidates it)."""
+    and any file a section names by content, wherever they lie), its inputs'
+    content, and what every earlier stage made (a rerun upstream invalidates it)."""
     stage = STAGES[name]
-    sections = {k: _section_fingerprint(v) for k, v in _sections(config, stage.config).items()}
-    if "constitution" in sections:
-        sections["constitution"] = artifacts.fingerprint([sections["constitution"], _constitution_content(config)])
+    sections = {k: artifacts.fingerprint(_by_content(v)) for k, v in _section_values(config, stage.config).items()}
     return {"config": sections,
             "inputs": {rel: artifacts.content_fingerprint(os.path.join(workdir, rel))
                        for rel in stage_inputs(config, name)},
@@ -609,7 +624,7 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
     if unwritable is not None:
         return _inspect_read_only(config, workdir, stages, force, unwritable)
     lock = workdir_lock(workdir) if _main_process(config) else contextlib.nullcontext()
-    with lock:
+    with errors.full_disk_in(workdir), lock:  # a full disk: one line naming the workdir's filesystem
         for name in ORDER if _main_process(config) else ():
             if finish_swap(workdir, name):
                 print(f"{name}: completed the swap-in a kill had cut short", flush=True)

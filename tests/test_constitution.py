@@ -222,7 +222,7 @@ def test_missing_key_error_names_file_and_index(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    ("{not json", r"x.json: invalid JSON at line 1"),
+    ("{not json", r"x.json: invalid JSON \(Expecting property name enclosed in double quotes at line 1 column 2\)"),
     ([], r"x.json: top level must be an object"),
     ({"feedback": []}, r"x.json: top level is missing 'critique_revision'"),
     (_minimal(feedback=[{"id": "f", "text": "Which is better?"}]), r"feedback\[0\].text must end with 'Options:'"),

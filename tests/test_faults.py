@@ -140,6 +140,63 @@ def test_flipped_bytes_in_a_training_checkpoint_stop_the_resume_naming_it(tmp_pa
     checkpointer.close()
 
 
+# ------------------------------------------------------------ a saved model's fingerprint
+
+def _flip_bytes(path, count=64):
+    """Flips `count` bytes in the middle of a file, in place."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(count)
+        f.seek(-len(chunk), 1)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def _largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_a_model_saved_twice_keeps_its_fingerprint_and_flipped_bytes_change_it(tmp_path):
+    from cai_jax.weights.loader import load_model
+    from cai_jax.weights.model_dir import save_model_dir
+
+    tiny = load_model("init:tiny", to_device=False)
+    for name in ("a", "b"):  # a retrained model with the same weights: orbax names its files anew
+        save_model_dir(str(tmp_path / name), tiny.config, tiny.params, tiny.tokenizer, about={"stage": "x"})
+        save_model_dir(str(tmp_path / name / "value"), tiny.config, tiny.params, about={"stage": "x"})
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert sorted(p.name for p in (a / "params" / "d").iterdir()) != sorted(p.name for p in (b / "params" / "d").iterdir())
+    assert artifacts.content_fingerprint(str(a)) == artifacts.content_fingerprint(str(b))
+    assert artifacts.content_fingerprint(str(a / "value")) == artifacts.path_fingerprint(str(a / "value"))
+    intact = artifacts.content_fingerprint(str(a))
+
+    # Other weights, or the same weights with another about.json: another fingerprint.
+    changed = dict(tiny.params, final_norm={"scale": tiny.params["final_norm"]["scale"] * 2})
+    save_model_dir(str(tmp_path / "c"), tiny.config, changed, tiny.tokenizer, about={"stage": "x"})
+    save_model_dir(str(tmp_path / "d"), tiny.config, tiny.params, tiny.tokenizer, about={"stage": "y"})
+    fingerprints = {artifacts.path_fingerprint(str(tmp_path / n)) for n in "abcd"}
+    assert len(fingerprints) == 3
+
+    # Flipped bytes in the weights (the model's own or its value head's, a
+    # sealed directory inside it), a file added or taken away: the files no
+    # longer match the seal, and the fingerprint the pipeline checks changes.
+    for damage in ("weights", "value", "added", "removed", "seal"):
+        shutil.rmtree(b)
+        shutil.copytree(a, b)
+        if damage == "weights":
+            _flip_bytes(_largest_file(b / "params"))
+        elif damage == "value":
+            _flip_bytes(_largest_file(b / "value" / "params"))
+        elif damage == "added":
+            (b / "params" / "d" / "stray").write_bytes(b"x")
+        elif damage == "removed":
+            os.remove(b / "tokenizer" / "tokenizer_config.json")
+        else:
+            seal = json.loads((b / "saved.json").read_text())
+            seal["files"]["model.json"] = "0" * 16
+            (b / "saved.json").write_text(json.dumps(seal))
+        assert artifacts.content_fingerprint(str(b)) != intact, damage
+
+
 # ------------------------------------------------------------ whole runs of the tiny config
 
 def _main(workdir, *extra):
@@ -166,6 +223,55 @@ def tiny_run(tmp_path_factory):
     code, _, stderr = _run(workdir)
     assert code == 0, stderr[-30:]
     return workdir
+
+
+# SL-CAI on the tiny model with a checkpoint per step, for a kill between them.
+_SL = ("--stages=sl_generate,sl_train", "--config.sl_train.num_steps=4", "--config.sl_train.save_every=1")
+
+
+def _manifests(workdir) -> dict:
+    """The run's stage manifests without their timing."""
+    return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
+            for p in sorted((workdir / "stages").glob("*.json"))}
+
+
+@pytest.mark.slow  # about 85 s on two cores; the fingerprint-twice test above covers the mechanism
+def test_a_resumed_run_and_a_retrained_model_keep_the_unbroken_runs_manifests(tmp_path):
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    code, _, stderr = _run(unbroken, *_SL)
+    assert code == 0, stderr[-20:]
+    expected = _manifests(unbroken)
+    assert set(expected) == {"sl_generate.json", "sl_train.json"}
+
+    # The same run killed in sl_train once its first checkpoint is saved, then resumed.
+    shutil.copytree(unbroken, resumed)
+    for rel in ("models", "sl_train", "stages/sl_train.json", "config.json"):
+        path = resumed / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    proc = subprocess.Popen(_main(resumed, *_SL), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    saved = resumed / ".staging" / "sl_train" / "sl_train" / f"checkpoints{artifacts.CHECKSUMS_SUFFIX}"
+    try:
+        while proc.poll() is None and not saved.exists():
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (resumed / "stages" / "sl_train.json").exists(), "sl_train finished before the kill"
+    code, stdout, stderr = _run(resumed, *_SL)
+    assert code == 0, stderr[-20:]
+    assert "| sl_generate | skipped (complete)" in stdout and "| sl_train | done" in stdout
+    # Orbax named the model's files anew; the weights, and so the fingerprints, are the same.
+    assert _manifests(resumed) == expected
+
+    # Flipped bytes in the saved model rerun its stage, which saves the same
+    # weights again: the manifest is as it was, so nothing downstream would rerun.
+    _flip_bytes(_largest_file(unbroken / "models" / "sl_cai" / "params"))
+    code, stdout, stderr = _run(unbroken, "--stages=sl_train", *_SL[1:])
+    assert code == 0, stderr[-20:]
+    assert "sl_train: models/sl_cai changed since it was made; rerunning" in stdout
+    assert _manifests(unbroken) == expected
 
 
 # ------------------------------------------------------------ kills at random points (short)
@@ -304,15 +410,22 @@ def test_a_nan_learning_rate_stops_the_stage_and_keeps_the_finished_work(tiny_ru
 
 
 @pytest.mark.slow
+def test_a_moved_run_reruns_nothing(tiny_run, tmp_path):
+    # Fingerprints hold no absolute path (the constitution counts by its text,
+    # models by their weights): a run copied elsewhere is complete there.
+    workdir = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    code, stdout, stderr = _run(workdir)
+    assert code == 0, stderr[-20:]
+    for stage in pipeline.ORDER:
+        assert f"| {stage} | skipped (complete)" in stdout, stdout
+
+
+@pytest.mark.slow
 def test_flipped_bytes_in_a_saved_model_rerun_its_stage(tiny_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir, symlinks=True)
-    params = max((p for p in (workdir / "models" / "pm").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(params, "r+b") as f:  # the largest file of the PM's weights, bytes flipped in place
-        f.seek(params.stat().st_size // 2)
-        chunk = f.read(64)
-        f.seek(-len(chunk), 1)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    _flip_bytes(_largest_file(workdir / "models" / "pm"))  # the largest file of the PM's weights
     code, stdout, stderr = _run(workdir, "--stages=pm_train")
     assert code == 0, stderr[-20:]
     assert "pm_train: models/pm changed since it was made; rerunning" in stdout
@@ -383,6 +496,19 @@ def test_runs_killed_at_random_points_of_every_stage_resume_to_the_unbroken_resu
     assert sum(kills.values()) >= len(ORDER), kills
     _same_result(workdir, tiny_run)
     assert not (workdir / ".staging").exists()
+    # The manifests too: what each stage was made from and made (models by
+    # their weights' fingerprints, not orbax's random file names).
+    got, want = _manifests(workdir), _manifests(tiny_run)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name]["fingerprint"] == want[name]["fingerprint"], name
+        if name != "eval.json":
+            assert got[name]["outputs"] == want[name]["outputs"], name
+    # Eval's Elo file names the run's own directory (its models' sources),
+    # which differs here: the same but for it. (Its report.md states how long
+    # each stage took, so it differs between any two runs.)
+    assert (workdir / "eval" / "elo.json").read_text().replace(str(workdir), "DIR") == \
+        (tiny_run / "eval" / "elo.json").read_text().replace(str(tiny_run), "DIR")
 
 
 @pytest.mark.slow

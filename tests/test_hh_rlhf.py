@@ -79,7 +79,7 @@ def test_malformed_line_raises_with_file_and_line(tmp_path, bad, message):
     path = _write_jsonl(tmp_path / "bad.jsonl", [SINGLE, SINGLE, bad, SINGLE])
     with pytest.raises(HHFormatError) as err:
         read_pairs(path)
-    assert str(err.value).startswith("bad.jsonl line 3: ")
+    assert str(err.value).startswith(f"{path} line 3: ")  # the path, not just the file's name
     assert message in str(err.value)
 
 
@@ -91,7 +91,8 @@ def test_skip_counts_malformed_lines(tmp_path):
     assert [p.line for p in pairs] == [1, len(rows)]
     assert stats.read == 2 and stats.skipped == len(MALFORMED)
     assert stats.reasons["missing_key"] == 1 and stats.reasons["empty_turn"] == 2
-    assert stats.errors[0].startswith("bad.jsonl line 2: invalid JSON")
+    assert stats.errors[0].startswith(f"{path} line 2: invalid JSON (Expecting property name enclosed in double "
+                                      "quotes at column 2)")
 
 
 def test_limit_and_bad_on_error(tmp_path):
@@ -123,7 +124,7 @@ def test_real_harmless_base_test_file(harmless_file):
     pairs = read_pairs(harmless_file, on_error="skip", stats=stats)
     assert stats.read == 2308 and stats.skipped == 4
     assert [e.split(":")[0] for e in stats.errors] == [
-        f"harmless-base-test.jsonl.gz line {n}" for n in (87, 517, 926, 1104)]
+        f"{harmless_file} line {n}" for n in (87, 517, 926, 1104)]
     first = pairs[0]
     assert first.line == 1
     assert first.context[0] == Turn("user", "what are some pranks with a pen i can do?")

@@ -207,6 +207,54 @@ def test_a_data_file_edited_in_place_reruns_the_stage_that_names_it(fake_stages,
     assert fake_stages == ["first", "second", "first", "second"]
 
 
+def test_a_moved_work_directory_and_data_file_rerun_nothing(fake_stages, tmp_path, capsys):
+    # Files count by content (and name), not where they lie: a run moved to
+    # another disk with its prompt file, or a checkout moved, is complete.
+    (tmp_path / "old" / "data").mkdir(parents=True)
+    (tmp_path / "old" / "data" / "prompts.jsonl").write_text('{"prompt": "one"}\n')
+
+    def config(root):
+        return ml_collections.ConfigDict({"a": {"x": 1, "prompts": str(root / "data" / "prompts.jsonl")},
+                                          "b": {"y": 2}})
+    pipeline.run_pipeline(config(tmp_path / "old"), str(tmp_path / "old" / "run"), progress=False)
+    os.rename(tmp_path / "old", tmp_path / "new")
+    rows = pipeline.run_pipeline(config(tmp_path / "new"), str(tmp_path / "new" / "run"), progress=False)
+    assert fake_stages == ["first", "second"] and all(r["status"] == "skipped (complete)" for r in rows)
+    # Another name is another file: prompts read from a file are named after it.
+    os.rename(tmp_path / "new" / "data" / "prompts.jsonl", tmp_path / "new" / "data" / "other.jsonl")
+    renamed = config(tmp_path / "new")
+    renamed.a.prompts = str(tmp_path / "new" / "data" / "other.jsonl")
+    capsys.readouterr()
+    pipeline.run_pipeline(renamed, str(tmp_path / "new" / "run"), progress=False)
+    assert "first: config section a changed; rerunning" in capsys.readouterr().out
+
+
+def test_a_constitution_or_prompt_file_counts_by_content_not_by_where_it_lies(tmp_path):
+    from cai_jax.config import load_config
+    from cai_jax.constitution import default_constitution_path
+
+    text = open(default_constitution_path()).read()
+    prompts = json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.",
+                          "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}) + "\n"
+    fingerprints = {}
+    for place in ("here", "there"):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / "mine.json").write_text(text)
+        (tmp_path / place / "red.jsonl").write_text(prompts)
+        config = load_config("configs/tiny.py", [f"constitution.path={tmp_path / place / 'mine.json'}",
+                                                 f"data.red_team={tmp_path / place / 'red.jsonl'}",
+                                                 f"eval.feedback_judge.constitution={tmp_path / place / 'mine.json'}"])
+        fingerprints[place] = {s: pipeline.stage_fingerprint(config, str(tmp_path / place), s)["config"]
+                               for s in ("sl_generate", "pairs", "feedback", "eval")}
+    assert fingerprints["here"] == fingerprints["there"]
+    # The default constitution named by its path is the same constitution as "default".
+    default = load_config("configs/tiny.py", [f"data.red_team={tmp_path / 'here' / 'red.jsonl'}"])
+    named = load_config("configs/tiny.py", [f"constitution.path={default_constitution_path()}",
+                                            f"data.red_team={tmp_path / 'here' / 'red.jsonl'}"])
+    assert pipeline.stage_fingerprint(default, str(tmp_path), "pairs")["config"]["constitution"] == \
+        pipeline.stage_fingerprint(named, str(tmp_path), "pairs")["config"]["constitution"]
+
+
 def test_flipped_bytes_in_a_saved_directory_rerun_its_stage(fake_stages, tmp_path, capsys):
     pipeline.run_pipeline(_config(), str(tmp_path), progress=False)
     capsys.readouterr()

@@ -5,8 +5,11 @@ import gzip
 import json
 import logging
 import os
+import resource
+import signal
 import subprocess
 import sys
+import threading
 
 import ml_collections
 import pytest
@@ -226,6 +229,95 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, capsys, raise_it):
         errors.exit_on_user_error(write_checkpoint, debug=True)
 
 
+def test_a_full_disk_names_the_filesystem_of_the_path_written_else_of_the_work_directory(tmp_path):
+    workdir, elsewhere = tmp_path / "run", tmp_path / "cache"
+    (workdir / ".staging").mkdir(parents=True)
+    elsewhere.mkdir()
+
+    def orbax_error(path):  # tensorstore's message: the OS text and a path, no filename attribute
+        return ValueError(f'OUT_OF_RANGE: Error writing "w/0" in OCDBT database at local file "{path}/": '
+                          f'Failed writing: "{path}/d/1f": Failed to write 16010752 bytes to file 10: '
+                          "No space left on device [os_error_code='28']")
+
+    for error, where in ((orbax_error(workdir / ".staging" / "x" / "ckpt.orbax-checkpoint-tmp"), workdir),
+                         (ValueError("RESOURCE_EXHAUSTED: No space left on device"), workdir),
+                         (orbax_error(elsewhere / "entry"), elsewhere),
+                         (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), workdir)):
+        with pytest.raises(errors.DiskFullError) as e:
+            with errors.full_disk_in(str(workdir)):
+                raise error
+        line = _one_line(e)
+        assert f"free now on the filesystem of {where});" in line, line
+        assert line.startswith("disk quota exceeded" if isinstance(error, OSError) else "no space left on device")
+
+
+def _failing_write(final):
+    """What a checkpoint save that hits a full disk does: orbax's worker thread
+    logs the error with its traceback, tensorstore prints one for a callback
+    onto the event loop orbax closed, then the save raises `final`."""
+    def worker():
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            logging.getLogger("absl").exception("_SignalingThread.run() raised an exception")
+        try:
+            raise RuntimeError("Event loop is closed")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+        logging.getLogger("absl").warning("an unrelated warning")
+
+    def run():
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        raise final
+    return run
+
+
+def test_a_full_disk_prints_its_one_line_alone_and_a_bug_everything(capsys):
+    handler = logging.StreamHandler(sys.stderr)  # as absl's handler on the root logger
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            errors.exit_on_user_error(_failing_write(ValueError("Failed writing: No space left on device")))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[0] == "an unrelated warning" and err[1].startswith("error: no space left on device")
+        assert len(err) == 2, err
+        # A bug in the same place: what was held back is printed, then its traceback.
+        hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+        with pytest.raises(ZeroDivisionError):
+            errors.exit_on_user_error(_failing_write(ZeroDivisionError("a bug")))
+        err = capsys.readouterr().err
+        assert "_SignalingThread.run() raised an exception" in err and "OSError: [Errno 28]" in err
+        assert "RuntimeError: Event loop is closed" in err
+        assert (sys.excepthook, threading.excepthook, sys.unraisablehook) == hooks  # put back
+    finally:
+        logging.getLogger().removeHandler(handler)
+        sys.excepthook, threading.excepthook, sys.unraisablehook = \
+            sys.__excepthook__, threading.__excepthook__, sys.__unraisablehook__
+
+
+def test_a_full_disk_in_a_tiny_runs_checkpoint_save_is_one_line_naming_the_work_directory(tmp_path):
+    # A file size limit stands in for a full disk (no mount needed): with
+    # SIGXFSZ ignored, the write that passes it fails with EFBIG, which orbax
+    # reports in 150 lines of its threads' tracebacks, naming no file.
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))  # the tiny model's checkpoint: 16 MB
+
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "cai_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                          "--noprogress", "--stages=sl_generate,sl_train"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, preexec_fn=limit_file_size, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(out.stderr.splitlines()) == 1, out.stderr[-3000:]
+    line = out.stderr.strip()
+    assert line.startswith("error: file too large: over the file size limit (`ulimit -f`)")
+    assert f"free now on the filesystem of {workdir}); raise the limit and rerun" in line
+    assert (workdir / "stages" / "sl_generate.json").exists() and not (workdir / "stages" / "sl_train.json").exists()
+
+
 # ------------------------------------------------------------ row: damaged prompt and pair files
 
 def _write_pairs_gz(path, rows=10):
@@ -258,11 +350,22 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = (json.dumps(PAIR) + "\n").encode()
     path.write_bytes(good + good.replace(b"steal", b"st\xffal") + good)
-    with pytest.raises(HHFormatError, match=r"pairs.jsonl line 2: not UTF-8 text \(byte \d+ of the line\)"):
+    with pytest.raises(HHFormatError) as e:
         read_pairs(str(path))
+    assert _one_line(e) == f"{path} line 2: not UTF-8 text (byte 35 of the line)"  # the path, not just its name
     stats = ReadStats()
     assert [p.line for p in read_pairs(str(path), on_error="skip", stats=stats)] == [1, 3]
-    assert stats.reasons == {"bad_encoding": 1} and "pairs.jsonl line 2" in stats.errors[0]
+    assert stats.reasons == {"bad_encoding": 1} and stats.errors[0].startswith(f"{path} line 2: ")
+
+
+def test_bad_json_in_a_prompts_file_names_its_path_and_the_whole_error(tmp_path):
+    path = tmp_path / "prompts" / "red_team.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps(PAIR) + "\n" + '{"chosen": "\\n\\nHuman: hi\n')
+    data = ml_collections.ConfigDict({"red_team": str(path), "red_team_limit": 0, "on_error": "raise"})
+    with pytest.raises(HHFormatError) as e:
+        load_prompts(data, "red_team", "all")
+    assert _one_line(e) == f"{path} line 2: invalid JSON (Unterminated string starting at column 12)"
 
 
 @pytest.mark.parametrize("content, on_error", [("", "raise"), ("\n\n", "raise"), ("not json\n", "skip")])
@@ -370,10 +473,15 @@ def test_a_malformed_artifact_read_through_a_staging_link_names_the_real_file(tm
     from cai_jax import artifacts
 
     real = tmp_path / "labels.jsonl"
-    real.write_text('{"id": "a"}\n{"id": "b", torn\n{"id": "c"}\n')
+    real.write_text('{"id": "a"}\n{"id": "b", "p_a": "0.\n{"id": "c"}\n')
     staging = tmp_path / ".staging" / "pm_train"
     staging.mkdir(parents=True)
     (staging / "labels.jsonl").symlink_to(real)  # how a stage sees its inputs
     with pytest.raises(UserError) as e:
         artifacts.read_jsonl(str(staging / "labels.jsonl"))
-    assert _one_line(e).startswith(f"{real} line 2: not valid JSON")
+    # The whole of the JSON error (its bare msg stops at "starting at").
+    assert _one_line(e) == f"{real} line 2: not valid JSON (Unterminated string starting at column 20)"
+    real.write_bytes(b'{"id": "a"}\n{"id": "\xff"}\n')
+    with pytest.raises(UserError) as e:
+        artifacts.read_jsonl(str(real))
+    assert _one_line(e) == f"{real} line 2: not UTF-8 text (byte 9 of the line)"

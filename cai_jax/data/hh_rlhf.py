@@ -28,7 +28,7 @@ from cai_jax.data.conversation import (
     parse_hh,
     render_hh,
 )
-from cai_jax.errors import UserError
+from cai_jax.errors import UserError, json_error_text
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ def _split_answer(conv: Conversation, key: str) -> tuple[Conversation, str]:
 
 def _parse_line(line: str) -> tuple[Conversation, str, str]:
     try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))  # the line's end is no part of a string cut short by it
     except json.JSONDecodeError as e:
-        raise _LineError("bad_json", f"invalid JSON ({e.msg} at column {e.colno})") from None
+        raise _LineError("bad_json", f"invalid JSON ({json_error_text(e)})") from None
     if not isinstance(row, dict):
         raise _LineError("bad_json", f"expected a JSON object, got {type(row).__name__}")
     answers = {}
@@ -147,14 +147,13 @@ def check_on_error(on_error: str) -> None:
 def _iter_lines(path: str, on_error: str, stats: ReadStats | None) -> Iterator[tuple[int, tuple]]:
     """Yields (line number, parsed line), handling errors per `on_error`."""
     check_on_error(on_error)
-    name = os.path.basename(path)
     for line_no, line in _raw_lines(path):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not records
         try:
             parsed = _parse_line(_decode(line))
         except _LineError as e:
-            message = f"{name} line {line_no}: {e}"
+            message = f"{path} line {line_no}: {e}"
             if on_error == "raise":
                 raise HHFormatError(message) from None
             log.warning("skipping %s", message)

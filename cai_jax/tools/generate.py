@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from cai_jax.errors import MalformedFileError, exit_on_user_error
+from cai_jax.errors import MalformedFileError, exit_on_user_error, json_error_text
 
 # Short names for the bundled model; anything else goes to load_model as is.
 MODEL_ALIASES = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
@@ -78,7 +78,8 @@ def read_prompts_file(path: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MalformedFileError(f"{path} line {n}: not JSON ({e}); use one prompt per line or JSONL") from e
+            raise MalformedFileError(f"{path} line {n}: not JSON ({json_error_text(e)}); use one prompt per "
+                                     "line or JSONL") from e
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise MalformedFileError(f"{path} line {n}: expected an object with a 'prompt' string")
         prompts.append(record["prompt"])

@@ -6,8 +6,11 @@
                        the reference it was trained from ("made_from"), the stage
     DIR/tokenizer/     transformers tokenizer files
     DIR/params/        orbax checkpoint of the parameter pytree (scan layout)
-    DIR/saved.json     a fresh id per save: later pipeline stages hash it to
-                       notice that the model they were built from changed
+    DIR/saved.json     its seal (artifacts.SEAL_FILE): the model's fingerprint, from
+                       the parameters' values (params_digest) and the other files,
+                       and every file's checksum. The same weights saved twice
+                       have the same fingerprint, whatever names orbax gave its
+                       files; a changed file no longer matches the seal
 
 Stages hand models to each other in this form (SL-CAI -> pairs, PM -> PPO).
 The directory is assembled under a temporary name and renamed into place, so a
@@ -16,16 +19,16 @@ reader never sees half of one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-import time
-import uuid
 
 import jax
 import numpy as np
 
+from cai_jax import artifacts
 from cai_jax.models.config import TransformerConfig
 from cai_jax.weights import layout
 
@@ -45,19 +48,38 @@ def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=Non
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
     with open(os.path.join(tmp, "model.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    with open(os.path.join(tmp, "saved.json"), "w") as f:
-        json.dump({"id": uuid.uuid4().hex, "time": time.time()}, f)
     with open(os.path.join(tmp, ABOUT_FILE), "w") as f:
         json.dump(about or {}, f, indent=1)
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     params = layout.to_scan_layout(params, cfg)
+    digest = params_digest(params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, "params"), params)
         ckptr.wait_until_finished()
+    artifacts.seal_directory(tmp, {"params": digest})
     if os.path.exists(directory):
         shutil.rmtree(directory)
     os.replace(tmp, directory)
+
+
+def params_digest(params) -> str:
+    """sha256 of a parameter pytree's values: every leaf's path, dtype, shape
+    and bytes, in the tree's (sorted) order. One leaf at a time on the host."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.ascontiguousarray(_on_host(leaf))
+        h.update(json.dumps([jax.tree_util.keystr(path), str(array.dtype), array.shape]).encode())
+        h.update(array.reshape(-1).view(np.uint8))
+        del array
+    return h.hexdigest()
+
+
+def _on_host(leaf) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils  # parameters spread over processes
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
 
 
 def read_model_config(directory: str) -> TransformerConfig:
