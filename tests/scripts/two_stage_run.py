@@ -72,5 +72,6 @@ def main():
 
 if __name__ == "__main__":
     interrupts.install()
+    print("ready", flush=True)  # the test times its signal from here: one sent earlier would meet no handler
     gc.callbacks.append(_gc_callback)
     interrupts.call(main)
