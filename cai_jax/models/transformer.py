@@ -39,7 +39,7 @@ def cache_shapes(config: TransformerConfig, batch: int, length: int) -> dict:
     Keys with the sequence axis last make the score product a plain
     [queries, D] x [D, S] matmul and values [S, D] make the output one too;
     decode attention on XLA:CPU at batch 16 and 1k cached tokens took 60 ms a
-    step this way against 231 ms with keys [S, D] (benchmarks/README.md).
+    step this way against 231 ms with keys [S, D] (docs/sampler-performance.md).
     """
     kv, d = config.num_kv_heads, config.head_dim
     return {"k": (batch, kv, d, length), "v": (batch, kv, length, d)}
@@ -124,7 +124,7 @@ class Attention(nn.Module):
         # One fused projection: for each key head, its g query heads, then its key
         # and its value ([D, kv, g + 2, hd], see weights/layout.py). A single wide
         # matmul beats three narrow ones at decode batch sizes on XLA:CPU (SmolLM2
-        # batch-1 decode step 26.1 -> 18.7 ms; benchmarks/README.md).
+        # batch-1 decode step 26.1 -> 18.7 ms; docs/sampler-performance.md).
         qkv = _dense((kv, g + 2, hd), ("embed", "kv_heads", None, "head_dim"), cfg, cfg.qkv_bias,
                      name="qkv")(x_btd)
         q = qkv[:, :, :, :g].reshape(b, t, h, hd)  # query head j uses key head j // g
@@ -177,7 +177,7 @@ def attend(q_bthd, k_bkds, v_bksd, key_mask_bs, cache_index, compute_dtype, matm
         # One query per row (a decode step): a multiply-and-sum over head_dim,
         # which XLA:CPU fuses into one pass over the cached keys, beat the
         # batched [g, hd] x [hd, S] matmuls by about 5% of a batch-32 step
-        # (benchmarks/README.md; not measured on TPU).
+        # (docs/sampler-performance.md; not measured on TPU).
         scores = jnp.sum(q_bkrd.astype(jnp.float32)[..., None] * k_bkds.astype(jnp.float32)[:, :, None],
                          axis=-2)
     else:
