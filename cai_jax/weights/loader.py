@@ -13,13 +13,14 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
 from cai_jax.models.config import MODEL_LADDER, TransformerConfig, model_config_from_dict
-from cai_jax.weights import converted_cache, layout, model_dir, tokenizer as tok_lib
+from cai_jax.weights import converted_cache, layout, model_dir, tokenizer as tok_lib, views
 from cai_jax.weights.packaged import PACKAGED_MODELS, packaged_gguf_path
 
 # Fields that may differ from the stored weights without changing any shape.
@@ -35,10 +36,6 @@ class LoadedModel:
     about: dict = dataclasses.field(default_factory=dict)  # a model directory's about.json
 
 
-def _cast(params, dtype):
-    return jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
-
-
 def _to_device_consuming(params: dict) -> dict:
     """Host arrays -> device arrays, dropping each host array once it is copied, so
     loading peaks near one copy of the weights rather than two."""
@@ -51,6 +48,39 @@ def _to_device_consuming(params: dict) -> dict:
             out[key] = jax.device_put(value).block_until_ready()
         del value
     return out
+
+
+def _as_view(weight) -> views.View:
+    return weight if isinstance(weight, views.View) else views.from_array(weight)
+
+
+def _host_arrays(weights, dtype) -> dict:
+    """Every parameter read whole, one after another, as host arrays of `dtype`."""
+    return jax.tree.map(lambda w: np.asarray(_as_view(w).read_all()).astype(dtype, copy=False), weights)
+
+
+def _array_by_shard(view: views.View, sharding, dtype) -> jax.Array:
+    """A global array on `sharding` of which this process reads only the slices
+    its own devices hold, one slice at a time, each copied to its devices before
+    the next is read. (jax.make_array_from_callback would hold every local
+    slice of the parameter on the host at once.)"""
+    devices_of: dict[views.Box, list] = {}
+    for device, index in sharding.addressable_devices_indices_map(view.shape).items():
+        devices_of.setdefault(views.box_of(index, view.shape), []).append(device)
+    shards = []
+    for box, devices in devices_of.items():  # devices holding the same slice share one read
+        host = np.asarray(view.read(box)).astype(dtype, copy=False)
+        placed = [jax.device_put(host, d) for d in devices]
+        jax.block_until_ready(placed)
+        shards += placed
+        del host
+    return jax.make_array_from_single_device_arrays(view.shape, sharding, shards)
+
+
+def _onto_mesh(weights, shardings, dtype) -> dict:
+    """Parameters (views, host arrays, or arrays already placed) onto `shardings`."""
+    return jax.tree.map(lambda w, s: w if isinstance(w, jax.Array) else _array_by_shard(_as_view(w), s, dtype),
+                        weights, shardings)
 
 
 def is_model_source(spec: str) -> bool:
@@ -72,47 +102,81 @@ def _with_scalar_head(params, cfg: TransformerConfig):
     return params
 
 
+def _open_weights(source: str, overrides: dict, seed: int):
+    """(config as stored, parameters as views or host arrays in the scan layout,
+    tokenizer) of a source other than a model directory. Nothing large is read
+    yet for hf: sources."""
+    if source in PACKAGED_MODELS or source.startswith("gguf:"):
+        path = packaged_gguf_path(source) if source in PACKAGED_MODELS else source[5:]
+        cfg, params = converted_cache.load_gguf(path)
+        return cfg, params, tok_lib.tokenizer_from_gguf(path)
+    if source.startswith("hf:"):
+        from cai_jax.weights import hf
+        cfg, tensors = hf.read_hf_dir(source[3:])
+        return cfg, layout.views_from_hf(tensors, cfg, source=source[3:]), tok_lib.tokenizer_from_dir(source[3:])
+    if source.startswith("init:"):
+        from cai_jax.models.transformer import init_params
+        cfg = model_config_from_dict({"name": source[5:], **overrides})
+        params = jax.tree.map(np.asarray, init_params(cfg.replace(scan_layers=True), jax.random.key(seed)))
+        tokenizer = None
+        if cfg.vocab_size == MODEL_LADDER["smollm2-135m"]["vocab_size"]:
+            tokenizer = tok_lib.tokenizer_from_gguf(packaged_gguf_path("smollm2"))
+        return cfg, params, tokenizer
+    raise ValueError(f"model source {source!r}: expected {', '.join(PACKAGED_MODELS)}, gguf:PATH, "
+                     "hf:DIR, ckpt:DIR or init:NAME")
+
+
+def _runtime(cfg: TransformerConfig, overrides: dict) -> TransformerConfig:
+    return cfg.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
+
+
+def _placed_shardings(cfg: TransformerConfig, mesh, rules):
+    """Where each parameter goes on `mesh`, in the scan layout the readers produce."""
+    from cai_jax import sharding as shd  # imported here: it brings in Flax, which host loading does not need
+
+    return shd.param_shardings(cfg.replace(scan_layers=True), mesh, rules or shd.DEFAULT_RULES)
+
+
 def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
-               to_device: bool = True) -> LoadedModel:
+               to_device: bool = True, mesh=None, rules=None) -> LoadedModel:
+    """The model `source` names (see the module docstring), with `overrides` of
+    its runtime fields. Parameters come back on the default device, on the
+    host with `to_device=False`, or with a `mesh` as global arrays placed as
+    sharding.param_shardings(config, mesh, rules) says (rules: default
+    sharding.DEFAULT_RULES): then each process reads
+    only the slices its own devices hold from hf: and ckpt: sources (GGUF and
+    init: models are small and are built whole in each process first)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     bad = [k for k in overrides if k not in RUNTIME_FIELDS]
     if bad and not source.startswith("init:"):
         raise ValueError(f"cannot override {bad} when loading weights from {source!r}; "
                          f"only {RUNTIME_FIELDS} may differ from the stored shapes")
+    if mesh is not None and not to_device:
+        raise ValueError("load_model: a mesh places the parameters on its devices; to_device=False contradicts it")
     if "heads" in overrides:
         overrides["heads"] = tuple(overrides["heads"])
     tokenizer, about = None, {}
-    if source in PACKAGED_MODELS or source.startswith("gguf:"):
-        path = packaged_gguf_path(source) if source in PACKAGED_MODELS else source[5:]
-        cfg, params = converted_cache.load_gguf(path)
-        tokenizer = tok_lib.tokenizer_from_gguf(path)
-    elif source.startswith("hf:"):
-        from cai_jax.weights import hf
-        cfg, tensors = hf.read_hf_dir(source[3:])
-        params = layout.from_hf(tensors, cfg, source=source[3:])
-        tokenizer = tok_lib.tokenizer_from_dir(source[3:])
-    elif source.startswith("ckpt:"):
-        cfg, params = model_dir.load_model_dir(source[5:])
-        params = model_dir.params_to_numpy(params)
-        about = model_dir.read_about(source[5:])
-        if model_dir.has_tokenizer(source[5:]):
-            import os
-            tokenizer = tok_lib.tokenizer_from_dir(os.path.join(source[5:], "tokenizer"))
-    elif source.startswith("init:"):
-        name = source[5:]
-        cfg = model_config_from_dict({"name": name, **overrides})
-        from cai_jax.models.transformer import init_params
-        params = jax.tree.map(np.asarray, init_params(cfg.replace(scan_layers=True), jax.random.key(seed)))
-        if cfg.vocab_size == MODEL_LADDER["smollm2-135m"]["vocab_size"]:
-            tokenizer = tok_lib.tokenizer_from_gguf(packaged_gguf_path("smollm2"))
+    if source.startswith("ckpt:"):
+        directory = source[5:]
+        stored = model_dir.read_model_config(directory)
+        cfg = _runtime(stored, overrides)
+        # Restored as saved (the heads it has), then given the heads cfg wants.
+        shardings = None if mesh is None else _placed_shardings(stored, mesh, rules)
+        _, params = model_dir.load_model_dir(directory, shardings, dtype=cfg.weight_dtype)
+        if mesh is None:
+            params = model_dir.params_to_numpy(params)
+        about = model_dir.read_about(directory)
+        if model_dir.has_tokenizer(directory):
+            tokenizer = tok_lib.tokenizer_from_dir(os.path.join(directory, "tokenizer"))
     else:
-        raise ValueError(f"model source {source!r}: expected {', '.join(PACKAGED_MODELS)}, gguf:PATH, "
-                         "hf:DIR, ckpt:DIR or init:NAME")
-    cfg = cfg.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
+        stored, params, tokenizer = _open_weights(source, overrides, seed)
+        cfg = _runtime(stored, overrides)
     params = _with_scalar_head(params, cfg)
-    params = _cast(params, np.dtype(cfg.weight_dtype))
-    if to_device:
-        params = layout.to_model_layout(_to_device_consuming(params), cfg)
+    dtype = np.dtype(cfg.weight_dtype)
+    if mesh is not None:
+        params = _onto_mesh(params, _placed_shardings(cfg, mesh, rules), dtype)
     else:
-        params = layout.to_model_layout(params, cfg)
-    return LoadedModel(cfg, params, tokenizer, source, about)
+        params = _host_arrays(params, dtype)
+        if to_device:
+            params = _to_device_consuming(params)
+    return LoadedModel(cfg, layout.to_model_layout(params, cfg), tokenizer, source, about)
