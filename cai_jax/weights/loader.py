@@ -130,11 +130,11 @@ def _runtime(cfg: TransformerConfig, overrides: dict) -> TransformerConfig:
     return cfg.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
 
 
-def _placed_shardings(cfg: TransformerConfig, mesh, rules):
-    """Where each parameter goes on `mesh`, in the scan layout the readers produce."""
+def _param_shardings(cfg: TransformerConfig, mesh, rules):
+    """Where each parameter of a model with this config goes on `mesh`."""
     from cai_jax import sharding as shd  # imported here: it brings in Flax, which host loading does not need
 
-    return shd.param_shardings(cfg.replace(scan_layers=True), mesh, rules or shd.DEFAULT_RULES)
+    return shd.param_shardings(cfg, mesh, rules or shd.DEFAULT_RULES)
 
 
 def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
@@ -160,8 +160,8 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
         directory = source[5:]
         stored = model_dir.read_model_config(directory)
         cfg = _runtime(stored, overrides)
-        # Restored as saved (the heads it has), then given the heads cfg wants.
-        shardings = None if mesh is None else _placed_shardings(stored, mesh, rules)
+        # Restored as saved (the scan layout, the heads it has), then given cfg's.
+        shardings = None if mesh is None else _param_shardings(stored.replace(scan_layers=True), mesh, rules)
         _, params = model_dir.load_model_dir(directory, shardings, dtype=cfg.weight_dtype)
         if mesh is None:
             params = model_dir.params_to_numpy(params)
@@ -171,12 +171,14 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
     else:
         stored, params, tokenizer = _open_weights(source, overrides, seed)
         cfg = _runtime(stored, overrides)
-    params = _with_scalar_head(params, cfg)
+    # Unstacked before reading (when the model is unscanned), so that each layer
+    # is read and placed on its own, already in the model's layout.
+    params = layout.to_model_layout(_with_scalar_head(params, cfg), cfg)
     dtype = np.dtype(cfg.weight_dtype)
     if mesh is not None:
-        params = _onto_mesh(params, _placed_shardings(cfg, mesh, rules), dtype)
+        params = _onto_mesh(params, _param_shardings(cfg, mesh, rules), dtype)
     else:
         params = _host_arrays(params, dtype)
         if to_device:
             params = _to_device_consuming(params)
-    return LoadedModel(cfg, layout.to_model_layout(params, cfg), tokenizer, source, about)
+    return LoadedModel(cfg, params, tokenizer, source, about)

@@ -84,7 +84,7 @@ def load_model_dir(directory: str, shardings=None, dtype=None) -> tuple[Transfor
         tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
         tree = getattr(tree, "tree", tree)  # the plain dict, to pair with a dict of shardings
         if shardings is None:
-            device = jax.devices()[0]
+            device = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 alone
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
                 m.shape, dtype or m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), tree)
         else:

@@ -11,8 +11,8 @@ matching slice of HF's. Reading the full box (`read_all`) is the whole-tensor
 path that host loading takes; both run the same code.
 
 Only the shapes the layout code needs are here: transposes, splitting one axis
-in two, a new axis of size 1, an interval of one axis, and joining views along
-an axis.
+in two, a new axis of size 1, one entry or an interval of an axis, and joining
+views along an axis.
 """
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ class View:
 
     def read_all(self) -> np.ndarray:
         return self.read(full_box(self.shape))
+
+    def __getitem__(self, i: int) -> "View":
+        """x[i] along the first axis, as `unstack_layers` takes one layer of a
+        stacked parameter: still a view, so each layer is read on its own."""
+        return Entry(self, i)
 
     @property
     def ndim(self) -> int:
@@ -121,6 +126,18 @@ class NewAxis(View):
 
     def read(self, box):
         return np.expand_dims(self.child.read(box[:self.axis] + box[self.axis + 1:]), self.axis)
+
+
+class Entry(View):
+    """child[i] along the first axis (that axis dropped)."""
+
+    def __init__(self, child: View, i: int):
+        assert 0 <= i < child.shape[0], (i, child.shape)
+        self.child, self.i = child, i
+        self.shape = child.shape[1:]
+
+    def read(self, box):
+        return self.child.read(((self.i, self.i + 1),) + tuple(box))[0]
 
 
 class Interval(View):
