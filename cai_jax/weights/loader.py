@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from cai_jax.models.config import MODEL_LADDER, TransformerConfig, model_config_from_dict
-from cai_jax.weights import converted_cache, layout, model_dir, tokenizer as tok_lib, views
+from cai_jax.weights import converted_cache, layout, model_dir, placement, tokenizer as tok_lib
 from cai_jax.weights.packaged import PACKAGED_MODELS, packaged_gguf_path
 
 # Fields that may differ from the stored weights without changing any shape.
@@ -34,53 +34,6 @@ class LoadedModel:
     tokenizer: Any
     source: str
     about: dict = dataclasses.field(default_factory=dict)  # a model directory's about.json
-
-
-def _to_device_consuming(params: dict) -> dict:
-    """Host arrays -> device arrays, dropping each host array once it is copied, so
-    loading peaks near one copy of the weights rather than two."""
-    out = {}
-    for key in list(params):
-        value = params.pop(key)
-        if isinstance(value, dict):
-            out[key] = _to_device_consuming(value)
-        else:  # waiting for each copy lets the host array go before the next one starts
-            out[key] = jax.device_put(value).block_until_ready()
-        del value
-    return out
-
-
-def _as_view(weight) -> views.View:
-    return weight if isinstance(weight, views.View) else views.from_array(weight)
-
-
-def _host_arrays(weights, dtype) -> dict:
-    """Every parameter read whole, one after another, as host arrays of `dtype`."""
-    return jax.tree.map(lambda w: np.asarray(_as_view(w).read_all()).astype(dtype, copy=False), weights)
-
-
-def _array_by_shard(view: views.View, sharding, dtype) -> jax.Array:
-    """A global array on `sharding` of which this process reads only the slices
-    its own devices hold, one slice at a time, each copied to its devices before
-    the next is read. (jax.make_array_from_callback would hold every local
-    slice of the parameter on the host at once.)"""
-    devices_of: dict[views.Box, list] = {}
-    for device, index in sharding.addressable_devices_indices_map(view.shape).items():
-        devices_of.setdefault(views.box_of(index, view.shape), []).append(device)
-    shards = []
-    for box, devices in devices_of.items():  # devices holding the same slice share one read
-        host = np.asarray(view.read(box)).astype(dtype, copy=False)
-        placed = [jax.device_put(host, d) for d in devices]
-        jax.block_until_ready(placed)
-        shards += placed
-        del host
-    return jax.make_array_from_single_device_arrays(view.shape, sharding, shards)
-
-
-def _onto_mesh(weights, shardings, dtype) -> dict:
-    """Parameters (views, host arrays, or arrays already placed) onto `shardings`."""
-    return jax.tree.map(lambda w, s: w if isinstance(w, jax.Array) else _array_by_shard(_as_view(w), s, dtype),
-                        weights, shardings)
 
 
 def is_model_source(spec: str) -> bool:
@@ -137,15 +90,32 @@ def _param_shardings(cfg: TransformerConfig, mesh, rules):
     return shd.param_shardings(cfg, mesh, rules or shd.DEFAULT_RULES)
 
 
+def _open_model_dir(directory: str, overrides: dict, mesh, rules):
+    """(config, parameters in the scan layout, tokenizer, about.json) of one of
+    our model directories: restored to the host, or with a mesh straight onto
+    it, each process reading only the chunks its own shards overlap."""
+    stored = model_dir.read_model_config(directory)
+    cfg = _runtime(stored, overrides)
+    # Restored as saved (the scan layout, the heads it has); load_model gives it cfg's.
+    shardings = None if mesh is None else _param_shardings(stored.replace(scan_layers=True), mesh, rules)
+    _, params = model_dir.load_model_dir(directory, shardings, dtype=cfg.weight_dtype)
+    if mesh is None:
+        params = model_dir.params_to_numpy(params)
+    tokenizer = None
+    if model_dir.has_tokenizer(directory):
+        tokenizer = tok_lib.tokenizer_from_dir(os.path.join(directory, "tokenizer"))
+    return cfg, params, tokenizer, model_dir.read_about(directory)
+
+
 def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
                to_device: bool = True, mesh=None, rules=None) -> LoadedModel:
     """The model `source` names (see the module docstring), with `overrides` of
-    its runtime fields. Parameters come back on the default device, on the
-    host with `to_device=False`, or with a `mesh` as global arrays placed as
-    sharding.param_shardings(config, mesh, rules) says (rules: default
-    sharding.DEFAULT_RULES): then each process reads
-    only the slices its own devices hold from hf: and ckpt: sources (GGUF and
-    init: models are small and are built whole in each process first)."""
+    its runtime fields. Parameters come back on the default device; on the
+    host with `to_device=False`; or, given a `mesh`, as global arrays placed as
+    sharding.param_shardings(config, mesh, rules) says (default rules:
+    sharding.DEFAULT_RULES). Then each process reads from hf: and ckpt:
+    sources only the slices its own devices hold, never the whole model
+    (GGUF and init: models are small: each process builds them whole first)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     bad = [k for k in overrides if k not in RUNTIME_FIELDS]
     if bad and not source.startswith("init:"):
@@ -155,30 +125,20 @@ def load_model(source: str, overrides: Optional[dict] = None, seed: int = 0,
         raise ValueError("load_model: a mesh places the parameters on its devices; to_device=False contradicts it")
     if "heads" in overrides:
         overrides["heads"] = tuple(overrides["heads"])
-    tokenizer, about = None, {}
     if source.startswith("ckpt:"):
-        directory = source[5:]
-        stored = model_dir.read_model_config(directory)
-        cfg = _runtime(stored, overrides)
-        # Restored as saved (the scan layout, the heads it has), then given cfg's.
-        shardings = None if mesh is None else _param_shardings(stored.replace(scan_layers=True), mesh, rules)
-        _, params = model_dir.load_model_dir(directory, shardings, dtype=cfg.weight_dtype)
-        if mesh is None:
-            params = model_dir.params_to_numpy(params)
-        about = model_dir.read_about(directory)
-        if model_dir.has_tokenizer(directory):
-            tokenizer = tok_lib.tokenizer_from_dir(os.path.join(directory, "tokenizer"))
+        cfg, params, tokenizer, about = _open_model_dir(source[5:], overrides, mesh, rules)
     else:
         stored, params, tokenizer = _open_weights(source, overrides, seed)
-        cfg = _runtime(stored, overrides)
-    # Unstacked before reading (when the model is unscanned), so that each layer
-    # is read and placed on its own, already in the model's layout.
+        cfg, about = _runtime(stored, overrides), {}
+    # An unscanned model's layers are unstacked before they are read, so that
+    # each is read and placed on its own (a restored model directory's already
+    # sit on their devices, and are unstacked there).
     params = layout.to_model_layout(_with_scalar_head(params, cfg), cfg)
     dtype = np.dtype(cfg.weight_dtype)
     if mesh is not None:
-        params = _onto_mesh(params, _param_shardings(cfg, mesh, rules), dtype)
+        params = placement.onto_mesh(params, _param_shardings(cfg, mesh, rules), dtype)
     else:
-        params = _host_arrays(params, dtype)
+        params = placement.host_arrays(params, dtype)
         if to_device:
-            params = _to_device_consuming(params)
+            params = placement.to_device_consuming(params)
     return LoadedModel(cfg, params, tokenizer, source, about)

@@ -46,6 +46,8 @@ def _box_shape(box: Box) -> tuple[int, ...]:
 
 
 class View:
+    """A tensor of `shape` that reads any box of itself on request."""
+
     shape: tuple[int, ...]
 
     def read(self, box: Box) -> np.ndarray:
@@ -62,7 +64,6 @@ class View:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
 
 
 class Stored(View):
