@@ -45,11 +45,14 @@ class ModelRef:
         text = f"{self.source}|{list(self.overrides)}|seed={seed}"
         return text + ("|" + directory_version(self.directory) if self.directory else "")
 
-    def load(self, overrides: Optional[dict] = None, seed: int = 0, to_device: bool = True):
+    def load(self, overrides: Optional[dict] = None, seed: int = 0, to_device: bool = True,
+             mesh=None, rules=None):
+        """The weights (weights/loader.py's load_model): with a `mesh`, placed
+        on it, each process reading only its own devices' slices."""
         from cai_jax.weights.loader import load_model
 
         return load_model(self.source, {**dict(self.overrides), **(overrides or {})}, seed=seed,
-                          to_device=to_device)
+                          to_device=to_device, mesh=mesh, rules=rules)
 
 
 def directory_version(directory: str) -> str:

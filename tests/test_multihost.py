@@ -24,7 +24,7 @@ def _start(out, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(proc, name):
+def _wait(proc, name) -> str:
     try:
         output, _ = proc.communicate(timeout=480)
     except subprocess.TimeoutExpired:
@@ -32,6 +32,7 @@ def _wait(proc, name):
         output, _ = proc.communicate()
         pytest.fail(f"{name} timed out:\n{output[-3000:]}")
     assert proc.returncode == 0, f"{name} failed:\n{output[-3000:]}"
+    return output
 
 
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path):

@@ -204,7 +204,7 @@ def make_answer_fn(model: EvalModel, sampling, render: str, seed: int, mesh,
     from cai_jax.weights.loader import load_model
     from cai_jax.weights.tokenizer import encode_text
 
-    loaded = load_model(model.source, dict(model.overrides), seed=seed)
+    loaded = load_model(model.source, dict(model.overrides), seed=seed, mesh=mesh)
     if loaded.tokenizer is None:
         raise ValueError(f"eval model {model.name} ({model.source}) has no tokenizer")
     tokenizer = loaded.tokenizer
@@ -343,7 +343,8 @@ class JudgeFactory:
         from cai_jax.rl_cai import feedback
 
         section = self.config.eval.feedback_judge
-        model = resolve(section.model_source, self.config, self.workdir).load(seed=self.config.seed)
+        model = resolve(section.model_source, self.config, self.workdir).load(seed=self.config.seed,
+                                                                               mesh=self.mesh)
         constitution = constitution_from_config(
             ml_collections.ConfigDict({"path": section.constitution, "num_principles": None}))
         return feedback.FeedbackLabeler(

@@ -488,7 +488,7 @@ def labeler_from_config(config, workdir: Optional[str] = None, model: Optional[L
     on `mesh` (the run's: sharding.mesh_from_config(config))."""
     section = config.feedback
     if model is None:
-        model = resolve(section.model_source, config, workdir).load(seed=config.seed)
+        model = resolve(section.model_source, config, workdir).load(seed=config.seed, mesh=mesh)
     kind = PointwiseLabeler if section.source == "pointwise" else FeedbackLabeler
     return kind(
         model, constitution_from_config(config.constitution, config.seed), style=config.data.render,

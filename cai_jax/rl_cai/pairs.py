@@ -44,7 +44,7 @@ import ml_collections
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, sharding as shd
+from cai_jax import artifacts
 from cai_jax.constitution import ContrastiveFraming, constitution_from_config, sample_principles
 from cai_jax.data.conversation import Turn, answer_stop_strings, build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
@@ -217,13 +217,13 @@ def run_stage(ctx) -> dict:
     todo = [p for p in prompts if p["id"] not in done]
     skipped: list[str] = []
     if todo:
-        model = resolve(section.model_source, config, ctx.workdir).load(seed=config.seed)
+        model = resolve(section.model_source, config, ctx.workdir).load(seed=config.seed, mesh=ctx.mesh)
         if model.tokenizer is None:
             raise ValueError(f"pairs.model_source {section.model_source!r} has no tokenizer")
         style = generator_style(model.tokenizer, config.data.render, section.mode)
         sampler = Sampler(model.config, model.tokenizer, mesh=ctx.mesh, progress=False,
                           shared_prefix=config.sampling.shared_prefix)
-        params = shd.place(model.params, shd.param_shardings(model.config, ctx.mesh))
+        params = model.params  # loaded onto the mesh, each process reading its own shards
         sampling = SamplingParams(
             temperature=section.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,
             max_new_tokens=section.max_new_tokens or config.sampling.max_new_tokens,

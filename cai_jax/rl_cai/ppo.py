@@ -516,7 +516,7 @@ def preference_reward(ref, overrides: dict, default_render: str, mesh,
     (model_overrides: the configured dtype)."""
     from cai_jax.inference.preference_scorer import PreferenceScorer
 
-    pm = ref.load(overrides)
+    pm = ref.load(overrides, mesh=mesh)
     scorer = PreferenceScorer(pm, style=pm.about.get("render", default_render),
                               max_len=pm.about.get("max_seq_len", 512), batch_size=batch_size,
                               mesh=mesh)

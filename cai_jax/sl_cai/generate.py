@@ -388,7 +388,7 @@ class _Model:
     def parts(self) -> tuple[GenerateFn, PromptBuilder]:
         if self._parts is None:
             from cai_jax.inference.sampling import Sampler
-            loaded = self.ref.load(seed=self.config.seed)
+            loaded = self.ref.load(seed=self.config.seed, mesh=self.mesh)
             if loaded.tokenizer is None:
                 raise ValueError(f"model source {self.source!r} has no tokenizer; sl_generate needs one")
             sampler = Sampler(loaded.config, loaded.tokenizer, mesh=self.mesh,

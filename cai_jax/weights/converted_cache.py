@@ -28,8 +28,8 @@ from cai_jax.weights.cache import cache_dir, file_stamp, switched_on
 
 ENV_SWITCH = "CAI_JAX_WEIGHTS_CACHE"
 _FORMAT = 2  # bump when the entry layout below changes
-# The code whose output is cached: editing either file makes new entries.
-_CONVERSION_CODE = ("gguf_import.py", "layout.py")
+# The code whose output is cached: editing any of these files makes new entries.
+_CONVERSION_CODE = ("gguf_import.py", "layout.py", "views.py")
 
 
 def _checksum(a: np.ndarray) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cai_jax.models.config import TransformerConfig
+from cai_jax.weights import views
 
 # llama.cpp's converter interleaves the rotary halves of the Q and K rows for the
 # llama architecture only (Mistral models are converted as llama too); qwen2
@@ -124,6 +125,12 @@ class DequantizedTensors(Mapping):
             n = self._cfg.num_heads if ".q_proj." in name else self._cfg.num_kv_heads
             w = _unpermute_rope_rows(w, n) if w.ndim == 2 else _unpermute_rope_rows(w[:, None], n)[:, 0]
         return w
+
+    def view(self, name: str) -> views.View:
+        """`name` as a view for the layout code (weights/layout.py): dequantized
+        whole when read, since GGUF's quantized blocks do not slice."""
+        shape = tuple(int(n) for n in reversed(self._tensors[name].shape))  # GGUF lists dims innermost first
+        return views.Stored(shape, lambda index: self[name][index])
 
     def transposed(self, name: str) -> np.ndarray:
         """`self[name].T`, contiguous, without holding both (for an unpermuted 2-D tensor)."""

@@ -5,7 +5,6 @@ Nothing is downloaded: `directory` must already hold the files.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -14,7 +13,8 @@ import tempfile
 import numpy as np
 
 from cai_jax.models.config import TransformerConfig
-from cai_jax.weights import layout
+from cai_jax.weights import layout, safetensors_files
+from cai_jax.weights.safetensors_files import SafetensorsFiles
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
@@ -70,22 +70,15 @@ def config_to_hf(cfg: TransformerConfig):
     return LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **common)
 
 
-def read_hf_dir(directory: str) -> tuple[TransformerConfig, dict[str, np.ndarray]]:
-    from safetensors.numpy import load_file
-
+def read_hf_dir(directory: str) -> tuple[TransformerConfig, SafetensorsFiles]:
+    """The directory's config and its tensors, which are read only when (and as
+    far as) the layout code's views ask for them."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: an HF model directory needs config.json")
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f), cfg_path)
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors files (PyTorch .bin is not read)")
-    tensors = {}
-    for path in files:
-        for name, value in load_file(path).items():
-            tensors[name] = value.astype(np.float32) if value.dtype != np.float32 else value
-    return cfg, tensors
+    return cfg, safetensors_files.open_directory(directory)
 
 
 def write_hf_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None) -> None:

@@ -3,63 +3,64 @@
 HF stores Linear weights as [out, in] under names such as
 `model.layers.3.self_attn.q_proj.weight`; our params keep one stacked array per
 kind with a leading `layers` axis (the scan layout) and kernels as [in, ...out].
-Everything here is NumPy: conversion happens once, on the host.
+
+Import builds each of our parameters as a view of HF's tensors (views.py), so
+that a loader reads either the whole parameter or just one shard of it with the
+same layout code; export works on whole NumPy arrays.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import numpy as np
 
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.layer_layout import stack_layers, unstack_layers
+from cai_jax.weights import views
 
 
 def _t(w):
     return np.ascontiguousarray(np.asarray(w).T)
 
 
-def _stack_layers(n_layers, layer_fn):
-    """[n_layers, ...] from `layer_fn(i)`, filled in place, so that loading holds the
-    result and one layer's temporaries, never a list of all layers beside it."""
-    out = None
-    for i in range(n_layers):
-        w = np.asarray(layer_fn(i))
-        if out is None:
-            out = np.empty((n_layers,) + w.shape, w.dtype)
-        out[i] = w
-    return out
+def _view(tensors, name: str) -> views.View:
+    """One named tensor as a view: stores that read slices make their own
+    (`tensors.view`); any other mapping holds arrays in memory."""
+    if hasattr(tensors, "view"):
+        return tensors.view(name)
+    return views.from_array(tensors[name])
 
 
-def _stack(tensors, name, n_layers, fn=lambda x: x):
-    return _stack_layers(n_layers, lambda i: fn(tensors[name.format(i)]))
+def _per_layer(n_layers: int, layer_view) -> views.View:
+    """[n_layers, ...] from `layer_view(i)`: the scan layout's stacked axis."""
+    return views.stacked([layer_view(i) for i in range(n_layers)])
 
 
-def fuse_qkv(q, k, v):
+def fused_qkv(q: views.View, k: views.View, v: views.View) -> views.View:
     """q [..., H, D], k and v [..., K, D] -> our fused [..., K, H/K + 2, D]: each key
     head's query heads, then its key, then its value (see models/transformer.py)."""
-    q, k, v = (np.asarray(a) for a in (q, k, v))
     kv_heads = k.shape[-2]
-    q = q.reshape(q.shape[:-2] + (kv_heads, q.shape[-2] // kv_heads, q.shape[-1]))
-    return np.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+    q = views.SplitAxis(q, -2, (kv_heads, q.shape[-2] // kv_heads))
+    return views.Joined([q, views.NewAxis(k, -2), views.NewAxis(v, -2)], axis=-2)
 
 
 def split_qkv(qkv):
-    """The inverse of fuse_qkv: [..., K, G + 2, D] -> q [..., K*G, D], k, v [..., K, D]."""
+    """The inverse of fused_qkv, on arrays: [..., K, G + 2, D] -> q [..., K*G, D], k, v [..., K, D]."""
     qkv = np.asarray(qkv)
     g = qkv.shape[-2] - 2
     q = qkv[..., :g, :]
     return q.reshape(q.shape[:-3] + (-1, q.shape[-1])), qkv[..., g, :], qkv[..., g + 1, :]
 
 
-def _require(tensors: Mapping[str, np.ndarray], names, source: str):
+def _require(tensors, names, source: str):
     missing = [n for n in names if n not in tensors]
     if missing:
         raise KeyError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def llama_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, source="weights") -> dict:
-    """HF Llama/Mistral/Qwen2 state dict -> our stacked params."""
+def llama_from_hf(tensors, cfg: TransformerConfig, source="weights") -> dict:
+    """HF Llama/Mistral/Qwen2 tensors -> our stacked params, as views (read nothing yet)."""
     L, H, K, D, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     p = "model.layers.{}."
     needed = ["model.embed_tokens.weight", "model.norm.weight"] + [
@@ -70,36 +71,43 @@ def llama_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, sou
     _require(tensors, needed, source)
     heads = {"q": H, "k": K, "v": K}
 
-    def qkv(i, what, shape_fn):
-        return fuse_qkv(*(shape_fn(tensors[(p + f"self_attn.{n}_proj.{what}").format(i)], heads[n])
-                          for n in "qkv"))
+    def layer(name):
+        return lambda i: _view(tensors, (p + name).format(i))
+
+    def kernel(name):  # HF Linear [out, in] -> our [in, out]
+        return lambda i: views.Transposed(layer(name)(i))
+
+    def qkv(what, per_head):
+        return _per_layer(L, lambda i: fused_qkv(*(
+            per_head(layer(f"self_attn.{n}_proj.{what}")(i), heads[n]) for n in "qkv")))
 
     attn = {
-        "qkv": {"kernel": _stack_layers(L, lambda i: qkv(i, "weight", lambda w, h: _t(w).reshape(d, h, D)))},
-        "o": {"kernel": _stack(tensors, p + "self_attn.o_proj.weight", L, lambda w: _t(w).reshape(H, D, d))},
+        # [out = heads * D, in = d] -> [d, heads, D]
+        "qkv": {"kernel": qkv("weight", lambda w, h: views.SplitAxis(views.Transposed(w), 1, (h, D)))},
+        "o": {"kernel": _per_layer(L, lambda i: views.SplitAxis(kernel("self_attn.o_proj.weight")(i), 0, (H, D)))},
     }
     if cfg.qkv_bias:
-        attn["qkv"]["bias"] = _stack_layers(
-            L, lambda i: qkv(i, "bias", lambda b, h: np.asarray(b).reshape(h, D)))
+        attn["qkv"]["bias"] = qkv("bias", lambda b, h: views.SplitAxis(b, 0, (h, D)))
     if cfg.out_bias:
-        attn["o"]["bias"] = _stack(tensors, p + "self_attn.o_proj.bias", L)
+        attn["o"]["bias"] = _per_layer(L, layer("self_attn.o_proj.bias"))
+    gate_up = lambda i: views.stacked([kernel(f"mlp.{n}_proj.weight")(i) for n in ("gate", "up")], axis=1)  # noqa: E731
     params = {
-        "embed": np.asarray(tensors["model.embed_tokens.weight"]),
+        "embed": _view(tensors, "model.embed_tokens.weight"),
         "layers": {
             "attn": attn,
-            "attn_norm": {"scale": _stack(tensors, p + "input_layernorm.weight", L)},
-            "mlp_norm": {"scale": _stack(tensors, p + "post_attention_layernorm.weight", L)},
-            "mlp": {"gate_up": {"kernel": _stack_layers(L, lambda i: np.stack(
-                        [_t(tensors[(p + f"mlp.{n}_proj.weight").format(i)]) for n in ("gate", "up")], axis=1))},
-                    "down": {"kernel": _stack(tensors, p + "mlp.down_proj.weight", L, _t)}},
+            "attn_norm": {"scale": _per_layer(L, layer("input_layernorm.weight"))},
+            "mlp_norm": {"scale": _per_layer(L, layer("post_attention_layernorm.weight"))},
+            "mlp": {"gate_up": {"kernel": _per_layer(L, gate_up)},
+                    "down": {"kernel": _per_layer(L, kernel("mlp.down_proj.weight"))}},
         },
-        "final_norm": {"scale": np.asarray(tensors["model.norm.weight"])},
+        "final_norm": {"scale": _view(tensors, "model.norm.weight")},
     }
     if not cfg.tie_embeddings:
         _require(tensors, ["lm_head.weight"], source)
-        # The largest tensor: a lazy GGUF reader transposes it chunk by chunk.
+        # The largest tensor: a GGUF reader transposes it chunk by chunk, whole.
         head = getattr(tensors, "transposed", None)
-        params["lm_head"] = {"kernel": head("lm_head.weight") if head else _t(tensors["lm_head.weight"])}
+        params["lm_head"] = {"kernel": views.Stored((d, cfg.vocab_size), lambda index: head("lm_head.weight")[index])
+                             if head else views.Transposed(_view(tensors, "lm_head.weight"))}
     return params
 
 
@@ -129,34 +137,41 @@ def llama_to_hf(params: Mapping, cfg: TransformerConfig) -> dict[str, np.ndarray
     return out
 
 
-def gpt2_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, source="weights") -> dict:
-    """HF GPT-2 state dict (with or without the `transformer.` prefix) -> our params."""
-    if "wte.weight" in tensors:  # original OpenAI-converted checkpoints have no prefix
-        tensors = {f"transformer.{k}": v for k, v in tensors.items()}
+def gpt2_from_hf(tensors, cfg: TransformerConfig, source="weights") -> dict:
+    """HF GPT-2 tensors (with or without the `transformer.` prefix) -> our params, as views."""
+    # Original OpenAI-converted checkpoints have no prefix.
+    prefix = "" if "wte.weight" in tensors else "transformer."
     L, H, D, d = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.d_model
-    p = "transformer.h.{}."
-    _require(tensors, ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"]
+    p = prefix + "h.{}."
+    _require(tensors, [prefix + n for n in ("wte.weight", "wpe.weight", "ln_f.weight")]
              + [(p + "attn.c_attn.weight").format(i) for i in range(L)], source)
 
-    def c_attn(what):  # Conv1D: [in, 3*out] with q, k, v side by side
-        w = _stack(tensors, p + f"attn.c_attn.{what}", L)
-        return fuse_qkv(*(part.reshape(part.shape[:-1] + (H, D)) for part in np.split(w, 3, axis=-1)))
+    def one(name):
+        return _view(tensors, prefix + name)
 
-    attn = {"qkv": {"kernel": c_attn("weight"), "bias": c_attn("bias")}}
-    attn["o"] = {"kernel": _stack(tensors, p + "attn.c_proj.weight", L, lambda w: np.asarray(w).reshape(H, D, d)),
-                 "bias": _stack(tensors, p + "attn.c_proj.bias", L)}
+    def stack(name):  # GPT-2's Conv1D already stores [in, out]: no transposes
+        return _per_layer(L, lambda i: _view(tensors, (p + name).format(i)))
+
+    def c_attn(what):  # [..., 3 * H * D] with q, k, v side by side
+        w = stack(f"attn.c_attn.{what}")
+        n = H * D
+        return fused_qkv(*(views.SplitAxis(views.Interval(w, -1, j * n, (j + 1) * n), -1, (H, D))
+                           for j in range(3)))
+
+    attn = {"qkv": {"kernel": c_attn("weight"), "bias": c_attn("bias")},
+            "o": {"kernel": views.SplitAxis(stack("attn.c_proj.weight"), 1, (H, D)),
+                  "bias": stack("attn.c_proj.bias")}}
     return {
-        "embed": np.asarray(tensors["transformer.wte.weight"]),
-        "pos_embed": np.asarray(tensors["transformer.wpe.weight"]),
+        "embed": one("wte.weight"),
+        "pos_embed": one("wpe.weight"),
         "layers": {
             "attn": attn,
-            "attn_norm": {"scale": _stack(tensors, p + "ln_1.weight", L), "bias": _stack(tensors, p + "ln_1.bias", L)},
-            "mlp_norm": {"scale": _stack(tensors, p + "ln_2.weight", L), "bias": _stack(tensors, p + "ln_2.bias", L)},
-            "mlp": {"up": {"kernel": _stack(tensors, p + "mlp.c_fc.weight", L), "bias": _stack(tensors, p + "mlp.c_fc.bias", L)},
-                    "down": {"kernel": _stack(tensors, p + "mlp.c_proj.weight", L), "bias": _stack(tensors, p + "mlp.c_proj.bias", L)}},
+            "attn_norm": {"scale": stack("ln_1.weight"), "bias": stack("ln_1.bias")},
+            "mlp_norm": {"scale": stack("ln_2.weight"), "bias": stack("ln_2.bias")},
+            "mlp": {"up": {"kernel": stack("mlp.c_fc.weight"), "bias": stack("mlp.c_fc.bias")},
+                    "down": {"kernel": stack("mlp.c_proj.weight"), "bias": stack("mlp.c_proj.bias")}},
         },
-        "final_norm": {"scale": np.asarray(tensors["transformer.ln_f.weight"]),
-                       "bias": np.asarray(tensors["transformer.ln_f.bias"])},
+        "final_norm": {"scale": one("ln_f.weight"), "bias": one("ln_f.bias")},
     }
 
 
@@ -186,8 +201,15 @@ def gpt2_to_hf(params: Mapping, cfg: TransformerConfig) -> dict[str, np.ndarray]
     return out
 
 
-def from_hf(tensors, cfg: TransformerConfig, source="weights") -> dict:
+def views_from_hf(tensors, cfg: TransformerConfig, source="weights") -> dict:
+    """Our params (scan layout) as views of HF-named `tensors`: a store with
+    `view(name)` (read slice by slice) or a mapping of arrays."""
     return (llama_from_hf if cfg.arch == "llama" else gpt2_from_hf)(tensors, cfg, source)
+
+
+def from_hf(tensors, cfg: TransformerConfig, source="weights") -> dict:
+    """Our params (scan layout) as host arrays: every view read whole, one at a time."""
+    return jax.tree.map(lambda view: view.read_all(), views_from_hf(tensors, cfg, source))
 
 
 def to_hf(params, cfg: TransformerConfig) -> dict[str, np.ndarray]:

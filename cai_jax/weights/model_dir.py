@@ -92,9 +92,11 @@ def read_model_config(directory: str) -> TransformerConfig:
     return TransformerConfig(**fields)
 
 
-def load_model_dir(directory: str, shardings=None) -> tuple[TransformerConfig, dict]:
+def load_model_dir(directory: str, shardings=None, dtype=None) -> tuple[TransformerConfig, dict]:
     """Config and params (scan layout). `shardings`: optional pytree of
-    NamedShardings to restore straight onto a mesh, whatever mesh saved it."""
+    NamedShardings to restore straight onto a mesh, whatever mesh saved it; each
+    process then reads only the chunks its own devices' shards overlap.
+    `dtype`: the parameters' dtype after loading (default: as saved)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
@@ -102,12 +104,13 @@ def load_model_dir(directory: str, shardings=None) -> tuple[TransformerConfig, d
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(os.path.join(directory, "params"))
         tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+        tree = getattr(tree, "tree", tree)  # the plain dict, to pair with a dict of shardings
         if shardings is None:
-            device = jax.devices()[0]
+            device = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 alone
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-                m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), tree)
+                m.shape, dtype or m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), tree)
         else:
-            target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+            target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s),
                                   tree, shardings)
         params = ckptr.restore(os.path.join(directory, "params"), target)
     return cfg, params
