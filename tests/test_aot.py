@@ -116,8 +116,10 @@ def test_ppo_program_follows_the_configs_dtypes_and_shared_trunk():
     separate = aot_steps.build_phases("ppo", _config(**_ppo(4, 16, 8)), mesh)
     shared = aot_steps.build_phases("ppo", _config(**_ppo(4, 16, 8, share_trunk=True, dtype="bfloat16",
                                                           ref_dtype="bfloat16", pm_dtype="bfloat16")), mesh)
+    # On one device the sampler runs its feature-major trunk, which AOT leaves out (a note says so).
     assert [p.name for p in separate.phases] == ["policy_update", "value_update", "rollout_scores", "pm_score"]
     assert [p.name for p in shared.phases] == ["policy_update", "rollout_scores", "pm_score"]
+    assert shared.generation is None and "generation is not compiled on one device" in shared.notes[0]
     # ppo.ref_dtype defaults to float32: the reference is stored (and computes) as configured.
     assert _abstract_dtypes(separate.resident["reference"]) == {"float32"}
     assert _abstract_dtypes(shared.resident["reference"]) == {"bfloat16"}
@@ -203,7 +205,8 @@ def test_tiny_pm_and_ppo_compile(v5p8):
     ppo = aot.run_aot(_config(**_ppo(8, 48, 16, ref_dtype="bfloat16", pm_dtype="bfloat16"),
                               pm_train=dict(max_seq_len=64)),
                       "v5p:2x2x1", "ppo", {"fsdp": 4}, devices=v5p8)
-    assert [p.name for p in ppo.phases] == ["policy_update", "value_update", "rollout_scores", "pm_score"]
+    assert [p.name for p in ppo.phases] == ["policy_update", "value_update", "prefill", "decode",
+                                            "rollout_scores", "pm_score"]
     cfg = model_config_from_dict(_tiny())
     value_params = model_config_from_dict(_tiny(heads=("scalar",))).num_params()
     # Frozen reference (LM head) and preference model (scalar head) in bfloat16.
@@ -211,19 +214,30 @@ def test_tiny_pm_and_ppo_compile(v5p8):
     assert ppo.resident_bytes["preference_model"] == pytest.approx(value_params * 2 / 4, abs=64)
     assert ppo.resident_bytes["policy_params"] + ppo.resident_bytes["policy_opt_state"] == pytest.approx(
         _independent_train_state_bytes(cfg, 4), abs=1024)
-    policy, value, scoring, pm_score = ppo.phases
+    policy, value, prefill, decode, scoring, pm_score = ppo.phases
     # While the policy updates, everything but its own state and the batch stays resident.
     held = ppo.resident_bytes
     assert policy.other_resident_bytes == (held["value_params"] + held["value_opt_state"]
                                            + held["reference"] + held["preference_model"])
+    # The sampler decodes on its own (unrolled) copy of the policy's weights,
+    # with all four models and both optimizer states resident beside it.
+    assert decode.other_resident_bytes == sum(held.values())
+    assert decode.argument_bytes >= ppo.generation.weight_bytes + ppo.generation.cache_bytes
     assert ppo.peak_bytes == max(p.total_bytes for p in ppo.phases)
+    # One iteration: the rollout's generation, its scoring, epochs x minibatches of updates.
+    t, chips_peak = ppo.iteration_seconds, 4 * 459e12
+    assert t["score"] == pytest.approx((scoring.model_flops + pm_score.model_flops) / chips_peak)
+    assert t["update"] == pytest.approx(4 * (policy.model_flops + value.model_flops) / chips_peak)
+    assert t["total"] == pytest.approx(ppo.generation.seconds + t["score"] + t["update"])
+    assert "one PPO iteration at these bounds" in ppo.format()
     # Another config, another program: one trunk, the reference in float32 (ppo.ref_dtype's default).
     shared = aot.run_aot(_config(**_ppo(8, 48, 16, share_trunk=True), pm_train=dict(max_seq_len=64)),
                          "v5p:2x2x1", "ppo", {"fsdp": 4}, devices=v5p8)
-    assert [p.name for p in shared.phases] == ["policy_update", "rollout_scores", "pm_score"]
+    assert [p.name for p in shared.phases] == ["policy_update", "prefill", "decode", "rollout_scores",
+                                               "pm_score"]
     assert "value_params" not in shared.resident_bytes
     assert shared.resident_bytes["reference"] == pytest.approx(2 * held["reference"], abs=128)
-    scorer = shared.phases[1]
+    scorer = shared.phases[3]
     assert scorer.argument_bytes >= shared.resident_bytes["reference"] + shared.resident_bytes["policy_params"]
 
 

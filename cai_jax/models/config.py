@@ -147,6 +147,25 @@ MODEL_LADDER: dict[str, dict[str, Any]] = {
 FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 
 
+def hf_features_not_modelled(hf: Mapping[str, Any]) -> list[str]:
+    """What an HF config.json asks for that a TransformerConfig cannot hold,
+    one sentence each. None of it changes a shape, but weights loaded into
+    our model would compute something else (e.g. Llama 3.1's llama3 RoPE
+    scaling rescales the low rotary frequencies at every position)."""
+    notes = []
+    scaling = hf.get("rope_scaling") or {}
+    kind = (scaling.get("rope_type") or scaling.get("type")
+            or (hf.get("rope_parameters") or {}).get("rope_type") or "default")
+    if kind != "default":
+        factor = scaling.get("factor", (hf.get("rope_parameters") or {}).get("factor"))
+        notes.append(f"rope_scaling {kind!r} (factor {factor}) is not modelled: models/transformer.rope "
+                     "applies plain RoPE, so real weights would run with the wrong rotary frequencies")
+    if hf.get("use_sliding_window"):
+        notes.append(f"sliding-window attention (window {hf.get('sliding_window')}) is not modelled: "
+                     "every layer attends to the whole context")
+    return notes
+
+
 def model_config_from_dict(model: Mapping[str, Any]) -> TransformerConfig:
     """Builds a TransformerConfig from `config.model`.
 

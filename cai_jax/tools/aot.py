@@ -5,17 +5,27 @@
         --config.sl_train.batch_size=64 --config.sl_train.max_seq_len=2048 \\
         --topology=v5p:4x4x4 --step=sft --mesh fsdp=16,tensor=4 --micro_batch_per_shard=4
 
+    python -m cai_jax.tools.aot --config=configs/default.py --config.model.name=52b \\
+        --config.model.dtype=bfloat16 --config.model.remat=full \\
+        --config.mesh.fsdp=16 --config.mesh.tensor=4 --topology=v5p:4x4x4 --step=generate
+
 The steps are the ones the run's stages build from the same config
 (`cai_jax.tools.aot_steps`): the stage section gives the batch, lengths, gradient
 accumulation and optimizer (sl_train, pm_train, ppo), and for PPO also the
 models' dtypes (ppo.dtype, ref_dtype, pm_dtype) and share_trunk; override
-them with --config.<section>.<field> as for a run. It builds the mesh over
+them with --config.<section>.<field> as for a run. --step=generate compiles
+the sampler's prefill and decode for the section that generates (--section:
+ppo, sl_generate, pairs; `aot_generate`), and --step=ppo compiles them with
+the rest of an iteration. --config.model.source=hf:DIR takes the model's
+shapes from DIR/config.json alone (`aot_model`). It builds the mesh over
 the topology's devices (`jax.experimental.topologies`, needs libtpu from the
 `tpu` extra), lowers and compiles the step kind's phases with abstract
 inputs, and prints per-chip memory
 from the compiler (arguments, outputs, temporaries; plus state that stays
 resident between phases), the analytic FLOPs, and the step time at the chip's
-peak FLOP/s. A config that does not fit ends with "does not fit: needs X GiB
+peak FLOP/s; for generation the prefill and decode-step bounds and the
+slice's tokens per second, and for PPO one iteration's bound (generate +
+score + update). A config that does not fit ends with "does not fit: needs X GiB
 per chip, v5p has 95 GiB" and exit code 2, not a traceback.
 
 Each compile of a paper-sized model takes one to several minutes of CPU.
@@ -35,7 +45,7 @@ if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from cai_jax import sharding as shd
-from cai_jax.tools import aot_steps, tpu_specs
+from cai_jax.tools import aot_generate, aot_steps, tpu_specs
 
 GIB = 2 ** 30
 INSTALL_HINT = 'pip install "jax[tpu]==0.10.2"'
@@ -120,6 +130,8 @@ class PhaseReport:
     cost_analysis_flops: Optional[float]  # XLA's count, per device; a scan body counted once
     model_flops: float
     hardware_flops: float
+    generation: bool = False  # the sampler's prefill or decode (see GenerationReport)
+    loop_collective_bytes: Optional[int] = None  # per iteration of its compiled loop, per chip
 
     @property
     def total_bytes(self) -> int:
@@ -147,6 +159,8 @@ class AotReport:
     tokens_per_step: int
     resident_bytes: dict
     phases: list
+    generation: Optional[aot_generate.GenerationReport] = None
+    notes: tuple = ()  # what the compile cannot show (aot_model)
 
     @property
     def peak_bytes(self) -> int:
@@ -158,21 +172,41 @@ class AotReport:
 
     @property
     def model_flops(self) -> float:
-        return sum(p.model_flops for p in self.phases)
+        """The FLOPs of the phases bounded by compute (generation is bounded apart)."""
+        return sum(p.model_flops for p in self.phases if not p.generation)
 
     @property
     def hardware_flops(self) -> float:
-        return sum(p.hardware_flops for p in self.phases)
+        return sum(p.hardware_flops for p in self.phases if not p.generation)
 
     @property
     def step_seconds_at_peak(self) -> float:
-        """The MFU bound: model FLOPs at 100% of every chip's peak."""
+        """The MFU bound: model FLOPs at 100% of every chip's peak (for PPO: one
+        minibatch update of each model and the scoring passes)."""
         return self.model_flops / (self.chips * self.peak_flops_per_chip)
+
+    def phase_seconds(self, name: str) -> float:
+        return sum(p.model_flops for p in self.phases if p.name == name) / (
+            self.chips * self.peak_flops_per_chip)
+
+    @property
+    def iteration_seconds(self) -> Optional[dict]:
+        """PPO: one iteration at the bounds, by part: generating the rollout,
+        scoring it, and epochs x minibatches updates of each model."""
+        if self.kind != "ppo" or self.generation is None:
+            return None
+        updates = self.workload["updates_per_iteration"] * (
+            self.phase_seconds("policy_update") + self.phase_seconds("value_update"))
+        parts = {"generate": self.generation.seconds,
+                 "score": sum(self.phase_seconds(n) for n in aot_steps.SCORING_PHASES), "update": updates}
+        return dict(parts, total=sum(parts.values()))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.update(peak_bytes=self.peak_bytes, fits=self.fits, model_flops=self.model_flops,
-                   hardware_flops=self.hardware_flops, step_seconds_at_peak=self.step_seconds_at_peak)
+                   hardware_flops=self.hardware_flops, step_seconds_at_peak=self.step_seconds_at_peak,
+                   iteration_seconds=self.iteration_seconds,
+                   generation=self.generation.to_dict() if self.generation else None)
         for phase, obj in zip(out["phases"], self.phases):
             phase["total_bytes"] = obj.total_bytes
         return out
@@ -182,14 +216,16 @@ class AotReport:
         w = self.workload
         size = (f"{self.num_params / 1e9:.2f}B" if self.num_params >= 1e9
                 else f"{self.num_params / 1e6:.1f}M")
-        lines = [
-            f"{self.model} ({size} parameters) {self.kind} on {self.topology} "
-            f"({self.slice_name}, {self.chips} chips), mesh {mesh}",
-            f"compute {self.dtype}, params {self.param_dtype}, remat={self.remat}, "
-            f"Adam mu {w.get('mu_dtype') or self.param_dtype}; batch {w['batch_size']} x "
-            f"{w['seq_len']} tokens, gradient accumulation {self.grad_accum_steps}",
-        ]
-        if self.kind == "ppo":
+        lines = [f"{self.model} ({size} parameters) {self.kind} on {self.topology} "
+                 f"({self.slice_name}, {self.chips} chips), mesh {mesh}"]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.kind in ("sft", "pm", "ppo"):
+            lines.append(f"compute {self.dtype}, params {self.param_dtype}, remat={self.remat}, "
+                         f"Adam mu {w.get('mu_dtype') or self.param_dtype}; batch {w['batch_size']} x "
+                         f"{w['seq_len']} tokens, gradient accumulation {self.grad_accum_steps}")
+        else:
+            lines.append(f"compute {self.dtype}, params {self.param_dtype}")
+        if self.kind in ("ppo", "score"):
             lines.append(f"rollouts {w['rollout_batch_size']} x {w['seq_len']} tokens "
                          f"({w['answer_len']} answer); reference {w['ref_dtype']}, preference model "
                          f"{w['pm_dtype']}; " + ("policy and value on one trunk" if w["share_trunk"]
@@ -213,15 +249,47 @@ class AotReport:
         lines.append(f"peak {self.peak_bytes / GIB:.1f} GiB of {self.hbm_bytes / GIB:.0f} GiB per chip "
                      f"({100 * self.peak_bytes / self.hbm_bytes:.0f}%): {verdict}, headroom "
                      f"{(self.hbm_bytes - self.peak_bytes) / GIB:.1f} GiB")
-        cost = [p.cost_analysis_flops for p in self.phases if p.cost_analysis_flops is not None]
-        lines.append(f"FLOPs per step: {self.model_flops:.3e} model (analytic), "
-                     f"{self.hardware_flops:.3e} with rematerialisation"
-                     + (f"; XLA cost analysis {sum(cost):.3e} per device, scan bodies counted once"
-                        if cost else ""))
-        lines.append(f"step time at 100% MFU: {_seconds(self.step_seconds_at_peak)} "
-                     f"({self.chips} x {self.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16), "
-                     f"{self.tokens_per_step / self.step_seconds_at_peak:,.0f} tokens/s")
+        if self.model_flops:
+            cost = [p.cost_analysis_flops for p in self.phases
+                    if p.cost_analysis_flops is not None and not p.generation]
+            lines.append(f"FLOPs per step: {self.model_flops:.3e} model (analytic), "
+                         f"{self.hardware_flops:.3e} with rematerialisation"
+                         + (f"; XLA cost analysis {sum(cost):.3e} per device, scan bodies counted once"
+                            if cost else ""))
+            what = " (one minibatch update of each model + scoring)" if self.kind == "ppo" else ""
+            lines.append(f"step time at 100% MFU{what}: {_seconds(self.step_seconds_at_peak)} "
+                         f"({self.chips} x {self.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16), "
+                         f"{self.tokens_per_step / self.step_seconds_at_peak:,.0f} tokens/s")
+        if self.generation is not None:
+            lines += _generation_lines(self.generation, self.chips)
+        if self.iteration_seconds is not None:
+            t = self.iteration_seconds
+            lines.append(f"one PPO iteration at these bounds: {_seconds(t['total'])} = generate "
+                         f"{_seconds(t['generate'])} + score {_seconds(t['score'])} + update "
+                         f"{_seconds(t['update'])} ({w['epochs']} epochs x "
+                         f"{w['updates_per_iteration'] // w['epochs']} minibatches of policy and value)")
         return "\n".join(lines)
+
+
+def _generation_lines(g: aot_generate.GenerationReport, chips: int) -> list[str]:
+    bounds = ", ".join(f"{k} {_seconds(v)}" for k, v in g.decode_step_bounds.items())
+    moved = (f"; the compiled step moves {g.decode_step_collective_bytes / 2 ** 20:.1f} MiB per chip "
+             "between chips" if g.decode_step_collective_bytes is not None else "")
+    copy = " (its own copy: the sampler runs the layers unrolled)" if g.copies_weights else ""
+    return [
+        f"generation ({g.section}): {g.rows} prompts in {g.batches} sampler batch(es) of {g.batch_rows} rows x "
+        f"{g.prompt_width}-token prompts + {g.answer_tokens} new tokens (cache {g.prompt_width + g.gen_width} "
+        f"slots), temperature {g.temperature:g}",
+        f"  per chip: weights {g.weight_bytes / GIB:.2f} GiB{copy}, KV cache {g.cache_bytes / GIB:.2f} GiB",
+        f"  prefill: {g.prefill_flops:.3e} FLOPs, at 100% of peak {_seconds(g.prefill_seconds)}",
+        f"  decode step: reads {g.decode_step_bytes / GIB:.2f} GiB per chip (weights "
+        f"{g.decode_step_weight_bytes / GIB:.2f} + KV cache {g.cache_bytes / GIB:.2f}), "
+        f"{g.decode_step_flops:.3e} FLOPs{moved}",
+        f"  decode step bound: {_seconds(g.decode_step_seconds)} (HBM, compute, interconnect: {bounds}); "
+        f"{g.answer_tokens - 1} steps {_seconds(g.decode_seconds)}",
+        f"  generate: {_seconds(g.batch_seconds)} per batch, {_seconds(g.seconds)} in all, "
+        f"{g.tokens_per_second:,.0f} answer tokens/s on the {chips} chips",
+    ]
 
 
 def _seconds(t: float) -> str:
@@ -252,7 +320,7 @@ def compile_phases(phases: aot_steps.Phases, chip: tpu_specs.ChipSpec, progress=
         if progress:
             progress(f"compiling {phase.name} ...")
         try:
-            compiled = phase.fn.lower(*phase.args).compile()
+            compiled = phase.fn.lower(*phase.args, **phase.kwargs).compile()
         except Exception as e:
             oom = parse_oom(str(e))
             if oom is None:
@@ -269,10 +337,13 @@ def compile_phases(phases: aot_steps.Phases, chip: tpu_specs.ChipSpec, progress=
                         f"{capacity / GIB:.2f} GiB, plus {other / GIB:.1f} GiB of other resident state")
             raise DoesNotFit(needed, chip, what) from None
         mem = compiled.memory_analysis()
+        collectives = (aot_generate.loop_collective_bytes(compiled.as_text())
+                       if phase.count_loop_collectives else None)
         report = PhaseReport(
             phase.name, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
             int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), other,
-            time.time() - start, _cost_flops(compiled), phase.model_flops, phase.hardware_flops)
+            time.time() - start, _cost_flops(compiled), phase.model_flops, phase.hardware_flops,
+            phase.generation, collectives)
         reports.append(report)
         if report.total_bytes > chip.hbm_bytes:
             raise DoesNotFit(report.total_bytes, chip, f"{phase.name}: arguments + outputs + "
@@ -281,10 +352,12 @@ def compile_phases(phases: aot_steps.Phases, chip: tpu_specs.ChipSpec, progress=
 
 
 def run_aot(config, topology: str, kind: str, mesh_sizes: Optional[Mapping[str, int]] = None,
-            devices=None, micro_batch_per_shard: Optional[int] = None, progress=None) -> AotReport:
+            devices=None, micro_batch_per_shard: Optional[int] = None, progress=None,
+            section: str = "ppo", prompt_tokens: Optional[int] = None) -> AotReport:
     """Compiles step `kind` as the experiment `config` runs it (model section,
     stage section; mesh sizes default to config.mesh) for `topology`; returns
-    the report or raises DoesNotFit / AotConfigError."""
+    the report or raises DoesNotFit / AotConfigError. `section` and
+    `prompt_tokens`: see aot_steps.build_phases."""
     chip, _ = tpu_specs.parse_topology(topology)
     devices = devices if devices is not None else topology_devices(topology)
     try:
@@ -293,19 +366,24 @@ def run_aot(config, topology: str, kind: str, mesh_sizes: Optional[Mapping[str, 
     except ValueError as e:
         raise AotConfigError(f"{e} (topology {topology} has {len(devices)} chips)") from None
     try:
-        phases = aot_steps.build_phases(kind, config, mesh, micro_batch_per_shard)
+        phases = aot_steps.build_phases(kind, config, mesh, micro_batch_per_shard, section, prompt_tokens)
     except ValueError as e:
         raise AotConfigError(str(e)) from None
     reports = compile_phases(phases, chip, progress)
     cfg = phases.model_config
+    generation = None
+    if phases.generation is not None:
+        decode = next(r for r in reports if r.name == "decode")
+        generation = aot_generate.generation_report(phases.generation, chip, len(devices),
+                                                    decode.loop_collective_bytes)
     return AotReport(
-        kind=kind, model=str(config.model.get("name") or "custom"), num_params=cfg.num_params(),
+        kind=kind, model=phases.model_name, num_params=cfg.num_params(),
         topology=topology, slice_name=tpu_specs.slice_name(topology), chips=len(devices),
         mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes, peak_flops_per_chip=chip.peak_bf16_flops,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, workload=dict(phases.workload),
         grad_accum_steps=phases.grad_accum_steps, tokens_per_step=phases.tokens_per_step,
         resident_bytes={k: aot_steps.bytes_per_chip(v) for k, v in phases.resident.items()},
-        phases=reports)
+        phases=reports, generation=generation, notes=phases.notes)
 
 
 def _main(argv):
@@ -318,7 +396,8 @@ def _main(argv):
         mesh_sizes = parse_mesh(flags.FLAGS.mesh) if flags.FLAGS.mesh else None
         report = run_aot(config, flags.FLAGS.topology, flags.FLAGS.step, mesh_sizes,
                          micro_batch_per_shard=flags.FLAGS.micro_batch_per_shard,
-                         progress=lambda m: print(m, file=sys.stderr, flush=True))
+                         progress=lambda m: print(m, file=sys.stderr, flush=True),
+                         section=flags.FLAGS.section, prompt_tokens=flags.FLAGS.prompt_tokens)
     except (DoesNotFit, AotConfigError) as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)
@@ -338,6 +417,11 @@ def main():
     flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4 (64 chips = v5p-128)")
     flags.DEFINE_enum("step", "sft", list(aot_steps.STEP_KINDS), "which step to compile")
     flags.DEFINE_string("mesh", None, "mesh axis sizes, e.g. fsdp=16,tensor=4 (default: config.mesh)")
+    flags.DEFINE_enum("section", "ppo", list(aot_generate.GENERATE_SECTIONS),
+                      "--step=generate: the stage section whose generation to compile")
+    flags.DEFINE_integer("prompt_tokens", None,
+                         "--step=generate: the longest prompt (default: the section's limit; "
+                         "sl_generate has none but the model's context)")
     flags.DEFINE_integer("micro_batch_per_shard", None,
                          "set the section's grad_accum_steps so each batch shard takes this many rows "
                          "per micro-step (0: none; default: the config's grad_accum_steps)")

@@ -7,12 +7,17 @@ stages call, from the run's own config (its model section and stage section):
        config.sl_train's optimizer, batch_size, grad_accum_steps, max_seq_len)
   pm   one optimizer step of the preference-model trainer
        (rl_cai/preference.build_trainer: config.pm_train)
-  ppo  one PPO iteration after decoding, as rl_cai/ppo.build_programs builds it
+  ppo  one PPO iteration, as rl_cai/ppo.build_programs and PPORunner build it
        from config.ppo (dtype, ref_dtype, pm_dtype, share_trunk, temperature,
-       rollout_batch_size, minibatch_size, grad_accum_steps, optimizers): the
-       rollout's forward passes (policy and reference log-probs, values), the
-       preference model's score, then one minibatch update of the policy and
-       one of the value model (one update of both heads with a shared trunk)
+       rollout_batch_size, sample_batch_size, minibatch_size, grad_accum_steps,
+       optimizers): the sampler's prefill and decode of the rollout
+       (`aot_generate`), the rollout's forward passes (policy and reference
+       log-probs, values), the preference model's score, then one minibatch
+       update of the policy and one of the value model (one update of both
+       heads with a shared trunk)
+  score     PPO's scoring passes alone (rollout forward passes, preference model)
+  generate  the sampler's prefill and decode for the stage section that
+       generates (`aot_generate`: ppo, sl_generate or pairs)
 
 The train steps are the trainers' own (training/trainer.py): `train_step`
 with `abstract_state` (`jax.eval_shape`, with the state's shardings).
@@ -52,11 +57,13 @@ import ml_collections
 import numpy as np
 
 from cai_jax import sharding as shd
-from cai_jax.models.config import TransformerConfig, model_config_from_dict
+from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import Transformer, abstract_params
+from cai_jax.tools.aot_model import model_for_aot
 
-STEP_KINDS = ("sft", "pm", "ppo")
-SECTIONS = {"sft": "sl_train", "pm": "pm_train", "ppo": "ppo"}
+STEP_KINDS = ("sft", "pm", "ppo", "score", "generate")
+SECTIONS = {"sft": "sl_train", "pm": "pm_train", "ppo": "ppo", "score": "ppo"}
+SCORING_PHASES = ("rollout_scores", "pm_score")
 
 
 @dataclasses.dataclass
@@ -70,6 +77,11 @@ class Phase:
     uses: tuple[str, ...]
     model_flops: float
     hardware_flops: float
+    kwargs: dict = dataclasses.field(default_factory=dict)  # static keyword arguments of `fn`
+    # The sampler's prefill or decode: its time is bounded in `aot_generate`
+    # (decode by memory), not by model_flops at peak.
+    generation: bool = False
+    count_loop_collectives: bool = False  # report the collectives of its compiled loop body
 
 
 @dataclasses.dataclass
@@ -82,6 +94,9 @@ class Phases:
     tokens_per_step: int
     model_config: TransformerConfig  # the trained model (the policy in PPO)
     workload: dict  # the config numbers that fix the shapes, for the report
+    generation: Any = None  # aot_generate.GeneratePlan of the generate phases, if any
+    model_name: str = "custom"
+    notes: tuple = ()  # what the compile cannot show (aot_model)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -184,28 +199,45 @@ def grad_accum_for(batch_size: int, mesh, micro_batch_per_shard: int, rules=shd.
 # ---------------------------------------------------------------- phases
 
 def stage_section(config, kind: str) -> ml_collections.ConfigDict:
-    """A copy of the config's section for `kind`, or the stage's defaults."""
-    name = SECTIONS[kind]
+    """A copy of the config's section for step `kind`, or the stage's defaults."""
+    return section_of(config, SECTIONS[kind])
+
+
+def section_of(config, name: str) -> ml_collections.ConfigDict:
+    """A copy of `config`'s section `name` (sl_train, pm_train, ppo,
+    sl_generate, pairs), or that stage's defaults where the config has none
+    (configs/base.py's get_config)."""
     if name in config:
         return copy.deepcopy(config[name])
-    from cai_jax.rl_cai import ppo, preference
-    from cai_jax.sl_cai import sft
-    return {"sft": sft, "pm": preference, "ppo": ppo}[kind].get_default_config()
+    from cai_jax.rl_cai import pairs, ppo, preference
+    from cai_jax.sl_cai import generate, sft
+    stages = {"sl_train": sft, "pm_train": preference, "ppo": ppo, "sl_generate": generate, "pairs": pairs}
+    return stages[name].get_default_config()
 
 
-def build_phases(kind: str, config, mesh, micro_batch_per_shard: Optional[int] = None) -> Phases:
+def build_phases(kind: str, config, mesh, micro_batch_per_shard: Optional[int] = None,
+                 section: str = "ppo", prompt_tokens: Optional[int] = None) -> Phases:
     """The abstract phases of one step of `kind` as `config` runs it on `mesh`.
     `micro_batch_per_shard` replaces the section's grad_accum_steps by the
-    accumulation that gives each batch shard that many rows per micro-step."""
+    accumulation that gives each batch shard that many rows per micro-step.
+    `section` (generate only) names the stage section that generates, and
+    `prompt_tokens` replaces its longest prompt."""
     if kind not in STEP_KINDS:
         raise ValueError(f"--step is {kind!r}; one of {STEP_KINDS}")
-    section = stage_section(config, kind)
-    if micro_batch_per_shard is not None:
-        rows = section.minibatch_size if kind == "ppo" else section.batch_size
-        section.grad_accum_steps = grad_accum_for(rows, mesh, micro_batch_per_shard)
-    model_cfg = model_config_from_dict(config.model)
-    builder = {"sft": _sft_phases, "pm": _pm_phases, "ppo": _ppo_phases}[kind]
-    return builder(model_cfg, section, config, mesh)
+    model_cfg, name, notes = model_for_aot(config.model)
+    if kind == "generate":
+        phases = _generate_phases(model_cfg, config, mesh, section, prompt_tokens)
+    else:
+        stage = stage_section(config, kind)
+        if micro_batch_per_shard is not None and kind != "score":
+            rows = stage.minibatch_size if kind == "ppo" else stage.batch_size
+            stage.grad_accum_steps = grad_accum_for(rows, mesh, micro_batch_per_shard)
+        builder = {"sft": _sft_phases, "pm": _pm_phases, "ppo": _ppo_phases, "score": _score_phases}[kind]
+        phases = builder(model_cfg, stage, config, mesh)
+        if kind == "ppo" and phases.generation is None:
+            notes.append("generation is not compiled on one device: the sampler runs its feature-major "
+                         "trunk there, which the AOT tool does not model")
+    return dataclasses.replace(phases, model_name=name, notes=tuple(notes))
 
 
 def _train_phase(name: str, trainer, batch: dict, rows: int, seq: int, resident_name: str):
@@ -259,9 +291,10 @@ def _rollout_rows(rows: int, prompt: int, answer: int) -> dict:
     return {**tokens, **per_answer}
 
 
-def _ppo_phases(cfg, c, config, mesh):
+def _ppo_phases(cfg, c, config, mesh, with_generation: Optional[bool] = None):
     from cai_jax.inference import preference_scorer
     from cai_jax.rl_cai import ppo
+    from cai_jax.tools import aot_generate
 
     ppo.check_config(c, mesh)
     prompt, answer = c.max_prompt_tokens, c.max_new_tokens
@@ -304,6 +337,14 @@ def _ppo_phases(cfg, c, config, mesh):
                             ("value_params", "value_opt_state", "rollout_batch"), value_model_f, value_hw_f))
         resident.update({"value_params": value_state.params,
                          "value_opt_state": (value_state.step, value_state.opt_state)})
+    plan = None
+    if with_generation is None:  # the sampler's trunk on one device is not modelled (aot_generate)
+        with_generation = mesh.size > 1
+    if with_generation:  # the rollout: the sampler on the policy's weights
+        workload = aot_generate.workload_for(config, "ppo", policy_cfg)
+        generation, plan = aot_generate.generate_phases(policy_cfg, workload, mesh, "policy_params",
+                                                        policy_cfg.scan_layers)
+        phases += generation
     # The scorer is a plain jit: the shardings come from its abstract arguments.
     phases += [
         Phase("rollout_scores", programs.scorer,
@@ -322,5 +363,38 @@ def _ppo_phases(cfg, c, config, mesh):
     workload = {"batch_size": minibatch, "seq_len": seq, "rollout_batch_size": rows,
                 "answer_len": answer, "grad_accum_steps": c.grad_accum_steps,
                 "mu_dtype": c.policy_optimizer.mu_dtype, "dtype": c.dtype, "ref_dtype": c.ref_dtype,
-                "pm_dtype": c.pm_dtype, "share_trunk": bool(c.share_trunk)}
-    return Phases("ppo", phases, resident, c.grad_accum_steps, minibatch * seq, policy_cfg, workload)
+                "pm_dtype": c.pm_dtype, "share_trunk": bool(c.share_trunk), "epochs": c.epochs,
+                "updates_per_iteration": c.epochs * (rows // minibatch)}
+    return Phases("ppo", phases, resident, c.grad_accum_steps, minibatch * seq, policy_cfg, workload, plan)
+
+
+def _score_phases(cfg, c, config, mesh):
+    """PPO's scoring passes alone, with the models they read resident."""
+    whole = _ppo_phases(cfg, c, config, mesh, with_generation=False)
+    phases = [p for p in whole.phases if p.name in SCORING_PHASES]
+    used = {name for p in phases for name in p.uses} - {"rollout_batch"}  # the rollout is an argument
+    resident = {k: v for k, v in whole.resident.items() if k in used}
+    rows, seq = c.rollout_batch_size, whole.workload["seq_len"]
+    workload = {k: whole.workload[k] for k in ("rollout_batch_size", "seq_len", "answer_len", "dtype",
+                                               "ref_dtype", "pm_dtype", "share_trunk")}
+    return Phases("score", phases, resident, 1, rows * seq, whole.model_config, workload)
+
+
+def _generate_phases(cfg, config, mesh, section: str, prompt_tokens: Optional[int]):
+    """The sampler's prefill and decode for the stage `section`, on the
+    weights of the model that section generates with: the policy (in
+    ppo.dtype) for ppo, config.model for sl_generate and pairs."""
+    from cai_jax.rl_cai import ppo
+    from cai_jax.tools import aot_generate
+
+    if section == "ppo":
+        cfg = cfg.replace(**ppo.model_overrides(section_of(config, "ppo"))["policy"])
+    cfg = cfg.replace(heads=("lm",))
+    workload = aot_generate.workload_for(config, section, cfg, prompt_tokens)
+    phases, plan = aot_generate.generate_phases(cfg, workload, mesh, "model_weights", cfg.scan_layers)
+    resident = {"model_weights": abstract_params_sharded(cfg, mesh)}
+    summary = {"section": section, "rows": workload.rows, "batch_size": workload.batch_size,
+               "prompt_tokens": workload.prompt_tokens, "answer_len": workload.answer_tokens,
+               "dtype": cfg.dtype}
+    return Phases("generate", phases, resident, 1, workload.rows * workload.answer_tokens, plan.model_config,
+                  summary, plan)
