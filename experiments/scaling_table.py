@@ -262,6 +262,8 @@ def markdown(results: dict, labels, kinds, generation: str = "v5p") -> str:
                 rows.append(f"| {label} | {kind} | {status} |" + " |" * 10)
                 continue
             mesh = fit["mesh"]
+            # Generation alone has no FLOP-bound step: its time is the generate column.
+            flops = f"{fit['model_flops']:.2e}" if fit["model_flops"] else ""
             step = _seconds(fit["step_seconds_at_peak"]) if fit["model_flops"] else ""
             generate = (f"{_seconds(fit['generate']['seconds'])} ({fit['generate']['tokens_per_second']:,.0f} "
                         "tokens/s)" if "generate" in fit else "")
@@ -271,7 +273,7 @@ def markdown(results: dict, labels, kinds, generation: str = "v5p") -> str:
             rows.append(
                 f"| {label} | {kind} | {fit['slice']} ({fit['topology'].split(':')[1]}, {fit['chips']} chips) | "
                 f"{mesh['fsdp']} x {mesh['tensor']} | {fit['peak_gib']:.1f} | {fit['headroom_gib']:.1f} | "
-                f"{fit['resident_gib']:.1f} | {fit['grad_accum_steps']} | {fit['model_flops']:.2e} | "
+                f"{fit['resident_gib']:.1f} | {fit['grad_accum_steps']} | {flops} | "
                 f"{step} | {generate} | {iteration} | {ruled_out(results, label, kind, fit)} |")
     return "\n".join(rows)
 
