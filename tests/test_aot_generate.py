@@ -39,6 +39,14 @@ def _hf_section(directory, **fields):
     return section
 
 
+def _small_qwen2_config_json(directory, max_position_embeddings: int) -> None:
+    """A Qwen2-shaped model (q/k/v biases, untied head) small enough to compile in seconds."""
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+        "max_position_embeddings": max_position_embeddings, "rope_theta": 1e6, "tie_word_embeddings": False}))
+
+
 def _rollout(rows, prompt, answer, **fields):
     section = dict(rollout_batch_size=rows, minibatch_size=rows, sample_batch_size=rows,
                    max_prompt_tokens=prompt, max_new_tokens=answer)
@@ -170,11 +178,8 @@ def test_smollm2_generate_compiles_for_v5p(v5p8):
 
 @needs_libtpu
 def test_model_from_a_config_json_alone_compiles_sft_and_generate(tmp_path, v5p8):
-    # A Qwen2-shaped model (q/k/v biases, untied head) known only by its config.json.
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-        "max_position_embeddings": 256, "rope_theta": 1e6, "tie_word_embeddings": False}))
+    # A model known only by its config.json.
+    _small_qwen2_config_json(tmp_path, max_position_embeddings=256)
     config = _config(_hf_section(tmp_path, dtype="bfloat16"), **_rollout(8, 32, 16),
                      sl_train=dict(batch_size=8, max_seq_len=64, grad_accum_steps=1))
     sft = aot.run_aot(config, "v5p:2x2x1", "sft", {"fsdp": 4}, devices=v5p8)
@@ -207,3 +212,27 @@ def test_scoring_compiles_on_its_own(v5p8):
     # Only the models the passes read stay resident: no optimizer state, no update batch.
     assert set(report.resident_bytes) == {"policy_params", "value_params", "reference", "preference_model"}
     assert report.tokens_per_step == 8 * 64
+
+
+@needs_libtpu
+def test_pod_config_compiles_for_a_small_topology(tmp_path, v5p8):
+    # configs/pod.py (its dtypes, remat, mesh, PPO's models and epochs) with a
+    # Qwen2-shaped model and batches small enough to compile here in seconds;
+    # the full-size compiles are in experiments/results/pod_qwen2.5-7b-instruct.json.
+    from cai_jax.config import load_config
+    _small_qwen2_config_json(tmp_path, max_position_embeddings=32768)
+    small = ["sl_train.batch_size=8", "sl_train.max_seq_len=128", "pm_train.max_seq_len=128",
+             "ppo.rollout_batch_size=16", "ppo.sample_batch_size=16", "ppo.minibatch_size=8",
+             "ppo.max_prompt_tokens=64", "ppo.max_new_tokens=32"]
+    config = load_config(os.path.join(REPO, "configs", "pod.py"), [f"model.source=hf:{tmp_path}", *small])
+    assert config.data.red_team.endswith("harmless-base/train.jsonl.gz")
+    assert config.data.helpful.endswith("helpful-base/train.jsonl.gz")
+    sft = aot.run_aot(config, "v5p:2x2x1", "sft", devices=v5p8)
+    assert sft.fits and sft.mesh == {"data": 1, "fsdp": 1, "tensor": 4}
+    assert (sft.dtype, sft.param_dtype, sft.remat) == ("bfloat16", "float32", "full")
+    ppo = aot.run_aot(config, "v5p:2x2x1", "ppo", devices=v5p8)
+    assert ppo.fits and "value_update" in [p.name for p in ppo.phases]
+    assert ppo.workload["ref_dtype"] == ppo.workload["pm_dtype"] == "bfloat16"
+    # 4 epochs of 2 minibatches per iteration, each updating policy and value.
+    assert ppo.iteration_seconds["update"] == pytest.approx(
+        8 * (ppo.phase_seconds("policy_update") + ppo.phase_seconds("value_update")))
