@@ -16,6 +16,44 @@ from cai_jax.models.matmul import check_matmul_dtype
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEADS = ("lm", "scalar")
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How a model rescales RoPE's inverse frequencies (HF config.json's
+    `rope_scaling`, or `rope_parameters` in transformers 5); models/rope.py
+    applies it.
+
+    "linear": every frequency divided by `factor` (positions interpolated).
+    "llama3" (Llama 3.1 onwards): rotations with wavelengths shorter than
+    original_max_position_embeddings / high_freq_factor are kept, those longer
+    than original_max_position_embeddings / low_freq_factor are slowed by
+    `factor`, and the band between is blended linearly in
+    original_max_position_embeddings / wavelength.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None  # llama3 only, as are the two below
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling.rope_type is {self.rope_type!r}; one of {ROPE_SCALINGS}")
+        llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        given = [k for k in llama3 if getattr(self, k) is not None]
+        if self.rope_type == "llama3" and len(given) < len(llama3):
+            missing = next(k for k in llama3 if k not in given)
+            raise ValueError(f"model.rope_scaling 'llama3' needs {missing}")
+        if self.rope_type == "linear" and given:
+            raise ValueError(f"model.rope_scaling 'linear' takes only a factor, not {given[0]}")
+        if self.rope_type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"model.rope_scaling 'llama3': low_freq_factor ({self.low_freq_factor}) must be "
+                             f"below high_freq_factor ({self.high_freq_factor})")
+        if not self.factor > 0:
+            raise ValueError(f"model.rope_scaling.factor is {self.factor}; must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +72,8 @@ class TransformerConfig:
     # gpt2 = learned positions + LayerNorm + GELU MLP + biases.
     arch: str = "llama"
     rope_theta: float = 10000.0
+    # None: plain RoPE. A dict (as model.json holds it) becomes a RopeScaling.
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v only.
     out_bias: bool = False
@@ -49,6 +89,8 @@ class TransformerConfig:
     heads: tuple[str, ...] = ("lm",)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.arch not in ("llama", "gpt2"):
             raise ValueError(f"model.arch is {self.arch!r}; must be 'llama' or 'gpt2'")
         if self.num_heads % self.num_kv_heads:
