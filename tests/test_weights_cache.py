@@ -177,6 +177,8 @@ def test_gguf_linear_rope_scaling_is_read(tmp_path, cache):
      "per-frequency RoPE divisors (tensor rope_freqs"),
     (lambda w: w.add_uint32("llama.attention.sliding_window", 64),
      "sliding-window attention (window 64) is not modelled"),
+    (lambda w: w.add_uint32("llama.rope.dimension_count", HEAD_DIM // 2),
+     f"RoPE on {HEAD_DIM // 2} of each head's {HEAD_DIM} dimensions (partial rotary) is not modelled"),
 ])
 def test_gguf_features_we_do_not_model_are_refused_in_one_line(tmp_path, cache, extra, feature):
     path = tmp_path / "unmodelled.gguf"

@@ -51,15 +51,20 @@ def config_from_gguf(reader, path: str = "GGUF file") -> TransformerConfig:
     heads = int(get("attention.head_count"))
     names = {t.name for t in reader.tensors}
     vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    head_dim = int(get("attention.key_length", d_model // heads))
     window, context = get("attention.sliding_window"), int(get("context_length", 2048))
     if window is not None and int(window) < context:
         raise NotModelledError(f"{path}: sliding-window attention (window {window}) is not modelled; "
                                "cai_jax cannot run these weights")
+    rotated = int(get("rope.dimension_count", head_dim))
+    if rotated != head_dim:
+        raise NotModelledError(f"{path}: RoPE on {rotated} of each head's {head_dim} dimensions (partial rotary) "
+                               "is not modelled; cai_jax cannot run these weights")
     return TransformerConfig(
         arch="llama", vocab_size=int(vocab), d_model=d_model,
         num_layers=int(get("block_count")), num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", d_model // heads)),
+        head_dim=head_dim,
         mlp_dim=int(get("feed_forward_length")),
         max_seq_len=context,
         rope_theta=float(get("rope.freq_base", 10000.0)),
