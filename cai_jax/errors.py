@@ -51,6 +51,12 @@ def json_error_text(error, whole_file: bool = False) -> str:
     return f"{message} at {where}"
 
 
+class NotModelledError(UserError, ValueError):
+    """Model weights whose config asks for something our model does not compute
+    (a RoPE scaling or sliding-window attention we lack): the message names the
+    file and the feature. Loading them would run and give wrong answers."""
+
+
 class DivergenceError(UserError):
     """Training produced a non-finite loss, gradient or update. Raised before
     anything from that step is saved, so the last good checkpoint stays the

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from cai_jax.config import load_config_module, model_section
-from cai_jax.models.config import model_config_from_dict
+from cai_jax.models.config import RopeScaling, hf_features_not_modelled, model_config_from_dict
 from cai_jax.tools import aot, aot_generate, aot_model
 
 GIB = 2 ** 30
@@ -70,9 +70,33 @@ def test_hf_config_alone_gives_the_published_parameter_count(name, published):
         assert cfg.qkv_bias and cfg.rope_theta == 1e6 and notes == []
     else:
         assert (layers, d, f, h, kv, vocab) == (32, 4096, 14336, 32, 8, 128256)
-        assert not cfg.qkv_bias and cfg.rope_theta == 500000.0
-        # Our RoPE has no scaling: the shapes are right, real weights would not be.
-        assert len(notes) == 1 and "rope_scaling 'llama3'" in notes[0] and "not modelled" in notes[0]
+        assert not cfg.qkv_bias and cfg.rope_theta == 500000.0 and notes == []
+        assert cfg.rope_scaling == RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+def test_hf_config_features_we_do_not_model_are_notes_for_aot(tmp_path):
+    """Shapes alone still compile (a note says what the weights would need);
+    loading real weights with such a config refuses (test_model_parity)."""
+    published = os.path.join(FIXTURES, "llama-3.1-8b-instruct", "config.json")
+    with open(published) as f:
+        hf = json.load(f)
+    hf["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg, _, notes = aot_model.model_for_aot(_hf_section(tmp_path))
+    assert cfg.rope_scaling is None and cfg.num_params() == 8_030_261_248
+    assert notes == ["rope_scaling 'yarn' (factor 4.0) is not modelled (only linear, llama3): "
+                     "the rotary frequencies would be wrong"]
+    qwen = {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 2,
+            "num_hidden_layers": 4, "max_position_embeddings": 32768}
+    assert hf_features_not_modelled(qwen) == [
+        "sliding-window attention (window 4096) is not modelled: every layer would attend to the whole context"]
+    assert hf_features_not_modelled(dict(qwen, max_window_layers=4)) == []  # no layer at or past 4 slides
+    assert hf_features_not_modelled(dict(qwen, use_sliding_window=False)) == []
+    assert hf_features_not_modelled({"model_type": "mistral", "max_position_embeddings": 32768}) != []  # 4096
+    assert hf_features_not_modelled({"model_type": "mistral", "sliding_window": None}) == []
+    assert hf_features_not_modelled({"model_type": "mistral", "sliding_window": 4096,
+                                     "max_position_embeddings": 4096}) == []  # never reached
 
 
 def test_hf_dir_without_a_usable_config_is_a_one_line_error(tmp_path):

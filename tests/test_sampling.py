@@ -434,3 +434,43 @@ def test_feature_major_trunk_equals_the_flax_model(family, matmul_dtype, tiny):
     conts = [[8, 9], [10, 11, 12], [1]]
     for g, w in zip(fm.score(params, prompts, conts), flax_model.score(params, prompts, conts)):
         np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+def test_rope_scaling_reaches_both_trunks(tiny):
+    """With Llama 3.1's rope scaling (pretraining context cut to 32 so that
+    the prompts run past it) both trunks' greedy tokens are the argmax of the
+    Flax model's uncached forward pass at every step, and their log-probs its
+    log-softmax; plain RoPE would give other log-probs, so the scaling is
+    checked, not only the plumbing."""
+    from types import SimpleNamespace
+
+    from cai_jax.models.config import RopeScaling, TransformerConfig
+    from cai_jax.models.transformer import init_params
+    scaling = RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32)
+    cfg = TransformerConfig(**SMALL, **FAMILIES["llama_gqa_untied"], rope_scaling=scaling)
+    leaves, tree = jax.tree.flatten(init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(1)
+    params = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(0, 0.2, x.shape), jnp.float32) for x in leaves])
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (40, 29, 3)]
+    greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    scaled, plain = SimpleNamespace(config=cfg, params=params), \
+        SimpleNamespace(config=cfg.replace(rope_scaling=None), params=params)
+    trunks = (Sampler(cfg, tiny.tokenizer, mesh=None, progress=False),
+              Sampler(cfg, tiny.tokenizer, mesh=None, progress=False, unroll_layers=False))
+    assert [t.trunk.name for t in trunks] == ["feature_major", "flax"]
+    for sampler in trunks:
+        got = sampler.generate(params, prompts, greedy, batch_size=4)
+        seqs = [s.prompt_tokens.tolist() + s.tokens.tolist() for s in got]
+        logits, plain_logits = full_forward(scaled, seqs, width=64), full_forward(plain, seqs, width=64)
+        differs = 0.0
+        for row, (s, prompt) in enumerate(zip(got, prompts)):
+            steps = np.arange(len(prompt) - 1, len(prompt) - 1 + len(s.tokens))
+            assert s.tokens.tolist() == logits[row, steps].argmax(-1).tolist(), sampler.trunk.name
+            np.testing.assert_allclose(s.logprobs, log_softmax(logits[row, steps])[np.arange(12), s.tokens],
+                                       atol=1e-4)
+            unscaled = log_softmax(plain_logits[row, steps])[np.arange(12), s.tokens]
+            differs = max(differs, np.abs(unscaled - s.logprobs).max())
+        # About 0.02 (flat random-weight distributions): far beyond the 1e-4
+        # above, so a trunk that dropped the scaling would fail it.
+        assert differs > 1e-3, sampler.trunk.name

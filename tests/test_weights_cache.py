@@ -7,13 +7,16 @@ import gguf
 import numpy as np
 import pytest
 
+from cai_jax.errors import NotModelledError
+from cai_jax.models.config import RopeScaling
 from cai_jax.weights import converted_cache, gguf_import, layout
 
 D, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 64, 2, 4, 2, 16, 96, 128
 
 
-def _write_tiny_gguf(path, seed: int) -> None:
-    """A two-layer llama GGUF with Q8_0 matrices, so that loading dequantizes."""
+def _write_tiny_gguf(path, seed: int, extra=None) -> None:
+    """A two-layer llama GGUF with Q8_0 matrices, so that loading dequantizes.
+    `extra(writer)` adds fields or tensors."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in (("embedding_length", D), ("block_count", LAYERS), ("feed_forward_length", MLP),
@@ -37,6 +40,8 @@ def _write_tiny_gguf(path, seed: int) -> None:
             matrix(f"blk.{i}.{name}.weight", rows, cols)
         for name in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{i}.{name}.weight", rng.standard_normal(D).astype(np.float32))
+    if extra is not None:
+        extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -150,3 +155,35 @@ def test_smollm2_from_the_cache_equals_its_conversion(cache):
     second = load_model("smollm2", to_device=False)
     assert len(_entries(cache)) == 1 and first.config == second.config
     _assert_identical(first.params, second.params)
+
+
+def _rope_scaling(kind, factor=4.0):
+    def add(w):
+        w.add_string("llama.rope.scaling.type", kind)
+        w.add_float32("llama.rope.scaling.factor", factor)
+    return add
+
+
+def test_gguf_linear_rope_scaling_is_read(tmp_path, cache):
+    path = tmp_path / "linear.gguf"
+    _write_tiny_gguf(path, seed=0, extra=_rope_scaling("linear"))
+    cfg, _ = converted_cache.load_gguf(str(path))
+    assert cfg.rope_scaling == RopeScaling(rope_type="linear", factor=4.0)
+
+
+@pytest.mark.parametrize("extra, feature", [
+    (_rope_scaling("yarn"), "rope scaling 'yarn' is not modelled (only linear)"),
+    (lambda w: w.add_tensor("rope_freqs.weight", np.ones(HEAD_DIM // 2, np.float32)),
+     "per-frequency RoPE divisors (tensor rope_freqs"),
+    (lambda w: w.add_uint32("llama.attention.sliding_window", 64),
+     "sliding-window attention (window 64) is not modelled"),
+    (lambda w: w.add_uint32("llama.rope.dimension_count", HEAD_DIM // 2),
+     f"RoPE on {HEAD_DIM // 2} of each head's {HEAD_DIM} dimensions (partial rotary) is not modelled"),
+])
+def test_gguf_features_we_do_not_model_are_refused_in_one_line(tmp_path, cache, extra, feature):
+    path = tmp_path / "unmodelled.gguf"
+    _write_tiny_gguf(path, seed=0, extra=extra)
+    with pytest.raises(NotModelledError) as info:
+        converted_cache.load_gguf(str(path))
+    assert str(info.value).startswith(f"{path}: {feature}") and "\n" not in str(info.value)
+    assert _entries(cache) == []

@@ -16,6 +16,44 @@ from cai_jax.models.matmul import check_matmul_dtype
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEADS = ("lm", "scalar")
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How a model rescales RoPE's inverse frequencies (HF config.json's
+    `rope_scaling`, or `rope_parameters` in transformers 5); models/rope.py
+    applies it.
+
+    "linear": every frequency divided by `factor` (positions interpolated).
+    "llama3" (Llama 3.1 onwards): rotations with wavelengths shorter than
+    original_max_position_embeddings / high_freq_factor are kept, those longer
+    than original_max_position_embeddings / low_freq_factor are slowed by
+    `factor`, and the band between is blended linearly in
+    original_max_position_embeddings / wavelength.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None  # llama3 only, as are the two below
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling.rope_type is {self.rope_type!r}; one of {ROPE_SCALINGS}")
+        llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        given = [k for k in llama3 if getattr(self, k) is not None]
+        if self.rope_type == "llama3" and len(given) < len(llama3):
+            missing = next(k for k in llama3 if k not in given)
+            raise ValueError(f"model.rope_scaling 'llama3' needs {missing}")
+        if self.rope_type == "linear" and given:
+            raise ValueError(f"model.rope_scaling 'linear' takes only a factor, not {given[0]}")
+        if self.rope_type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"model.rope_scaling 'llama3': low_freq_factor ({self.low_freq_factor}) must be "
+                             f"below high_freq_factor ({self.high_freq_factor})")
+        if not self.factor > 0:
+            raise ValueError(f"model.rope_scaling.factor is {self.factor}; must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +72,8 @@ class TransformerConfig:
     # gpt2 = learned positions + LayerNorm + GELU MLP + biases.
     arch: str = "llama"
     rope_theta: float = 10000.0
+    # None: plain RoPE. A dict (as model.json holds it) becomes a RopeScaling.
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v only.
     out_bias: bool = False
@@ -49,12 +89,16 @@ class TransformerConfig:
     heads: tuple[str, ...] = ("lm",)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.arch not in ("llama", "gpt2"):
             raise ValueError(f"model.arch is {self.arch!r}; must be 'llama' or 'gpt2'")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of "
                 f"model.num_kv_heads ({self.num_kv_heads})")
+        if self.rope_scaling is not None and self.arch != "llama":
+            raise ValueError(f"model.rope_scaling is for RoPE (arch 'llama'); arch {self.arch!r} has none")
         if self.arch == "llama" and self.head_dim % 2:
             raise ValueError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
         for name in ("dtype", "param_dtype"):
@@ -147,22 +191,73 @@ MODEL_LADDER: dict[str, dict[str, Any]] = {
 FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 
 
+def hf_rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """An HF config.json's RoPE settings as one dict with "rope_type" and
+    "rope_theta": transformers 5 writes them as `rope_parameters`, earlier
+    versions as `rope_scaling` (type under "type" or "rope_type") beside a
+    top-level `rope_theta`. As transformers reads them, `rope_scaling` wins
+    over `rope_parameters`, and a theta inside the dict over the top-level one."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope["rope_type"] = rope.get("rope_type") or rope.pop("type", None) or "default"
+    rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    rope.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    return rope
+
+
+def rope_scaling_from_hf(hf: Mapping[str, Any]) -> RopeScaling | None:
+    """The RopeScaling an HF config.json asks for; None for plain RoPE or a
+    kind we do not model (hf_features_not_modelled names it)."""
+    rope = hf_rope_parameters(hf)
+    kind = rope["rope_type"]
+    if kind not in ROPE_SCALINGS:
+        return None
+    keys = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                         if kind == "llama3" else [])
+    missing = [k for k in keys if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling {kind!r} has no {missing[0]!r}")
+    return RopeScaling(rope_type=kind, **{k: rope[k] for k in keys})
+
+
+def hf_sliding_window(hf: Mapping[str, Any]) -> int | None:
+    """The attention window an HF config.json asks for, when some layer would
+    see fewer keys than max_position_embeddings allows; None for full
+    attention. As transformers reads it: Qwen2 slides only with
+    use_sliding_window and then only in layers from max_window_layers on;
+    Mistral slides whenever sliding_window is set (default 4096)."""
+    kind = hf.get("model_type")
+    window = hf.get("sliding_window", 4096 if kind == "mistral" else None)
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        slides = "sliding_attention" in layer_types
+    elif kind == "qwen2":
+        slides = bool(hf.get("use_sliding_window")) and \
+            hf.get("max_window_layers", 28) < hf.get("num_hidden_layers", 0)
+    else:
+        slides = kind == "mistral"
+    if not slides or window is None or window >= hf.get("max_position_embeddings", 2048):
+        return None
+    return int(window)
+
+
 def hf_features_not_modelled(hf: Mapping[str, Any]) -> list[str]:
     """What an HF config.json asks for that a TransformerConfig cannot hold,
-    one sentence each. None of it changes a shape, but weights loaded into
-    our model would compute something else (e.g. Llama 3.1's llama3 RoPE
-    scaling rescales the low rotary frequencies at every position)."""
+    one sentence each: a RoPE scaling other than linear and llama3, and
+    sliding-window attention. None of it changes a shape (tools/aot may go on
+    with a note), but real weights in our model would compute something else:
+    loading them refuses (weights/hf.py)."""
     notes = []
-    scaling = hf.get("rope_scaling") or {}
-    kind = (scaling.get("rope_type") or scaling.get("type")
-            or (hf.get("rope_parameters") or {}).get("rope_type") or "default")
-    if kind != "default":
-        factor = scaling.get("factor", (hf.get("rope_parameters") or {}).get("factor"))
-        notes.append(f"rope_scaling {kind!r} (factor {factor}) is not modelled: models/transformer.rope "
-                     "applies plain RoPE, so real weights would run with the wrong rotary frequencies")
-    if hf.get("use_sliding_window"):
-        notes.append(f"sliding-window attention (window {hf.get('sliding_window')}) is not modelled: "
-                     "every layer attends to the whole context")
+    rope = hf_rope_parameters(hf)
+    if rope["rope_type"] not in ("default",) + ROPE_SCALINGS:
+        notes.append(f"rope_scaling {rope['rope_type']!r} (factor {rope.get('factor')}) is not modelled "
+                     f"(only {', '.join(ROPE_SCALINGS)}): the rotary frequencies would be wrong")
+    if rope["partial_rotary_factor"] != 1.0:
+        notes.append(f"partial_rotary_factor {rope['partial_rotary_factor']} is not modelled: "
+                     "RoPE would turn the whole head")
+    window = hf_sliding_window(hf)
+    if window is not None:
+        notes.append(f"sliding-window attention (window {window}) is not modelled: "
+                     "every layer would attend to the whole context")
     return notes
 
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from cai_jax.models import matmul
 from cai_jax.models.config import TransformerConfig
-from cai_jax.models.transformer import attend, normalize, rope, write_cache
+from cai_jax.models.rope import rope
+from cai_jax.models.transformer import attend, normalize, write_cache
 from cai_jax.models.layer_layout import unstack_layers
 
 
@@ -104,8 +105,8 @@ def forward(cfg: TransformerConfig, params: dict, tokens_bt, positions_bt, key_m
         k = qkv[:, g].transpose(2, 3, 0, 1)  # [B, T, H_kv, hd]
         v = qkv[:, g + 1].transpose(2, 3, 0, 1)
         if cfg.arch == "llama":
-            q = rope(q, positions_bt, cfg.rope_theta)
-            k = rope(k, positions_bt, cfg.rope_theta)
+            q = rope(q, positions_bt, cfg)
+            k = rope(k, positions_bt, cfg)
         layer_cache, k_read, v_read, key_mask = write_cache(
             None if cache is None else (cache["k"][i], cache["v"][i]),
             k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), key_mask_bs, cache_index)

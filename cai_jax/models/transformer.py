@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from cai_jax.models import matmul
 from cai_jax.models.config import TransformerConfig
+from cai_jax.models.rope import rope
 
 KVCache = dict  # {"k": [L, B, H_kv, D, S], "v": [L, B, H_kv, S, D]}, see cache_shapes
 
@@ -89,19 +90,6 @@ def normalize(x, scale, bias, cfg: TransformerConfig, axis: int = -1):
     return (y * scale + bias.astype(jnp.float32).reshape(shape)).astype(cfg.compute_dtype)
 
 
-def rope(x_bthd, positions_bt, theta: float):
-    """Rotary embedding, HF "rotate half" layout (first half pairs with second)."""
-    half = x_bthd.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, D/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
-    x = x_bthd.astype(jnp.float32)
-    x1, x2 = x[..., :half], x[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-    return out.astype(x_bthd.dtype)
-
-
 def _dense(features, names, cfg, use_bias, axis=-1, name=None):
     """DenseGeneral whose kernel/bias carry logical axis names (bias: output axes)."""
     n_out = len(features) if isinstance(features, tuple) else 1
@@ -131,8 +119,8 @@ class Attention(nn.Module):
         k = qkv[:, :, :, g]
         v = qkv[:, :, :, g + 1]
         if cfg.arch == "llama":
-            q = rope(q, positions_bt, cfg.rope_theta)
-            k = rope(k, positions_bt, cfg.rope_theta)
+            q = rope(q, positions_bt, cfg)
+            k = rope(k, positions_bt, cfg)
         k_bkds = k.transpose(0, 2, 3, 1)  # the cache layout, see cache_shapes
         v_bksd = v.transpose(0, 2, 1, 3)
         new_cache, k_bkds, v_bksd, key_mask_bs = write_cache(layer_cache, k_bkds, v_bksd, key_mask_bs,

@@ -13,6 +13,7 @@ import time
 
 from absl import app, flags
 
+from cai_jax.errors import exit_on_user_error
 from cai_jax.weights import hf, model_dir
 from cai_jax.weights.loader import load_model
 
@@ -40,4 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # Weights whose config asks for what we do not model: one line, exit 2.
+    app.run(lambda argv: exit_on_user_error(main, argv))

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cai_jax.models.config import TransformerConfig
+from cai_jax.errors import NotModelledError
+from cai_jax.models.config import RopeScaling, TransformerConfig
 from cai_jax.weights import views
 
 # llama.cpp's converter interleaves the rotary halves of the Q and K rows for the
@@ -24,7 +25,24 @@ def _field(reader, key, default=None):
     return default if field is None else field.contents()
 
 
-def config_from_gguf(reader) -> TransformerConfig:
+def _rope_scaling(get, names, path: str) -> RopeScaling | None:
+    """The file's RoPE scaling: none, or linear; anything else is refused with
+    NotModelledError (the weights would run with the wrong rotary frequencies).
+    llama.cpp stores Llama 3.1's llama3 scaling as a tensor of per-frequency
+    divisors (rope_freqs), which we do not read."""
+    kind = get("rope.scaling.type", "none")
+    if "rope_freqs.weight" in names:
+        raise NotModelledError(f"{path}: per-frequency RoPE divisors (tensor rope_freqs, e.g. Llama 3.1's llama3 "
+                               "rope scaling) are not modelled for GGUF; load the model's HF safetensors (hf:DIR)")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(get("rope.scaling.factor")))
+    raise NotModelledError(f"{path}: rope scaling {kind!r} is not modelled (only linear); "
+                           "cai_jax cannot run these weights")
+
+
+def config_from_gguf(reader, path: str = "GGUF file") -> TransformerConfig:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})")
@@ -33,14 +51,24 @@ def config_from_gguf(reader) -> TransformerConfig:
     heads = int(get("attention.head_count"))
     names = {t.name for t in reader.tensors}
     vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    head_dim = int(get("attention.key_length", d_model // heads))
+    window, context = get("attention.sliding_window"), int(get("context_length", 2048))
+    if window is not None and int(window) < context:
+        raise NotModelledError(f"{path}: sliding-window attention (window {window}) is not modelled; "
+                               "cai_jax cannot run these weights")
+    rotated = int(get("rope.dimension_count", head_dim))
+    if rotated != head_dim:
+        raise NotModelledError(f"{path}: RoPE on {rotated} of each head's {head_dim} dimensions (partial rotary) "
+                               "is not modelled; cai_jax cannot run these weights")
     return TransformerConfig(
         arch="llama", vocab_size=int(vocab), d_model=d_model,
         num_layers=int(get("block_count")), num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", d_model // heads)),
+        head_dim=head_dim,
         mlp_dim=int(get("feed_forward_length")),
-        max_seq_len=int(get("context_length", 2048)),
+        max_seq_len=context,
         rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(get, names, path),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         qkv_bias="blk.0.attn_q.bias" in names,
         tie_embeddings="output.weight" not in names,
@@ -152,5 +180,5 @@ def read_gguf(path: str) -> tuple[TransformerConfig, DequantizedTensors]:
     import gguf
 
     reader = gguf.GGUFReader(path)
-    cfg = config_from_gguf(reader)
+    cfg = config_from_gguf(reader, path)
     return cfg, DequantizedTensors(path, reader, cfg, _field(reader, "general.architecture"))

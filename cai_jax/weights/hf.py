@@ -5,6 +5,7 @@ Nothing is downloaded: `directory` must already hold the files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,9 @@ import tempfile
 
 import numpy as np
 
-from cai_jax.models.config import TransformerConfig
+from cai_jax.errors import NotModelledError
+from cai_jax.models.config import (TransformerConfig, hf_features_not_modelled, hf_rope_parameters,
+                                   rope_scaling_from_hf)
 from cai_jax.weights import layout, safetensors_files
 from cai_jax.weights.safetensors_files import SafetensorsFiles
 
@@ -23,15 +26,17 @@ def config_from_hf(hf: dict, source: str = "config.json") -> TransformerConfig:
     model_type = hf.get("model_type")
     if model_type in _LLAMA_LIKE:
         heads = hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        try:
+            rope_scaling = rope_scaling_from_hf(hf)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         return TransformerConfig(
             arch="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             mlp_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(hf_rope_parameters(hf)["rope_theta"]), rope_scaling=rope_scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
             out_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -60,7 +65,7 @@ def config_to_hf(cfg: TransformerConfig):
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                   num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  rope_parameters=rope_parameters_to_hf(cfg),
                   tie_word_embeddings=cfg.tie_embeddings)
     if cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias:
         return Qwen2Config(**common)
@@ -70,14 +75,27 @@ def config_to_hf(cfg: TransformerConfig):
     return LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **common)
 
 
+def rope_parameters_to_hf(cfg: TransformerConfig) -> dict:
+    """transformers 5's `rope_parameters` for our RoPE (config_from_hf reads them back)."""
+    scaling = {} if cfg.rope_scaling is None else \
+        {k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items() if v is not None}
+    return {"rope_type": "default", **scaling, "rope_theta": cfg.rope_theta}
+
+
 def read_hf_dir(directory: str) -> tuple[TransformerConfig, SafetensorsFiles]:
     """The directory's config and its tensors, which are read only when (and as
-    far as) the layout code's views ask for them."""
+    far as) the layout code's views ask for them. A config asking for what our
+    model does not compute (hf_features_not_modelled) is refused: the weights
+    would run, and answer wrongly."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: an HF model directory needs config.json")
     with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), cfg_path)
+        hf = json.load(f)
+    not_modelled = hf_features_not_modelled(hf)
+    if not_modelled:
+        raise NotModelledError(f"{cfg_path}: {not_modelled[0]}; cai_jax cannot run these weights")
+    cfg = config_from_hf(hf, cfg_path)
     return cfg, safetensors_files.open_directory(directory)
 
 
