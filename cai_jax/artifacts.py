@@ -1,8 +1,8 @@
 """Atomic artifact writing and resumable JSONL files.
 
-Every artifact is written under a temporary name in the same directory and
-renamed into place, so a killed process leaves either the old file or the new
-one. Long generation stages append one record per finished item to a `.partial`
+Every artifact is written atomically (storage.write_atomic: locally a
+temporary file renamed into place, on Cloud Storage one upload), so a killed
+process leaves either the old file or the new one. Long generation stages append one record per finished item to a `.partial`
 JSONL file and rename it when complete; on restart they read the ids already
 done and skip them.
 """
@@ -12,9 +12,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Iterable, Iterator, Optional
 
+from cai_jax import storage
 from cai_jax.errors import MalformedFileError, json_error_text
 
 log = logging.getLogger(__name__)
@@ -25,35 +25,17 @@ CHECKSUMS_SUFFIX = ".checksums.json"
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}-")
-    os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; an artifact follows the umask
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_atomic(path, text)
 
 
-def umask() -> int:
-    """The process's umask, read without setting it (os.umask sets it, and a
-    thread creating a file meanwhile would get the wrong mode)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+umask = storage.umask
 
 
 def follow_umask(path: str) -> None:
     """Gives `path` and everything under it the modes a plain open or mkdir
     would have (temp files and directories are created private)."""
+    if storage.is_remote(path):
+        return  # objects have no modes
     mask = umask()
     for root, dirs, files in os.walk(path) if os.path.isdir(path) else [(None, [], [path])]:
         if root is not None:
@@ -79,7 +61,7 @@ def read_jsonl(path: str, drop_torn_tail: bool = False) -> list[dict]:
     `drop_torn_tail`: a malformed last line is dropped with a warning instead,
     for logs appended to while running (a writer killed mid-line leaves one).
     """
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     out = []
     for i, (number, line) in enumerate(lines):
@@ -88,7 +70,7 @@ def read_jsonl(path: str, drop_torn_tail: bool = False) -> list[dict]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if not (drop_torn_tail and i == len(lines) - 1):
                 # A stage reads its inputs through links in its staging directory: name the real file.
-                shown = os.path.realpath(path) if os.path.islink(path) else path
+                shown = os.path.realpath(path) if storage.islink(path) else path
                 what = (f"not valid JSON ({json_error_text(e)})" if isinstance(e, json.JSONDecodeError)
                         else f"not UTF-8 text (byte {e.start + 1} of the line)")
                 raise MalformedFileError(f"{shown} line {number}: {what}") from e
@@ -106,10 +88,10 @@ class PartialJsonl:
 
     def __init__(self, path: str, key: str = "id"):
         self.path, self.partial, self.key = path, path + ".partial", key
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        storage.makedirs(storage.dirname(storage.abspath(path)))
         self.records: list[dict] = []
-        if os.path.exists(self.partial):
-            with open(self.partial) as f:
+        if storage.exists(self.partial):
+            with storage.open(self.partial) as f:
                 for line in f:
                     try:
                         self.records.append(json.loads(line))
@@ -123,11 +105,7 @@ class PartialJsonl:
 
     def extend(self, records: Iterable[dict]) -> None:
         records = list(records)
-        with open(self.partial, "a") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        storage.append(self.partial, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self.records.extend(records)
 
     def finish(self, order: Iterable | None = None) -> list[dict]:
@@ -137,8 +115,8 @@ class PartialJsonl:
             by_key = {r[self.key]: r for r in records}
             records = [by_key[k] for k in order if k in by_key]
         write_jsonl_atomic(self.path, records)
-        if os.path.exists(self.partial):
-            os.remove(self.partial)
+        if storage.exists(self.partial):
+            storage.remove(self.partial)
         return records
 
 
@@ -150,10 +128,10 @@ def fingerprint(obj: Any) -> str:
 
 def file_hash(path: str) -> str | None:
     """sha256 of a file's content (16 hex digits), None when absent."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return None
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
@@ -171,11 +149,11 @@ SEAL_FILE = "saved.json"
 def read_seal(path: str) -> Optional[dict]:
     """The seal of directory `path` ({"fingerprint", "files"}), or None when it
     has none (or an older saved.json: a save id, no checksums)."""
-    seal_path = os.path.join(path, SEAL_FILE)
-    if not os.path.isfile(seal_path):
+    seal_path = storage.join(path, SEAL_FILE)
+    if not storage.isfile(seal_path):
         return None
     try:
-        with open(seal_path) as f:
+        with storage.open(seal_path) as f:
             seal = json.load(f)
     except (ValueError, UnicodeDecodeError):
         return None  # unreadable: the directory's files decide (and differ from a sealed one's)
@@ -190,20 +168,20 @@ def _listing(path: str) -> tuple[dict[str, Optional[str]], dict[str, str]]:
     file aside) and the fingerprints of the sealed directories below it, which
     stand for everything in them."""
     files, sealed = {}, {}
-    for root, dirs, names in os.walk(path):
+    for root, dirs, names in storage.walk(path):
         keep = []
         for d in sorted(dirs):
-            full = os.path.join(root, d)
-            if not os.path.islink(full) and read_seal(full) is not None:
-                sealed[os.path.relpath(full, path)] = _directory_fingerprint(full)
+            full = storage.join(root, d)
+            if not storage.islink(full) and read_seal(full) is not None:
+                sealed[storage.relpath(full, path)] = _directory_fingerprint(full)
             else:
                 keep.append(d)
         dirs[:] = keep
         for name in names:
             if root == path and name == SEAL_FILE:
                 continue
-            full = os.path.join(root, name)
-            files[os.path.relpath(full, path)] = file_hash(full)
+            full = storage.join(root, name)
+            files[storage.relpath(full, path)] = file_hash(full)
     return files, sealed
 
 
@@ -216,7 +194,7 @@ def seal_directory(path: str, volatile: dict[str, str]) -> str:
     kept = {rel: value for rel, value in files.items()
             if not any(rel.startswith(d.rstrip("/") + "/") for d in volatile)}
     value = fingerprint({"files": sorted(kept.items()), "volatile": volatile})
-    write_json_atomic(os.path.join(path, SEAL_FILE), {"fingerprint": value, "files": files})
+    write_json_atomic(storage.join(path, SEAL_FILE), {"fingerprint": value, "files": files})
     return value
 
 
@@ -226,8 +204,8 @@ def _directory_fingerprint(path: str) -> Optional[str]:
     if seal is not None and files == seal["files"]:
         own = seal["fingerprint"]  # intact: what its writer fingerprinted
     else:
-        if seal is not None or os.path.exists(os.path.join(path, SEAL_FILE)):
-            files[SEAL_FILE] = file_hash(os.path.join(path, SEAL_FILE))  # damaged, or an older saved.json
+        if seal is not None or storage.exists(storage.join(path, SEAL_FILE)):
+            files[SEAL_FILE] = file_hash(storage.join(path, SEAL_FILE))  # damaged, or an older saved.json
         if not files and not sealed:
             return None
         # Every file with its relative path, so that a flipped byte shows.
@@ -240,11 +218,11 @@ def path_fingerprint(path: str) -> str | None:
     sealed directory (a saved model), the fingerprint its seal records, unchecked;
     for another directory, the hash of its saved.json (older models: a fresh id
     per save). None when the file is absent or the directory holds none of these."""
-    if os.path.isdir(path):
+    if storage.isdir(path):
         seal = read_seal(path)
         if seal is not None:
             return seal["fingerprint"]
-        path = os.path.join(path, SEAL_FILE)
+        path = storage.join(path, SEAL_FILE)
     return file_hash(path)
 
 
@@ -256,7 +234,7 @@ def content_fingerprint(path: str) -> str | None:
     fingerprint the seal records: the same weights saved twice, under orbax's
     random file names, give the same fingerprint. None when the file is absent
     or the directory holds no file."""
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         return file_hash(path)
     return _directory_fingerprint(path)
 

@@ -22,6 +22,8 @@ import json
 import os
 from typing import Optional
 
+from cai_jax import storage
+
 RUN_MODELS = {"sl_cai": ("models/sl_cai", "sl_train"), "pm": ("models/pm", "pm_train"),
               "pm_judge": ("models/pm_judge", "pm_train"), "rl_cai": ("models/rl_cai", "ppo")}
 CHECKPOINTS_FILE = "checkpoints.json"  # the PPO checkpoints a run wrote: models/rl_cai/checkpoints.json
@@ -77,15 +79,15 @@ def directory_version(directory: str) -> str:
 
 
 def _checkpoints_path(directory: str) -> str:
-    return os.path.join(directory, CHECKPOINTS_FILE)
+    return storage.join(directory, CHECKPOINTS_FILE)
 
 
 def _recorded(directory: str) -> dict[int, str]:
     """{step: path relative to `directory`} from its checkpoints.json ({} when absent)."""
     path = _checkpoints_path(directory)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return {}
-    with open(path) as f:
+    with storage.open(path) as f:
         document = json.load(f)
     try:
         return {int(c["step"]): str(c["path"]) for c in document["checkpoints"]}
@@ -101,7 +103,7 @@ def record_rl_checkpoint(directory: str, step: int, path: str) -> None:
     from cai_jax import artifacts
 
     recorded = _recorded(directory)
-    recorded[int(step)] = os.path.relpath(path, directory)
+    recorded[int(step)] = storage.relpath(path, directory)
     artifacts.write_json_atomic(_checkpoints_path(directory), {
         "checkpoints": [{"step": s, "path": p} for s, p in sorted(recorded.items())]})
 
@@ -114,11 +116,11 @@ def rl_checkpoints(directory: str) -> list[tuple[int, str]]:
     model sources, cache keys) must not depend on that."""
     found = []
     for step, rel in sorted(_recorded(directory).items()):
-        path = os.path.join(directory, rel)
-        if not os.path.exists(os.path.join(path, "model.json")):
+        path = storage.join(directory, rel)
+        if not storage.exists(storage.join(path, "model.json")):
             raise FileNotFoundError(f"{_checkpoints_path(directory)} records step {step} at {path}, "
                                     "which holds no model; rerun the ppo stage")
-        found.append((step, os.path.realpath(path)))
+        found.append((step, _real(path)))
     return found
 
 
@@ -127,7 +129,7 @@ def _run_model(spec: str, workdir: Optional[str]) -> str:
     relative, stage = RUN_MODELS[name]
     if workdir is None:
         raise ValueError(f"model reference {spec!r} names a model of a run; it needs a work directory")
-    path = os.path.join(workdir, relative)
+    path = storage.join(workdir, relative)
     if name == "rl_cai":
         if step and not step[len("step_"):].isdigit():
             raise ValueError(f"model reference {spec!r}: expected rl_cai/step_K with K a number")
@@ -137,10 +139,19 @@ def _run_model(spec: str, workdir: Optional[str]) -> str:
             raise FileNotFoundError(f"model reference {spec!r}: {_checkpoints_path(path)} records "
                                     f"steps {sorted(checkpoints)}; run the {stage} stage first")
         path = checkpoints[wanted]
-    if not os.path.exists(os.path.join(path, "model.json")):
+    if not storage.exists(storage.join(path, "model.json")):
         raise FileNotFoundError(f"model reference {spec!r}: {path} holds no model; run the {stage} stage first")
-    # realpath: a stage runs in a staging directory where the run's models are symlinks.
-    return "ckpt:" + os.path.realpath(path)
+    return "ckpt:" + _real(path)
+
+
+def _real(path: str) -> str:
+    """Where a run's model lies in its work directory: a stage runs in a
+    staging directory where the run's models are symlinks (os.path.realpath),
+    or on Cloud Storage copies, named by the place they were copied from."""
+    if storage.is_remote(path):
+        from cai_jax.pipeline import outside_staging
+        return outside_staging(path)
+    return os.path.realpath(path)
 
 
 def run_model_dir(spec: str) -> Optional[str]:

@@ -39,6 +39,13 @@ Each stage is called with a `StageContext`: the config, its staging directory
 and the run's device mesh, which `run_pipeline` builds once from `config.mesh`
 (`sharding.mesh_from_config`) for every stage it runs.
 
+The work directory may be a gs:// URL (storage.py). Cloud Storage has no
+symlinks and no rename: there a staging directory holds server-side copies of
+what the stage reads (listed in `.staging/<name>.mirrored.json`), and the swap
+copies the stage's paths in, marking each done in the journal, before the
+staging copies are deleted; a kill anywhere is completed by the next run as
+locally. The lock is created with the precondition ifGenerationMatch=0.
+
 Stages are referenced by module path so that this file does not import every
 stage's dependencies up front.
 """
@@ -47,12 +54,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import glob
 import importlib
 import itertools
 import json
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -60,7 +65,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import ml_collections
 
-from cai_jax import artifacts, errors, host_memory, interrupts
+from cai_jax import artifacts, errors, host_memory, interrupts, storage
 from cai_jax.errors import DivergenceError, UserError
 
 if TYPE_CHECKING:
@@ -158,7 +163,7 @@ def _read_json(path: str) -> Optional[dict]:
     reads as {}, which matches no fingerprint: its stage reruns (and discards
     its scratch) instead of the run stopping on it."""
     try:
-        with open(path) as f:
+        with storage.open(path) as f:
             manifest = json.load(f)
     except FileNotFoundError:  # also when it goes between a look and the open (a lock released)
         return None
@@ -289,9 +294,19 @@ def staging_dir(workdir: str, name: str) -> str:
 def home_of(path: str) -> str:
     """The work directory a stage's staging directory belongs to (any other
     path unchanged): what reports and messages should name."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    return os.path.dirname(parent) if os.path.basename(parent) == STAGING else path
+    path = storage.abspath(path)
+    parent = storage.dirname(path)
+    return storage.dirname(parent) if storage.basename(parent) == STAGING else path
+
+
+def outside_staging(path: str) -> str:
+    """A path inside a staging directory (`<workdir>/.staging/<stage>/x`) as the
+    work directory's own (`<workdir>/x`); any other path unchanged."""
+    parts = path.split("/")
+    for i in range(len(parts) - 2):
+        if parts[i] == STAGING:
+            return "/".join(parts[:i] + parts[i + 2:])
+    return path
 
 
 def started_path(workdir: str, name: str) -> str:
@@ -300,6 +315,17 @@ def started_path(workdir: str, name: str) -> str:
 
 def _journal_path(workdir: str, name: str) -> str:
     return os.path.join(workdir, STAGING, f"{name}.swap.json")
+
+
+def _mirrored_path(workdir: str, name: str) -> str:
+    """On Cloud Storage: the paths in a staging directory that are copies (_mirror)."""
+    return os.path.join(workdir, STAGING, f"{name}.mirrored.json")
+
+
+def _discard_staging(workdir: str, name: str) -> None:
+    storage.rmtree(staging_dir(workdir, name))
+    with contextlib.suppress(FileNotFoundError):
+        storage.remove(_mirrored_path(workdir, name))
 
 
 def discard_stale_scratch(workdir: str, name: str, fingerprint: dict) -> bool:
@@ -314,52 +340,69 @@ def discard_stale_scratch(workdir: str, name: str, fingerprint: dict) -> bool:
     marker = started_path(workdir, name)
     started = _read_json(marker)
     # Without a marker the staging directory's origin is unknown: also stale.
-    stale = started != fingerprint and os.path.exists(staging_dir(workdir, name))
+    stale = started != fingerprint and storage.exists(staging_dir(workdir, name))
     if stale:
-        shutil.rmtree(staging_dir(workdir, name), ignore_errors=True)
+        _discard_staging(workdir, name)
     if started != fingerprint:
         artifacts.write_json_atomic(marker, fingerprint)
     return stale
 
 
-def _mirror(src: str, dst: str, owned: list[str]) -> None:
+def _mirror(src: str, dst: str, owned: list[str], copied: Optional[list[str]] = None) -> None:
     """Fills `dst` with symlinks to what `src` holds, except the owned paths
     (relative), which start absent; a directory holding an owned path is a real
-    directory in `dst`, mirrored the same way one level down."""
-    os.makedirs(dst, exist_ok=True)
+    directory in `dst`, mirrored the same way one level down. On Cloud Storage
+    (`copied`: the list of paths copied so far, kept in `<stage>.mirrored.json`)
+    each entry is copied instead, server-side."""
+    storage.makedirs(dst)
     below: dict[str, list[str]] = {}
     for rel in owned:
         head, _, rest = rel.partition("/")
         below.setdefault(head, []).append(rest)
-    for entry in sorted(os.listdir(src)) if os.path.isdir(src) else []:
+    for entry in sorted(storage.listdir(src)) if storage.isdir(src) else []:
         target, link, rests = os.path.join(src, entry), os.path.join(dst, entry), below.get(entry)
         if entry in (STAGING, LOCK) or entry.startswith(LOCK + ".") or (rests is not None and "" in rests):
             continue  # the pipeline's, or the stage's own: it writes that afresh
         if rests is None:
-            if not os.path.lexists(link):
+            if copied is not None:
+                if link not in copied:
+                    storage.copy_tree(target, link)
+                    copied.append(link)
+                    artifacts.write_json_atomic(_mirrored_path(*_staging_parts(dst)), copied)
+            elif not os.path.lexists(link):
                 with contextlib.suppress(FileExistsError):  # another process of the run made it
                     os.symlink(target, link)
-        elif os.path.isdir(target):
-            _mirror(target, link, rests)
+        elif storage.isdir(target):
+            _mirror(target, link, rests, copied)
+
+
+def _staging_parts(path: str) -> tuple[str, str]:
+    """(work directory, stage) of a path inside `<workdir>/.staging/<stage>/`."""
+    parts = path.split("/")
+    i = parts.index(STAGING)
+    return "/".join(parts[:i]), parts[i + 1]
 
 
 def _made_in_staging(staging: str, owned: list[str]) -> list[str]:
     """Every path the stage wrote in its staging directory: whatever there is
-    not a symlink, below the directories that hold an owned path."""
+    not a symlink (on Cloud Storage: not a copy _mirror made), below the
+    directories that hold an owned path."""
     holders = {"/".join(rel.split("/")[:i]) for rel in owned for i in range(1, rel.count("/") + 1)}
+    copies = set(_read_json(_mirrored_path(*_staging_parts(staging))) or []) \
+        if storage.is_remote(staging) else set()
     made = []
 
     def walk(rel: str) -> None:
-        for entry in sorted(os.listdir(os.path.join(staging, rel))):
+        for entry in sorted(storage.listdir(os.path.join(staging, rel))):
             path = f"{rel}/{entry}" if rel else entry
             full = os.path.join(staging, path)
-            if os.path.islink(full):
+            if storage.islink(full) or full in copies:
                 continue
-            if path in holders and os.path.isdir(full):
+            if path in holders and storage.isdir(full):
                 walk(path)
             else:
                 made.append(path)
-    if os.path.isdir(staging):
+    if storage.isdir(staging):
         walk("")
     return made
 
@@ -369,15 +412,14 @@ def drop_training_checkpoints(staging: str, scratch: tuple[str, ...]) -> None:
     (each directory with its checksums file beside it) and those files."""
     for rel in scratch:
         top = os.path.join(staging, rel)
-        if not os.path.isdir(top) or os.path.islink(top):
+        if not storage.isdir(top) or storage.islink(top):
             continue
-        for parent, dirs, files in os.walk(top):
+        for parent, dirs, files in storage.walk(top):
             for name in files:
                 if name.endswith(artifacts.CHECKSUMS_SUFFIX):
-                    shutil.rmtree(os.path.join(parent, name[:-len(artifacts.CHECKSUMS_SUFFIX)]),
-                                  ignore_errors=True)
-                    os.remove(os.path.join(parent, name))
-            dirs[:] = [d for d in dirs if os.path.isdir(os.path.join(parent, d))]
+                    storage.rmtree(os.path.join(parent, name[:-len(artifacts.CHECKSUMS_SUFFIX)]))
+                    storage.remove(os.path.join(parent, name))
+            dirs[:] = [d for d in dirs if storage.isdir(os.path.join(parent, d))]
 
 
 def _swap_in(workdir: str, name: str, manifest: dict) -> None:
@@ -385,7 +427,7 @@ def _swap_in(workdir: str, name: str, manifest: dict) -> None:
     (the old ones aside) and writes its manifest, through a journal so that a
     kill in between is completed by the next run (finish_swap)."""
     staging, owned = staging_dir(workdir, name), STAGES[name].owned()
-    shutil.rmtree(os.path.join(workdir, STAGING, f"{name}.old"), ignore_errors=True)
+    storage.rmtree(os.path.join(workdir, STAGING, f"{name}.old"))
     made = [p for p in _made_in_staging(staging, owned) if p != CONFIG]
     paths = owned + [p for p in made if p not in owned]
     artifacts.write_json_atomic(_journal_path(workdir, name),
@@ -395,29 +437,45 @@ def _swap_in(workdir: str, name: str, manifest: dict) -> None:
 
 def finish_swap(workdir: str, name: str) -> bool:
     """Completes the swap its journal describes, if there is one; each move is
-    done once, so this is safe to repeat after a kill. Returns whether it swapped."""
+    done once (the journal lists those done), so this is safe to repeat after a
+    kill. Returns whether it swapped.
+
+    On Cloud Storage a move is a copy: the old path is deleted, the new one
+    copied in and marked done, and the staging copies go with the staging
+    directory at the end (a copy cut short is redone whole)."""
     journal = _read_json(_journal_path(workdir, name))
     if not journal or not isinstance(journal.get("paths"), list):
         return False
     staging, aside = staging_dir(workdir, name), os.path.join(workdir, STAGING, f"{name}.old")
+    remote = storage.is_remote(workdir)
+    done = journal.setdefault("done", [])
     for rel in journal["paths"]:
         new, real = os.path.join(staging, rel), os.path.join(workdir, rel)
         made = rel in journal["made"]
-        if made and not os.path.lexists(new):
+        if rel in done or (made and not storage.lexists(new)):
             continue  # moved in before the kill
-        if os.path.lexists(real):
+        if remote:
+            storage.rmtree(real)
+            with contextlib.suppress(FileNotFoundError):
+                storage.remove(real)
+        elif os.path.lexists(real):
             os.makedirs(os.path.dirname(os.path.join(aside, rel)), exist_ok=True)
             os.replace(real, os.path.join(aside, rel))
         if made:
-            os.makedirs(os.path.dirname(real), exist_ok=True)
-            os.replace(new, real)
+            if remote:
+                storage.copy_tree(new, real)
+            else:
+                os.makedirs(os.path.dirname(real), exist_ok=True)
+                os.replace(new, real)
             artifacts.follow_umask(real)  # temp files and dirs are made private
+        done.append(rel)
+        artifacts.write_json_atomic(_journal_path(workdir, name), journal)
     artifacts.write_json_atomic(_manifest_path(workdir, name), journal["manifest"])
-    os.remove(_journal_path(workdir, name))
-    for leftover in (staging, aside):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if os.path.exists(started_path(workdir, name)):
-        os.remove(started_path(workdir, name))
+    storage.remove(_journal_path(workdir, name))
+    _discard_staging(workdir, name)
+    storage.rmtree(aside)
+    if storage.exists(started_path(workdir, name)):
+        storage.remove(started_path(workdir, name))
     return True
 
 
@@ -432,11 +490,12 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     if discard_stale_scratch(ctx.workdir, name, fingerprint):
         print(f"{name}: discarded partial work started under another config or inputs", flush=True)
     staging = staging_dir(ctx.workdir, name)
-    _mirror(ctx.workdir, staging, STAGES[name].owned())
+    copied = (_read_json(_mirrored_path(ctx.workdir, name)) or []) if storage.is_remote(staging) else None
+    _mirror(ctx.workdir, staging, STAGES[name].owned(), copied)
     # The stage sees this run's config.json (the report reads it), not the last
     # complete run's; the work directory's copy is written after success.
     with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(staging, CONFIG))
+        storage.remove(os.path.join(staging, CONFIG))
     artifacts.write_json_atomic(os.path.join(staging, CONFIG), ctx.config.to_dict())
     start = time.time()
     print(f"== stage {name}", flush=True)
@@ -477,17 +536,10 @@ def _alive(pid: int) -> bool:
 
 
 def _create(path: str, content: dict) -> bool:
-    """Creates `path` with its content in one step (a link of a complete temp
-    file: no reader sees it empty); False when it exists."""
-    tmp = f"{path}.{content['token']}.tmp"
-    artifacts.write_json_atomic(tmp, content)
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.remove(tmp)
+    """Creates `path` with its content in one step (no reader sees it empty;
+    locally a link of a complete temp file, on Cloud Storage an upload with
+    ifGenerationMatch=0); False when it exists."""
+    return storage.create_exclusive(path, json.dumps(content, indent=1, sort_keys=True).encode() + b"\n")
 
 
 def _take_over(path: str, stale: dict, me: dict) -> bool:
@@ -502,9 +554,8 @@ def _take_over(path: str, stale: dict, me: dict) -> bool:
     fingerprint of the lock's content, unique by its token), which then checks
     the lock is unchanged and renames its own over it. A claimant that died
     leaves its claim behind; the next process tries claim k + 1. On Cloud
-    Storage the claim, the check and the rename are one write of the lock
-    object with the precondition ifGenerationMatch=<the generation read>
-    (and creating a lock, `_create`, is ifGenerationMatch=0).
+    Storage the same steps run on objects: a claim is created with
+    ifGenerationMatch=0 (`_create`), the replacement is one upload.
     """
     stale_id = artifacts.fingerprint(stale)
     for k in itertools.count(1):
@@ -520,18 +571,17 @@ def _take_over(path: str, stale: dict, me: dict) -> bool:
     won = False
     try:
         if _read_json(path) == stale:
-            tmp = f"{path}.{me['token']}.tmp"
-            artifacts.write_json_atomic(tmp, me)
-            os.replace(tmp, path)
+            artifacts.write_json_atomic(path, me)
             won = True
         return won
     finally:
         # Late claims of a replaced lock find it changed and give up: safe to remove.
-        prefix = f"{path}.{stale_id}.claim"
-        for leftover in [c for c in glob.glob(glob.escape(prefix) + "*") if c[len(prefix):].isdigit()] if won \
-                else [claim]:
+        prefix = f"{storage.basename(path)}.{stale_id}.claim"
+        claims = [storage.join(storage.dirname(path), c) for c in storage.listdir(storage.dirname(path))
+                  if c.startswith(prefix) and c[len(prefix):].isdigit()] if won else [claim]
+        for leftover in claims:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(leftover)
+                storage.remove(leftover)
 
 
 def _acquire(workdir: str, path: str, me: dict) -> None:
@@ -553,7 +603,7 @@ def workdir_lock(workdir: str):
     """Holds `<workdir>/.lock` (this pid and host, and a token unique to this
     hold) while the block runs. A lock whose pid is dead on this host is stale
     and taken over; a live one is a UserError naming its pid and host."""
-    path = os.path.join(workdir, LOCK)
+    path = storage.join(workdir, LOCK)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
     held = False
     try:
@@ -571,7 +621,7 @@ def workdir_lock(workdir: str):
         if held:
             with interrupts.deferred():
                 if _read_json(path) == me:
-                    os.remove(path)
+                    storage.remove(path)
 
 
 def _distributed(config) -> bool:
@@ -633,8 +683,9 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
         rows = [_stage_row(ctx, name, force) for name in stages]
         if _main_process(config):
             artifacts.write_json_atomic(os.path.join(workdir, CONFIG), config.to_dict())
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(workdir, STAGING))  # only when empty: nothing left in progress
+        if not storage.is_remote(workdir):  # (Cloud Storage has no empty directories)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(workdir, STAGING))  # only when empty: nothing left in progress
     return rows
 
 
@@ -646,13 +697,13 @@ def _stage_row(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
 
 def _skip_or_run(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
     fingerprint = stage_fingerprint(ctx.config, ctx.workdir, name)
-    if os.path.exists(_manifest_path(ctx.workdir, name)):
+    if storage.exists(_manifest_path(ctx.workdir, name)):
         reason = "forced (--force)" if force else rerun_reason(ctx.workdir, name, fingerprint)
         if reason is None:
             # A failed rerun under another config left its staging: not ours any more.
             if _read_json(started_path(ctx.workdir, name)) not in (None, fingerprint):
-                shutil.rmtree(staging_dir(ctx.workdir, name), ignore_errors=True)
-                os.remove(started_path(ctx.workdir, name))
+                _discard_staging(ctx.workdir, name)
+                storage.remove(started_path(ctx.workdir, name))
             summary = _read_json(_manifest_path(ctx.workdir, name))["summary"]
             return {"stage": name, "status": "skipped (complete)", **summary}
         print(f"{name}: {reason}; rerunning", flush=True)
@@ -666,6 +717,9 @@ def _make_workdir(workdir: str) -> str:
     no directory or cannot be made is a UserError."""
     if not workdir:
         raise UserError("--workdir is empty; name the directory the run's artifacts go in")
+    if storage.is_remote(workdir):
+        storage.check_bucket(workdir)  # one line when the bucket cannot be reached
+        return storage.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir} is a file, not a directory; name a directory (it is made if absent)")
     try:
@@ -682,7 +736,10 @@ def _unwritable(workdir: str, stages) -> Optional[str]:
     """Why the run could not write what it must, or None: the first directory
     it writes in (the work directory, stages/, .staging/, the directories
     holding what the stages make and all below them: old versions move out and
-    are deleted) that this process cannot write."""
+    are deleted) that this process cannot write. (On Cloud Storage a refused
+    write is its own error.)"""
+    if storage.is_remote(workdir):
+        return None
     dirs, trees = [workdir], [os.path.join(workdir, "stages"), os.path.join(workdir, STAGING)]
     for name in stages:
         for rel in STAGES[name].owned():
@@ -704,7 +761,7 @@ def _inspect_read_only(config, workdir: str, stages, force: bool, unwritable: st
     all are complete (nothing written, not even the lock), else a UserError
     saying what would have to be written."""
     for name in ORDER:
-        if os.path.exists(_journal_path(workdir, name)):
+        if storage.exists(_journal_path(workdir, name)):
             raise UserError(f"{unwritable}, and the run must finish the swap-in of stage {name} a kill cut "
                             "short; make it writable, then rerun")
     rows = []

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, pipeline
+from cai_jax import artifacts, pipeline, storage
 from cai_jax.constitution import constitution_from_config
 from cai_jax.data.conversation import Turn, answer_stop_strings, build_initial_prompt
 from cai_jax.data.prompt_sets import Prompt, load_prompts
@@ -146,7 +146,7 @@ def find_models(config, workdir: str) -> list[EvalModel]:
     runs = [("rl_cai", os.path.join(workdir, "models", "rl_cai"))] if "rl_cai" in wanted else []
     for name, directory in _parse_extra_runs(section.extra_rl_runs):
         nested = os.path.join(directory, "models", "rl_cai")
-        runs.append((name, nested if os.path.isdir(nested) else directory))
+        runs.append((name, nested if storage.isdir(nested) else directory))
     for name, directory in runs:
         checkpoints = rl_checkpoints(directory)
         if name != "rl_cai" and not checkpoints:
@@ -175,7 +175,7 @@ def eval_prompts(data, section) -> dict[str, list[Prompt]]:
 def _reopen(path: str, key: str = "id") -> artifacts.PartialJsonl:
     """A PartialJsonl that starts from the finished file of an earlier run, so
     its records can be reused when new models or prompts are added."""
-    if os.path.exists(path) and not os.path.exists(path + ".partial"):
+    if storage.exists(path) and not storage.exists(path + ".partial"):
         artifacts.write_jsonl_atomic(path + ".partial", artifacts.read_jsonl(path))
     return artifacts.PartialJsonl(path, key=key)
 
@@ -316,7 +316,7 @@ class JudgeFactory:
         from cai_jax.inference.preference_scorer import PreferenceScorer
 
         directory = self.pm_dir(spec)
-        if not os.path.exists(os.path.join(directory, "model.json")):
+        if not storage.exists(os.path.join(directory, "model.json")):
             raise FileNotFoundError(f"eval judge '{spec.arg or spec.run_model}' needs a preference model at "
                                     f"{directory}; run pm_train (pm_judge: with pm_train.judge_fraction > 0) "
                                     "or choose another judge (eval.harmless_judge/helpful_judge)")
@@ -431,12 +431,12 @@ def _update_revision_scores(ctx, factory: JudgeFactory) -> Optional[int]:
     skips the work when both are unchanged. Returns the number of prompts."""
     sl_path = ctx.path("sl_data.jsonl")
     pm = judges_lib.JudgeSpec("pm")
-    if not ctx.config.eval.revision_scores or not os.path.exists(sl_path) \
-            or not os.path.exists(os.path.join(factory.pm_dir(pm), "model.json")):
+    if not ctx.config.eval.revision_scores or not storage.exists(sl_path) \
+            or not storage.exists(os.path.join(factory.pm_dir(pm), "model.json")):
         return None
     out_path = ctx.path("eval", "revision_scores.jsonl")
     stamp = artifacts.fingerprint({"sl_data": artifacts.file_hash(sl_path), "pm": factory.version("pm")})
-    if os.path.exists(out_path):
+    if storage.exists(out_path):
         old = artifacts.read_jsonl(out_path)
         if old and all(r.get("stamp") == stamp for r in old):
             return len(old)

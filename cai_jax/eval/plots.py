@@ -3,20 +3,22 @@
 Figures are built on matplotlib's object API with an explicit Agg canvas, so
 importing this module never touches pyplot's global backend or state (safe in
 headless jobs and alongside other plotting code).  Every file is written to a
-temporary name in the destination directory and then moved into place with
-os.replace, so readers never see a half-written PNG.
+with storage.write_atomic (a local temporary renamed into place, or one
+upload to Cloud Storage), so readers never see a half-written PNG.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from cai_jax import storage
 
 _DPI = 100
 
@@ -30,17 +32,9 @@ def _new_figure(ncols: int = 1, nrows: int = 1, size=(6.0, 4.5), **kwargs):
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_atomic(path, png.getvalue())
     return path
 
 

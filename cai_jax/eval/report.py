@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cai_jax import artifacts, pipeline, stats
+from cai_jax import artifacts, pipeline, stats, storage
 from cai_jax.eval import answer_rules, plots
 from cai_jax.eval.elo import EloResult
 
@@ -195,7 +195,7 @@ def _pick_key(history: Sequence[dict], candidates: Sequence[str], contains: str)
 def ppo_plot(workdir: str, out_path: str) -> tuple[Optional[str], str]:
     """(png path or None, a sentence saying what was plotted or why not)."""
     path = os.path.join(workdir, "ppo", "metrics.jsonl")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None, "No PPO metrics (`ppo/metrics.jsonl` is missing): the ppo stage has not run."
     history = artifacts.read_jsonl(path)
     if not history:
@@ -241,7 +241,7 @@ def _stage_rows(workdir: str, current: Optional[dict]) -> list[dict]:
         path = os.path.join(workdir, "stages", f"{name}.json")
         if current is not None and current.get("stage") == name:
             rows.append({"stage": name, "status": "this run", **current.get("summary", {})})
-        elif os.path.exists(path):
+        elif storage.exists(path):
             manifest = _read_json(path)
             rows.append({"stage": name, "status": f"done in {manifest.get('seconds', '?')}s",
                          "seconds": manifest.get("seconds"), **manifest.get("summary", {})})
@@ -284,7 +284,7 @@ def _answer_kinds_section(workdir: str, model_order: Sequence[str]) -> list[str]
     answers are."""
     lines = ["## What the answers do", ""]
     path = os.path.join(workdir, "eval", "answers.jsonl")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return lines + ["No answers (`eval/answers.jsonl` is missing).", ""]
     by_model: dict[str, dict[str, dict[str, str]]] = {}
     for a in artifacts.read_jsonl(path):
@@ -323,7 +323,7 @@ def _answer_kinds_section(workdir: str, model_order: Sequence[str]) -> list[str]
 def _samples_section(workdir: str, model_order: Sequence[str], n_prompts: int) -> list[str]:
     lines = ["## Sample answers", ""]
     path = os.path.join(workdir, "eval", "answers.jsonl")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return lines + ["No answers (`eval/answers.jsonl` is missing).", ""]
     answers = artifacts.read_jsonl(path)
     by_prompt: dict[str, dict[str, dict]] = {}
@@ -352,9 +352,9 @@ def _samples_section(workdir: str, model_order: Sequence[str], n_prompts: int) -
 
 
 def _read_json(path: str) -> Optional[dict]:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
-    with open(path) as f:
+    with storage.open(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -373,7 +373,7 @@ def write_report(workdir: str, current_stage: Optional[dict] = None, sample_prom
     `current_stage` = {"stage": name, "summary": {...}} for the stage writing
     the report, whose manifest does not exist yet.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = storage.abspath(workdir)
     eval_dir = os.path.join(workdir, "eval")
     config = _read_json(os.path.join(workdir, "config.json")) or {}
     elo = _read_json(os.path.join(eval_dir, "elo.json"))
@@ -402,7 +402,7 @@ def write_report(workdir: str, current_stage: Optional[dict] = None, sample_prom
 
     lines += ["## PM score vs number of revisions", ""]
     rev_path = os.path.join(eval_dir, "revision_scores.jsonl")
-    series = revision_score_series(artifacts.read_jsonl(rev_path)) if os.path.exists(rev_path) else {}
+    series = revision_score_series(artifacts.read_jsonl(rev_path)) if storage.exists(rev_path) else {}
     if series:
         plots.plot_score_vs_revisions(series, os.path.join(eval_dir, "score_vs_revisions.png"))
         lines += ["The preference model scores the initial answer (0 revisions) and each revision in "

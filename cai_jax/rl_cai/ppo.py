@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, host_memory, sharding as shd, stats
+from cai_jax import artifacts, host_memory, sharding as shd, stats, storage
 from cai_jax.config import optimizer_section
 from cai_jax.data.conversation import answer_stop_strings
 from cai_jax.models.config import TransformerConfig
@@ -408,7 +408,7 @@ class PPORunner:
         machine), after which `run` cannot start afresh again. Returns the
         summary numbers."""
         c, s = self.c, self.setup
-        os.makedirs(out_dir, exist_ok=True)
+        storage.makedirs(out_dir)
         checkpointer = Checkpointer(os.path.join(out_dir, "ckpt"), keep_last=c.keep_checkpoints)
         writer = MetricWriter(out_dir, "metrics", tensorboard=c.tensorboard)
         # The trainers' order: the latest checkpoint if there is one, else fresh states.
@@ -498,7 +498,7 @@ def heldout_reward_gain(out_dir: str, first: int, last: int) -> dict:
     paired by prompt (the same prompts each time), with its standard error
     across prompts: whether PPO climbed more than the prompts' noise."""
     paths = [eval_records_path(out_dir, s) for s in (first, last)]
-    if first == last or not all(os.path.exists(p) for p in paths):
+    if first == last or not all(storage.exists(p) for p in paths):
         return {}
     before, after = ({r["id"]: r["reward"] for r in artifacts.read_jsonl(p)} for p in paths)
     gain, se, n = stats.paired_change(before, after)

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from cai_jax import artifacts, sharding as shd
+from cai_jax import artifacts, sharding as shd, storage
 from cai_jax.inference.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section
 from cai_jax.model_ref import resolve
@@ -193,7 +193,7 @@ def build_trainer(model_config, section, mesh, num_steps: Optional[int] = None,
 
 def _logged_step0_eval(path: str) -> dict:
     """The base model's held-out numbers as the first run logged them (step 0)."""
-    rows = read_metrics(path) if os.path.exists(path) else []
+    rows = read_metrics(path) if storage.exists(path) else []
     return next(({k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
                  for r in rows if r.get("step") == 0), {})
 

@@ -10,20 +10,19 @@ checkpoint stops the run with its path named instead of resuming from garbage.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from cai_jax import artifacts
+from cai_jax import artifacts, storage
 from cai_jax.errors import UserError
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep_last: int = 2):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.abspath(directory)  # a local path or a gs:// URL
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True,
@@ -48,16 +47,16 @@ class Checkpointer:
                                                                  if int(s) in self.all_steps()})
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def _checksums_path(self) -> str:
         return self.directory + artifacts.CHECKSUMS_SUFFIX
 
     def _checksums(self) -> dict:
-        if not os.path.exists(self._checksums_path()):
+        if not storage.exists(self._checksums_path()):
             return {}
         try:
-            with open(self._checksums_path()) as f:
+            with storage.open(self._checksums_path()) as f:
                 sums = json.load(f)
         except (ValueError, UnicodeDecodeError):
             return {}  # unreadable: nothing to check against (each save rewrites it whole)

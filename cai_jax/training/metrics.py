@@ -1,17 +1,18 @@
 """Metric writers: a JSONL log (one object per step) and TensorBoard event files.
 
 A writer killed mid-line leaves a torn last line; readers drop it with a
-warning naming the file (the resumed run rewrites that step).
+warning naming the file (the resumed run rewrites that step). The directory
+may be a gs:// URL (storage.py): the log is then rewritten whole at each step,
+and tensorboardX uploads its event files itself.
 """
 from __future__ import annotations
 
 import json
-import os
 from typing import Mapping
 
 import numpy as np
 
-from cai_jax import artifacts
+from cai_jax import artifacts, storage
 
 
 def _plain(value):
@@ -27,26 +28,22 @@ class MetricWriter:
     """
 
     def __init__(self, directory: str, name: str = "metrics", tensorboard: bool = True):
-        os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, f"{name}.jsonl")
+        storage.makedirs(directory)
+        self.path = storage.join(directory, f"{name}.jsonl")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard", name))
+            self._tb = SummaryWriter(storage.join(directory, "tensorboard", name))
 
     def truncate_from(self, step: int) -> None:
-        if not os.path.exists(self.path):
+        if not storage.exists(self.path):
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", -1) < step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        storage.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, step: int, metrics: Mapping) -> None:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append(self.path, json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -19,10 +19,10 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 import warnings
 import numpy as np
 
+from cai_jax import storage
 from cai_jax.models.config import TransformerConfig
 from cai_jax.weights.cache import cache_dir, file_stamp, switched_on
 
@@ -102,7 +102,8 @@ def read_entry(directory: str, key: dict) -> tuple[TransformerConfig, dict]:
 
 
 def write_entry(directory: str, key: dict, cfg: TransformerConfig, params: dict) -> None:
-    """Writes an entry whole or not at all (a temporary folder renamed into place)."""
+    """Writes an entry whole or not at all (a temporary folder renamed into
+    place); a concurrent writer's entry, already there, is equal and kept."""
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     flat = _flatten(params)
@@ -110,8 +111,7 @@ def write_entry(directory: str, key: dict, cfg: TransformerConfig, params: dict)
     free = shutil.disk_usage(parent).free
     if free < 2 * need:  # leave the disk at least as much room as the entry takes
         raise OSError(f"only {free / 1e9:.1f} GB free for a {need / 1e9:.1f} GB entry")
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".writing-")
-    try:
+    with storage.local_directory_built(directory, keep_existing=True) as tmp:
         arrays = {}
         for name, a in flat.items():
             a = np.asarray(a)
@@ -119,14 +119,6 @@ def write_entry(directory: str, key: dict, cfg: TransformerConfig, params: dict)
             arrays[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "checksum": _checksum(a)}
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump({"key": key, "config": dataclasses.asdict(cfg), "arrays": arrays}, f, indent=1)
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            if not os.path.isdir(directory):
-                raise
-            # A concurrent writer got there first; its entry is equal to ours.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove_older_entries(key: dict, keep: str) -> None:

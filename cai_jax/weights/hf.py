@@ -8,11 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
+from cai_jax import storage
 from cai_jax.errors import NotModelledError
 from cai_jax.models.config import (TransformerConfig, hf_features_not_modelled, hf_rope_parameters,
                                    rope_scaling_from_hf)
@@ -101,13 +100,15 @@ def read_hf_dir(directory: str) -> tuple[TransformerConfig, SafetensorsFiles]:
 
 def write_hf_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None) -> None:
     """Exports params as an HF directory that transformers loads; written atomically."""
-    from safetensors.numpy import save_file
-
     tensors = layout.to_hf(layout.to_scan_layout(params, cfg), cfg)
     tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()}
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    with storage.local_directory_built(directory) as tmp:
+        _write_hf_files(tmp, cfg, tensors, tokenizer)
+
+
+def _write_hf_files(tmp: str, cfg: TransformerConfig, tensors: dict, tokenizer) -> None:
+    from safetensors.numpy import save_file
+
     hf_cfg = config_to_hf(cfg)
     hf_cfg.architectures = ["GPT2LMHeadModel" if cfg.arch == "gpt2" else
                             type(hf_cfg).__name__.replace("Config", "ForCausalLM")]
@@ -118,6 +119,3 @@ def write_hf_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None)
         tokenizer.save_pretrained(tmp)
     hf_cfg.save_pretrained(tmp)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)

@@ -13,12 +13,12 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
+from cai_jax import storage
 from cai_jax.models.config import MODEL_LADDER, TransformerConfig, model_config_from_dict
 from cai_jax.weights import converted_cache, layout, model_dir, placement, tokenizer as tok_lib
 from cai_jax.weights.packaged import PACKAGED_MODELS, packaged_gguf_path
@@ -103,7 +103,8 @@ def _open_model_dir(directory: str, overrides: dict, mesh, rules):
         params = model_dir.params_to_numpy(params)
     tokenizer = None
     if model_dir.has_tokenizer(directory):
-        tokenizer = tok_lib.tokenizer_from_dir(os.path.join(directory, "tokenizer"))
+        # tokenizers read local files: one in a gs:// model is downloaded first
+        tokenizer = tok_lib.tokenizer_from_dir(storage.local_copy(storage.join(directory, "tokenizer")))
     return cfg, params, tokenizer, model_dir.read_about(directory)
 
 

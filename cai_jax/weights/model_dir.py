@@ -13,8 +13,11 @@
                        files; a changed file no longer matches the seal
 
 Stages hand models to each other in this form (SL-CAI -> pairs, PM -> PPO).
-The directory is assembled under a temporary name and renamed into place, so a
-reader never sees half of one.
+DIR may be a gs:// URL (storage.py). A local directory is assembled under a
+temporary name and renamed into place, so a reader never sees half of one.
+Cloud Storage has no rename: there the files are written in place, the seal
+last, and the pipeline's staging keeps readers from a model being written (a
+stage's outputs appear in the work directory only when it has finished).
 """
 from __future__ import annotations
 
@@ -22,13 +25,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 
 import jax
 import numpy as np
 
-from cai_jax import artifacts
+from cai_jax import artifacts, storage
 from cai_jax.models.config import TransformerConfig
 from cai_jax.weights import layout
 
@@ -40,27 +42,33 @@ _OLD_PM_INFO_FILE = "preference.json"
 
 def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None,
                    about: dict | None = None) -> None:
+    directory = storage.abspath(directory)
+    if storage.is_remote(directory):
+        storage.rmtree(directory)
+        _write_model_files(directory, cfg, params, tokenizer, about)
+        return
+    with storage.local_directory_built(directory) as tmp:
+        _write_model_files(tmp, cfg, params, tokenizer, about)
+
+
+def _write_model_files(directory: str, cfg: TransformerConfig, params, tokenizer, about) -> None:
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-")
-    with open(os.path.join(tmp, "model.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    with open(os.path.join(tmp, ABOUT_FILE), "w") as f:
-        json.dump(about or {}, f, indent=1)
+    storage.write_atomic(storage.join(directory, "model.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    storage.write_atomic(storage.join(directory, ABOUT_FILE), json.dumps(about or {}, indent=1))
     if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        if storage.is_remote(directory):  # tokenizers write local files only
+            with tempfile.TemporaryDirectory(prefix="cai_jax-tokenizer-") as local:
+                tokenizer.save_pretrained(local)
+                storage.upload_tree(local, storage.join(directory, "tokenizer"))
+        else:
+            tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     params = layout.to_scan_layout(params, cfg)
     digest = params_digest(params)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.save(storage.join(directory, "params"), params)
         ckptr.wait_until_finished()
-    artifacts.seal_directory(tmp, {"params": digest})
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    artifacts.seal_directory(directory, {"params": digest})
 
 
 def params_digest(params) -> str:
@@ -83,10 +91,10 @@ def _on_host(leaf) -> np.ndarray:
 
 
 def read_model_config(directory: str) -> TransformerConfig:
-    path = os.path.join(directory, "model.json")
-    if not os.path.exists(path):
+    path = storage.join(directory, "model.json")
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: not a cai_jax model directory")
-    with open(path) as f:
+    with storage.open(path) as f:
         fields = json.load(f)
     fields["heads"] = tuple(fields.get("heads", ("lm",)))
     return TransformerConfig(**fields)
@@ -99,10 +107,10 @@ def load_model_dir(directory: str, shardings=None, dtype=None) -> tuple[Transfor
     `dtype`: the parameters' dtype after loading (default: as saved)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
+    directory = storage.abspath(directory)
     cfg = read_model_config(directory)
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(os.path.join(directory, "params"))
+        meta = ckptr.metadata(storage.join(directory, "params"))
         tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
         tree = getattr(tree, "tree", tree)  # the plain dict, to pair with a dict of shardings
         if shardings is None:
@@ -112,22 +120,22 @@ def load_model_dir(directory: str, shardings=None, dtype=None) -> tuple[Transfor
         else:
             target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s),
                                   tree, shardings)
-        params = ckptr.restore(os.path.join(directory, "params"), target)
+        params = ckptr.restore(storage.join(directory, "params"), target)
     return cfg, params
 
 
 def read_about(directory: str) -> dict:
     """The model directory's about.json ({} when it has none)."""
     for name in (ABOUT_FILE, _OLD_PM_INFO_FILE):
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            with open(path) as f:
+        path = storage.join(directory, name)
+        if storage.exists(path):
+            with storage.open(path) as f:
                 return json.load(f)
     return {}
 
 
 def has_tokenizer(directory: str) -> bool:
-    return os.path.isdir(os.path.join(directory, "tokenizer"))
+    return storage.isdir(storage.join(directory, "tokenizer"))
 
 
 def params_to_numpy(params):

