@@ -2,11 +2,12 @@
 
 A writer killed mid-line leaves a torn last line; readers drop it with a
 warning naming the file (the resumed run rewrites that step). The directory
-may be a gs:// URL (storage.py): the log is then rewritten whole at each step,
-and tensorboardX uploads its event files itself.
+may be a gs:// URL (storage.py): the log and the event files are then
+rewritten whole at each flush (an object cannot grow).
 """
 from __future__ import annotations
 
+import io
 import json
 from typing import Mapping
 
@@ -33,6 +34,8 @@ class MetricWriter:
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
+            if storage.is_remote(directory):
+                _events_through_storage()
             self._tb = SummaryWriter(storage.join(directory, "tensorboard", name))
 
     def truncate_from(self, step: int) -> None:
@@ -58,3 +61,35 @@ def read_metrics(path: str) -> list[dict]:
     """The records of a JSONL log; a torn last line is dropped (with a warning),
     a bad line before it is an error naming the file and line."""
     return artifacts.read_jsonl(path, drop_torn_tail=True)
+
+
+class _EventFile:
+    """A TensorBoard event file on Cloud Storage, uploaded whole at each flush
+    through storage.py (tensorboardX's own gs:// writer uses another client,
+    which finds no emulator)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        storage.write_atomic(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventFiles:
+    def open(self, path: str) -> _EventFile:
+        return _EventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # no directories to make on Cloud Storage
+
+
+def _events_through_storage() -> None:
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory("gs", _EventFiles())
