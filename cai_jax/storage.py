@@ -105,7 +105,10 @@ def _gcs():
     if _FS is None:
         # gcsfs's experimental class asks a gRPC service for each bucket's
         # type, which an emulator does not serve: use the plain JSON API one.
-        from gcsfs.core import GCSFileSystem
+        try:
+            from gcsfs.core import GCSFileSystem
+        except ImportError:
+            raise UserError("gs:// work directories need gcsfs: pip install gcsfs") from None
 
         url = emulator()
         options = {"token": "anon", "endpoint_url": url} if url else {}

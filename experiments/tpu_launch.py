@@ -1,7 +1,7 @@
 """Runs the pipeline on a Cloud TPU VM (one or many hosts).
 
     python experiments/tpu_launch.py --tpu_name=cai --zone=us-central2-b \\
-        --accelerator_type=v4-32 --config=configs/default.py --workdir=runs/v4 \\
+        --accelerator_type=v4-32 --config=configs/default.py --workdir=gs://BUCKET/runs/v4 \\
         --override=model.name=810m [--source=copy|git --repo_url=URL] [--detach] [--dry_run]
 
 Three steps, each a `gcloud compute tpus tpu-vm` command:
@@ -17,8 +17,12 @@ Three steps, each a `gcloud compute tpus tpu-vm` command:
    coordinator and the process ids itself, so no address is passed.
 
 `--dry_run` prints the exact commands (one per line, shell-quoted) and runs
-nothing. The work directory is relative to the project checkout on each
-worker; fetch results from worker 0 with the printed `scp` command.
+nothing. The work directory of a slice with several hosts must be one they
+all see: a gs:// URL (the workers' service account needs write access to the
+bucket); the launch ends by printing where the results are and how to copy
+them. A local work directory (relative to the checkout on each worker) only
+suits a one-host slice; its results are fetched from worker 0 with the printed
+`scp` command.
 """
 from __future__ import annotations
 
@@ -154,10 +158,20 @@ def plan_launch(vm: TpuVm, *, config: str, workdir: str, overrides: Sequence[str
     if install:
         steps += install_steps(vm, source, repo_url, revision, local_repo)
     steps.append(run_step(vm, run_command(config, workdir, overrides, stages), run_name, detach))
-    steps.append(Step("afterwards, fetch the results from worker 0",
-                      vm.scp_from(f"{REMOTE_DIR}/{workdir}", os.path.dirname(os.path.normpath(workdir)) or "."),
-                      runs=False))
+    steps.append(results_step(vm, workdir))
     return steps
+
+
+def results_step(vm: TpuVm, workdir: str) -> Step:
+    """Where the results are, as a command printed for the user."""
+    if workdir.startswith("gs://"):
+        url = workdir.rstrip("/")
+        return Step(f"the results are in {url} (report: {url}/report.md, "
+                    f"`tensorboard --logdir {url}`); copy them here with",
+                    ["gcloud", "storage", "cp", "-r", url, "."], runs=False)
+    return Step("afterwards, fetch the results from worker 0",
+                vm.scp_from(f"{REMOTE_DIR}/{workdir}", os.path.dirname(os.path.normpath(workdir)) or "."),
+                runs=False)
 
 
 def format_plan(steps: Sequence[Step]) -> str:
@@ -217,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_vm_arguments(parser)
     parser.add_argument("--config", required=True, help="experiment config, relative to the checkout")
-    parser.add_argument("--workdir", required=True, help="run directory, relative to the checkout")
+    parser.add_argument("--workdir", required=True,
+                        help="run directory: gs://BUCKET/PATH (shared by every host), or relative to the checkout")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. model.name=810m (repeatable)")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages")

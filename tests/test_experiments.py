@@ -131,6 +131,17 @@ def test_tpu_launch_dry_run_commands_are_well_formed(capsys):
     assert option(main_argv, "workdir") == "runs/v4"
 
 
+def test_tpu_launch_with_a_bucket_work_directory_says_where_the_results_are(capsys):
+    tpu_launch.main(["--tpu_name", "cai", "--zone", "z", "--config", "configs/default.py",
+                     "--workdir", "gs://my-bucket/runs/v4", "--skip_install", "--dry_run"])
+    out = capsys.readouterr().out
+    main_argv = shlex.split(option(command_lines(out)[2], "command").split(" && ", 1)[1])
+    assert option(main_argv, "workdir") == "gs://my-bucket/runs/v4"
+    assert "# the results are in gs://my-bucket/runs/v4 (report: gs://my-bucket/runs/v4/report.md" in out
+    assert out.rstrip().splitlines()[-1] == "# gcloud storage cp -r gs://my-bucket/runs/v4 ."
+    assert "scp" not in out
+
+
 def test_tpu_launch_git_source(capsys):
     out = launch_dry_run(capsys, "--source", "git", "--repo_url", "https://example.com/cai jax.git",
                          "--revision", "abc123", "--skip_install")
