@@ -455,9 +455,7 @@ def finish_swap(workdir: str, name: str) -> bool:
         if rel in done or (made and not storage.lexists(new)):
             continue  # moved in before the kill
         if remote:
-            storage.rmtree(real)
-            with contextlib.suppress(FileNotFoundError):
-                storage.remove(real)
+            storage.rmtree(real)  # an object or all below a prefix: nothing to put aside
         elif os.path.lexists(real):
             os.makedirs(os.path.dirname(os.path.join(aside, rel)), exist_ok=True)
             os.replace(real, os.path.join(aside, rel))
@@ -611,6 +609,9 @@ def workdir_lock(workdir: str):
             try:
                 _acquire(workdir, path, me)
             except OSError as e:
+                if storage.is_remote(path) and e.errno is None:  # gcsfs: refused (403) or a bad request
+                    raise UserError(f"cannot write the lock {path}: {' '.join(str(e).split())[:300]}; check "
+                                    "the bucket's permissions or choose another --workdir") from e
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
                 raise UserError(f"cannot write the lock {path}: {e.strerror}; make {workdir} writable or "

@@ -312,7 +312,8 @@ def remove(path: str) -> None:
 
 
 def rmtree(path: str) -> None:
-    """Deletes a directory and all in it; nothing when absent."""
+    """Deletes a directory and all in it (on Cloud Storage, also a single
+    object of that name); nothing when absent."""
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
         return
