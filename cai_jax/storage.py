@@ -5,13 +5,13 @@ through these functions, so a run works the same on a local disk and on a
 Cloud Storage bucket (a pod's hosts share nothing else). Local paths keep
 plain `os` behaviour; gs:// URLs go through gcsfs (fsspec).
 
-Atomic writes (`write_atomic`): a reader sees the old content or the new, never
-a part. Locally that is a temporary file in the same directory, fsynced and
-renamed over the target. On Cloud Storage an object upload is atomic already,
-so the object is uploaded in one request.
+Atomic writes (`write_atomic`, `writing`): a reader sees the old content or
+the new, never a part. Locally that is a temporary file in the same directory,
+fsynced and renamed over the target. On Cloud Storage an upload is atomic
+already (the object appears when it is complete), so the file is uploaded.
 
-Cloud Storage has no rename, no append and no symlink: `move` is copy then
-delete (the pipeline's journal makes that safe to repeat after a kill),
+Cloud Storage has no rename, no append and no symlink: the pipeline's swap
+copies, then deletes (its journal makes that safe to repeat after a kill),
 `append` rewrites the object, and a stage's staging directory holds copies of
 its inputs instead of links (pipeline.py).
 
