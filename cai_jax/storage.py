@@ -121,6 +121,16 @@ def _gcs():
 point_clients_at_emulator()
 
 
+def _forget_client() -> None:
+    global _FS
+    _FS = None
+
+
+# A forked child makes its own client: the parent's is bound to an event loop
+# that runs in a thread the child does not have.
+os.register_at_fork(after_in_child=_forget_client)
+
+
 def _key(url: str) -> str:
     return url[len(SCHEME):].rstrip("/")
 

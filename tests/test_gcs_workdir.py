@@ -165,6 +165,15 @@ def test_a_second_run_is_refused_by_the_lock_and_a_dead_runs_lock_is_taken_over(
     assert _names(url) == [], "the claim and the lock are gone"
 
 
+def test_processes_racing_to_take_over_a_stale_lock_on_gcs_end_with_one_holder(url):
+    """tests/test_pipeline.py's race, on the bucket: 6 processes at once find
+    the lock of a dead process; one takes it over, the others are refused."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "lock_race.py"), url, "15", "6"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == {"trials": 15, "two_holders": 0, "errors": [], "unheld": 0}
+
+
 def test_a_concurrent_run_on_the_same_bucket_directory_is_refused(url, tmp_path):
     """A real second run (a new process) while the first holds the lock:
     one line naming the holder, exit status 2, nothing written."""

@@ -4,7 +4,8 @@ directory and PROCS forked processes call `pipeline.workdir_lock` on it at the
 same moment. A holder records itself in `holders/` while it holds the lock and
 notes whether another was there; a holder that finds the lock held stops with
 the usual "in use" error. Prints one JSON line: trials with two holders at once,
-unexpected errors (anything but "in use"), and trials nobody held.
+unexpected errors (anything but "in use"), and trials nobody held. DIR may be
+a gs:// URL (tests/test_gcs_workdir.py): every file goes through storage.py.
 
     python tests/scripts/lock_race.py DIR TRIALS PROCS
 """
@@ -18,21 +19,26 @@ import subprocess
 import sys
 import time
 
-from cai_jax import pipeline
+from cai_jax import pipeline, storage
 from cai_jax.errors import UserError
+
+
+def names(directory):
+    """What a directory holds (on Cloud Storage an empty one does not exist)."""
+    return storage.listdir(directory) if storage.exists(directory) else []
 
 
 def contender(workdir, barrier, results):
     barrier.wait()
-    holders = os.path.join(workdir, "holders")
+    holders = storage.join(workdir, "holders")
     try:
         with contextlib.redirect_stdout(io.StringIO()), pipeline.workdir_lock(workdir):
-            others = os.listdir(holders)
-            mine = os.path.join(holders, str(os.getpid()))
-            open(mine, "w").close()
+            others = names(holders)
+            mine = storage.join(holders, str(os.getpid()))
+            storage.write_atomic(mine, "")
             time.sleep(0.05)  # long next to the race's window, which is microseconds
-            others += [p for p in os.listdir(holders) if p != str(os.getpid())]
-            os.remove(mine)
+            others += [p for p in names(holders) if p != str(os.getpid())]
+            storage.remove(mine)
         results.put(("held", bool(others)))
     except UserError as e:
         results.put(("in use", "") if " is in use by pid " in str(e) else ("error", str(e)))
@@ -47,10 +53,9 @@ def main(root, trials, procs):
     stale = json.dumps({"pid": dead.pid, "host": socket.gethostname()})
     two_holders, errors, unheld = 0, [], 0
     for trial in range(trials):
-        workdir = os.path.join(root, str(trial))
-        os.makedirs(os.path.join(workdir, "holders"))
-        with open(os.path.join(workdir, pipeline.LOCK), "w") as f:
-            f.write(stale)
+        workdir = storage.join(root, str(trial))
+        storage.makedirs(storage.join(workdir, "holders"))
+        storage.write_atomic(storage.join(workdir, pipeline.LOCK), stale)
         barrier, results = fork.Barrier(procs), fork.Queue()
         workers = [fork.Process(target=contender, args=(workdir, barrier, results)) for _ in range(procs)]
         for worker in workers:
@@ -61,7 +66,7 @@ def main(root, trials, procs):
         two_holders += any(kind == "held" and overlap for kind, overlap in outcomes)
         unheld += not any(kind == "held" for kind, _ in outcomes)
         errors += [detail for kind, detail in outcomes if kind == "error"]
-        leftovers = sorted(set(os.listdir(workdir)) - {"holders"})
+        leftovers = sorted(set(names(workdir)) - {"holders"})
         if leftovers:
             errors.append(f"trial {trial} left {leftovers}")
     print(json.dumps({"trials": trials, "two_holders": two_holders, "errors": errors, "unheld": unheld}))
