@@ -347,8 +347,9 @@ def copy_tree(src: str, dst: str) -> None:
     if fs.isfile(_key(src)):
         fs.copy(_key(src), _key(dst))
         return
-    for key in fs.find(_key(src)):
-        fs.copy(key, _key(dst) + "/" + posixpath.relpath(key, _key(src)))
+    keys = fs.find(_key(src))
+    if keys:  # in one call: gcsfs copies them concurrently
+        fs.copy(keys, [_key(dst) + "/" + posixpath.relpath(key, _key(src)) for key in keys])
 
 
 def upload_tree(local: str, url: str) -> None:
