@@ -91,6 +91,10 @@ class Emulator:
 
 
 if __name__ == "__main__":
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # kill PID stops the server too
     emulator = Emulator().start()
     emulator.make_bucket("runs")
     print(f"export STORAGE_EMULATOR_HOST={emulator.url}   # bucket gs://runs", flush=True)
@@ -99,5 +103,5 @@ if __name__ == "__main__":
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:
+    finally:  # also on SIGTERM (sys.exit above)
         emulator.stop()
