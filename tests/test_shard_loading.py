@@ -126,3 +126,7 @@ def test_two_processes_each_read_their_half(saved_model):
             assert report[kind]["equal"] and report[kind]["on_param_shardings"], (kind, report)
         # Each process read its half of the split parameters and all of the replicated ones.
         assert report["hf"]["elements_read"] == report["hf"]["half_plus_replicated"], report
+        # pm_train starts from a model read the same way, not whole on each host.
+        pm = report["pm_init"]
+        assert pm["equal"] and pm["on_param_shardings"], pm
+        assert pm["elements_read"] == pm["half_plus_replicated"], pm

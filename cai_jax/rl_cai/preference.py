@@ -228,10 +228,12 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer, style: str, max_len: int) -
 
 # ------------------------------------------------------------ training
 
-def init_pm(config, spec: str, workdir: Optional[str] = None) -> LoadedModel:
+def init_pm(config, spec: str, workdir: Optional[str] = None, mesh=None) -> LoadedModel:
     """The PM's starting point with a scalar head (zero-initialised when the
-    reference is a language model)."""
-    return resolve(spec, config, workdir).load(SCALAR_HEAD, seed=config.seed)
+    reference is a language model). Given the run's `mesh`, the parameters
+    are read by shard straight onto it (each process only its devices'
+    slices), never whole on one host."""
+    return resolve(spec, config, workdir).load(SCALAR_HEAD, seed=config.seed, mesh=mesh)
 
 
 class PairIterator:
@@ -318,7 +320,7 @@ def run_stage(ctx) -> dict:
     config = ctx.config
     section = config.pm_train
     style = config.data.render
-    loaded = init_pm(config, section.init_source, ctx.workdir)
+    loaded = init_pm(config, section.init_source, ctx.workdir, mesh=ctx.mesh)
     tokenizer, cfg = loaded.tokenizer, loaded.config
     if tokenizer is None:
         raise ValueError(f"pm_train.init_source {section.init_source!r} has no tokenizer")

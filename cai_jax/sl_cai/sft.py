@@ -206,7 +206,9 @@ def run_stage(ctx) -> dict:
     helpful_records = artifacts.read_jsonl(helpful_path)
 
     base = resolve("base", config)
-    loaded = base.load(seed=config.seed, to_device=False)
+    # Read by shard onto the run's mesh (each process only its devices'
+    # slices); the trainer's placed copy starts from these.
+    loaded = base.load(seed=config.seed, mesh=ctx.mesh, to_device=ctx.mesh is not None)
     cfg, tokenizer = loaded.config, loaded.tokenizer
     if tokenizer is None:
         raise ValueError(f"model source {base.source!r} has no tokenizer; sl_train needs one to render "

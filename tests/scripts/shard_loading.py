@@ -118,6 +118,23 @@ def multi() -> dict:
         report[kind] = {"equal": shards_equal_whole(model.params, whole.params),
                         "on_param_shardings": on_param_shardings(model, mesh),
                         "elements_read": read, "half_plus_replicated": (total - replicated) // 2 + replicated}
+    # pm_train's starting point (a scalar head on the model) is read the same way.
+    from ml_collections import ConfigDict
+
+    from cai_jax.rl_cai.preference import SCALAR_HEAD, init_pm
+    src = "hf:" + os.path.join(ARGS.dir, "hf")
+    ELEMENTS_READ[0] = 0
+    pm = init_pm(ConfigDict({"seed": 0}), src, mesh=mesh)
+    read = ELEMENTS_READ[0]
+    whole = load_model(src, SCALAR_HEAD, to_device=False)
+    # The zero-initialised scalar head is made, not read.
+    stored = [x for path, x in jax.tree_util.tree_leaves_with_path(pm.params)
+              if "scalar" not in jax.tree_util.keystr(path)]
+    total = sum(x.size for x in stored)
+    replicated = sum(x.size for x in stored if x.sharding.is_fully_replicated)
+    report["pm_init"] = {"equal": shards_equal_whole(pm.params, whole.params),
+                         "on_param_shardings": on_param_shardings(pm, mesh), "elements_read": read,
+                         "half_plus_replicated": (total - replicated) // 2 + replicated}
     return report
 
 
