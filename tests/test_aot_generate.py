@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from cai_jax import sharding as shd
 from cai_jax.config import load_config_module, model_section
 from cai_jax.models.config import RopeScaling, hf_features_not_modelled, model_config_from_dict
-from cai_jax.tools import aot, aot_generate, aot_model
+from cai_jax.tools import aot, aot_generate, aot_model, aot_steps
 
 GIB = 2 ** 30
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -162,9 +164,10 @@ def v5p8():
 def test_tiny_generate_memory_and_decode_bytes_by_hand(v5p8):
     # bfloat16 compute over float32 weights, 8 rows of 48 + 16 slots on fsdp=4.
     model = model_section("tiny")
-    config = _config(model, **_rollout(8, 48, 16, dtype="bfloat16"))
+    config = _config(model, **_rollout(8, 48, 16, dtype="bfloat16"), sampling=dict(shared_prefix=True))
     report = aot.run_aot(config, "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
-    assert report.fits and [p.name for p in report.phases] == ["prefill", "decode"]
+    assert report.fits
+    assert [p.name for p in report.phases] == ["prefill", "decode", "prefill_shared", "decode_shared"]
     cfg = model_config_from_dict(model)
     g = report.generation
     assert (g.batch_rows, g.prompt_width, g.gen_width, g.batches) == (8, 48, 16, 1)
@@ -187,12 +190,29 @@ def test_tiny_generate_memory_and_decode_bytes_by_hand(v5p8):
     assert g.tokens_per_second == pytest.approx(8 * 16 / g.seconds)
     text = report.format()
     assert "decode step bound" in text and "prefill" in text and "answer tokens/s" in text
+    # The shared-prefix layout at its largest: prefix and suffix slots each as
+    # wide as the longest prompt, so its cache holds 48 + 48 + 16 slots.
+    shared_cache = 2 * 2 * 8 * 2 * 16 * (48 + 48 + 16) * 2 // 4
+    decode_shared = report.phases[3]
+    assert decode_shared.alias_bytes >= shared_cache
+    # (The chips pad the slot axis to 128 lanes, which hides 64 against 112
+    # slots in the byte counts: the compiled shapes themselves.)
+    phases = aot_steps.build_phases("generate", config, shd.make_mesh({"fsdp": 4}, v5p8))
+    slots = {p.name: jax.tree.leaves(p.args[2]["cache"])[0].shape[-1] for p in phases.phases
+             if p.name.startswith("decode")}
+    assert slots == {"decode": 48 + 16, "decode_shared": 48 + 48 + 16}
+    assert weights + shared_cache <= decode_shared.argument_bytes < weights + shared_cache + 256 * 2 ** 10
+    whole_only = aot.run_aot(_config(model, **_rollout(8, 48, 16, dtype="bfloat16"),
+                                     sampling=dict(shared_prefix=False)),
+                             "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
+    assert [p.name for p in whole_only.phases] == ["prefill", "decode"]
 
 
 @needs_libtpu
 def test_smollm2_generate_compiles_for_v5p(v5p8):
     model = model_section("smollm2-135m")
-    config = _config(model, **_rollout(4, 64, 16, dtype="bfloat16"))
+    # Whole prompts only (the shared-prefix layout is checked on the tiny model above).
+    config = _config(model, **_rollout(4, 64, 16, dtype="bfloat16"), sampling=dict(shared_prefix=False))
     report = aot.run_aot(config, "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
     cfg = model_config_from_dict(model)
     # 30 layers x 3 KV heads x 64 dims x 80 slots, one row per chip.
@@ -205,7 +225,8 @@ def test_model_from_a_config_json_alone_compiles_sft_and_generate(tmp_path, v5p8
     # A model known only by its config.json.
     _small_qwen2_config_json(tmp_path, max_position_embeddings=256)
     config = _config(_hf_section(tmp_path, dtype="bfloat16"), **_rollout(8, 32, 16),
-                     sl_train=dict(batch_size=8, max_seq_len=64, grad_accum_steps=1))
+                     sl_train=dict(batch_size=8, max_seq_len=64, grad_accum_steps=1),
+                     sampling=dict(shared_prefix=False))
     sft = aot.run_aot(config, "v5p:2x2x1", "sft", {"fsdp": 4}, devices=v5p8)
     generate = aot.run_aot(config, "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
     assert sft.fits and generate.fits and sft.model == generate.model == tmp_path.name

@@ -56,11 +56,14 @@ def test_the_prompts_do_share_starts(tiny):
     assert prefix_groups.tokens_to_run([g for b in batches for g in b]) < sum(map(len, prompts)) * 0.6
 
 
-@pytest.mark.parametrize("trunk", ["feature_major", "flax", "scanned"])
+@pytest.mark.parametrize("trunk", ["feature_major", "flax", "scanned", "remat"])
 @pytest.mark.parametrize("batch_size", [3, 8])
 def test_greedy_tokens_identical_with_and_without_sharing(tiny, trunk, batch_size):
-    sampler = Sampler(tiny.config, tiny.tokenizer, mesh=None, progress=False, unroll_layers=trunk != "scanned",
-                      trunk="flax" if trunk == "scanned" else trunk)
+    # "remat": a model config that trains with rematerialised layers (the pod
+    # config's), which the sampler must run as plain layers.
+    config = tiny.config.replace(remat="full") if trunk == "remat" else tiny.config
+    sampler = Sampler(config, tiny.tokenizer, mesh=None, progress=False, unroll_layers=trunk != "scanned",
+                      trunk="flax" if trunk in ("scanned", "remat") else trunk)
     prompts = mixed_prompts(tiny.config.vocab_size)
     whole = sampler.generate(tiny.params, prompts, GREEDY, batch_size=batch_size)
     shared = sampler.generate(tiny.params, prompts, GREEDY, batch_size=batch_size, shared_prefix=True)

@@ -319,7 +319,10 @@ class Sampler:
         if "lm" not in model_config.heads:
             raise ValueError(f"the sampler needs a model with an 'lm' head; heads are "
                              f"{model_config.heads}")
-        self.config = model_config.replace(heads=("lm",), scan_layers=not unroll_layers)
+        # No rematerialisation: nothing is differentiated here, and remat would
+        # hide the prefill's static cache index from `write_cache` (shared
+        # prefixes then attend over slots their key mask does not cover).
+        self.config = model_config.replace(heads=("lm",), scan_layers=not unroll_layers, remat="none")
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.rules = tuple(rules)

@@ -181,11 +181,14 @@ def sampler_weights(sampler: sampling.Sampler) -> dict:
 
 
 def generate_phases(model_cfg: TransformerConfig, workload: GenerateWorkload, mesh, holder: str,
-                    holder_scans_layers: bool) -> tuple[list[Phase], GeneratePlan]:
+                    holder_scans_layers: bool, shared_prefix: bool = False) -> tuple[list[Phase], GeneratePlan]:
     """Prefill and decode of one sampler batch. `holder` names the resident
     state that holds the model's weights between calls (in the layout
     `holder_scans_layers` says); when the sampler's layout differs it runs on
-    a copy, which lives only while it generates."""
+    a copy, which lives only while it generates. With `shared_prefix` (the
+    stage's config.sampling.shared_prefix) also the sampler's shared-prefix
+    layout at its largest (`shared_prefix_phases`); the time bounds stay
+    those of whole prompts."""
     sampler = sampler_for(model_cfg, mesh)
     trunk, rules = sampler.trunk, sampler.rules
     rows = bucket(min(workload.batch_size, workload.rows), sampler.batch_multiple)
@@ -216,7 +219,42 @@ def generate_phases(model_cfg: TransformerConfig, workload: GenerateWorkload, me
               plan.decode_steps * plan.decode_step_flops(), plan.decode_steps * plan.decode_step_flops(),
               kwargs=statics, generation=True, count_loop_collectives=True),
     ]
+    if shared_prefix:
+        phases += shared_prefix_phases(plan, trunk, prefill_args, statics, uses)
     return phases, plan
+
+
+def shared_prefix_phases(plan: GeneratePlan, trunk, prefill_args: tuple, statics: dict,
+                         uses: tuple) -> list[Phase]:
+    """Prefill and decode in the sampler's shared-prefix layout (`_run_prompts`:
+    each group's prefix once, then every row's suffix over a copy of its
+    group's cache), compiled at the largest shapes a batch can take, so that
+    the memory check covers it: `Sampler._prefix_widths` pads prefixes and
+    suffixes each to the longest of its batch, so a batch mixing a group with
+    a long prefix and one with a long suffix holds prompt + prompt slots, twice
+    the whole layout's, with one group per row at most."""
+    rows, width, gen_width = plan.rows, plan.prompt_width, plan.gen_width
+    _, weights, _, row_ids, active, seed, knobs = prefill_args
+    mesh, rules = trunk.mesh, trunk.rules
+
+    def data(shape, dtype):
+        return abstract_array(shape, dtype, shd.data_sharding(mesh, len(shape), rules))
+
+    prompt = {"prefix": data((rows, width), jnp.int32), "prefix_mask": data((rows, width), jnp.bool_),
+              "suffix": data((rows, width), jnp.int32), "suffix_mask": data((rows, width), jnp.bool_),
+              "group": data((rows,), jnp.int32)}
+    args = (trunk, weights, prompt, row_ids, active, seed, knobs)
+    state = _decode_state(trunk, args, dict(statics, gen_width=gen_width))
+    doubled = dataclasses.replace(plan, prompt_width=2 * width)
+    return [
+        Phase("prefill_shared", sampling._prefill, args, uses, 2 * plan.prefill_flops(), 2 * plan.prefill_flops(),
+              kwargs=dict(statics, gen_width=gen_width), generation=True),
+        Phase("decode_shared", sampling._decode,
+              (trunk, weights, state, abstract_array((), jnp.int32, shd.replicated(mesh)), data((rows,), jnp.bool_),
+               knobs), uses,
+              plan.decode_steps * doubled.decode_step_flops(), plan.decode_steps * doubled.decode_step_flops(),
+              kwargs=statics, generation=True),
+    ]
 
 
 def _decode_state(trunk, prefill_args, prefill_statics) -> dict:

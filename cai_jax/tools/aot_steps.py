@@ -343,7 +343,7 @@ def _ppo_phases(cfg, c, config, mesh, with_generation: Optional[bool] = None):
     if with_generation:  # the rollout: the sampler on the policy's weights
         workload = aot_generate.workload_for(config, "ppo", policy_cfg)
         generation, plan = aot_generate.generate_phases(policy_cfg, workload, mesh, "policy_params",
-                                                        policy_cfg.scan_layers)
+                                                        policy_cfg.scan_layers, _shares_prefixes(config))
         phases += generation
     # The scorer is a plain jit: the shardings come from its abstract arguments.
     phases += [
@@ -380,6 +380,12 @@ def _score_phases(cfg, c, config, mesh):
     return Phases("score", phases, resident, 1, rows * seq, whole.model_config, workload)
 
 
+def _shares_prefixes(config) -> bool:
+    """Whether the stages' sampler runs its shared-prefix layout too (config.sampling.shared_prefix)."""
+    sampling_section = config.get("sampling") if hasattr(config, "get") else None
+    return bool(sampling_section and sampling_section.get("shared_prefix", False))
+
+
 def _generate_phases(cfg, config, mesh, section: str, prompt_tokens: Optional[int]):
     """The sampler's prefill and decode for the stage `section`, on the
     weights of the model that section generates with: the policy (in
@@ -391,7 +397,8 @@ def _generate_phases(cfg, config, mesh, section: str, prompt_tokens: Optional[in
         cfg = cfg.replace(**ppo.model_overrides(section_of(config, "ppo"))["policy"])
     cfg = cfg.replace(heads=("lm",))
     workload = aot_generate.workload_for(config, section, cfg, prompt_tokens)
-    phases, plan = aot_generate.generate_phases(cfg, workload, mesh, "model_weights", cfg.scan_layers)
+    phases, plan = aot_generate.generate_phases(cfg, workload, mesh, "model_weights", cfg.scan_layers,
+                                                _shares_prefixes(config))
     resident = {"model_weights": abstract_params_sharded(cfg, mesh)}
     summary = {"section": section, "rows": workload.rows, "batch_size": workload.batch_size,
                "prompt_tokens": workload.prompt_tokens, "answer_len": workload.answer_tokens,
