@@ -39,6 +39,7 @@ MINIMUM = {
     "feedback.limit": 0,
     "eval.pm_batch_size": 1, "eval.n_bootstrap": 1,
     "eval.red_team_limit": 0, "eval.helpful_limit": 0, "eval.report_prompts": 0,
+    "distributed.heartbeat_timeout_seconds": 1,
 }
 # Lengths of training in passes over the data: used when num_steps is 0.
 POSITIVE = ("sl_train.num_epochs", "pm_train.num_epochs")

@@ -20,7 +20,7 @@ if __name__ == "__main__":  # first, so the re-run starts before jax is imported
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cai_jax import config_checks, distributed, errors, interrupts, pipeline
+from cai_jax import config_checks, distributed, errors, interrupts, pipeline, processes
 from cai_jax.compile_cache import enable_compilation_cache
 from cai_jax.config import parse_config_flags
 
@@ -55,7 +55,8 @@ def run(argv):
 
 
 def main(argv):
-    interrupts.call(errors.exit_on_user_error, run, argv, debug=_DEBUG.value)
+    # In a multi-process run a process that stops on an error takes the others with it (processes.py).
+    processes.run_and_report(interrupts.call, errors.exit_on_user_error, run, argv, debug=_DEBUG.value)
 
 
 if __name__ == "__main__":

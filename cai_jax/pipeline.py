@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import ml_collections
 
-from cai_jax import artifacts, errors, host_memory, interrupts, storage
+from cai_jax import artifacts, errors, host_memory, interrupts, processes, storage
 from cai_jax.errors import DivergenceError, UserError
 
 if TYPE_CHECKING:
@@ -485,16 +485,18 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
     if missing:
         raise UserError(f"stage {name} needs {', '.join(missing)} in {ctx.workdir}; run the earlier "
                         "stages first (or all stages)")
-    if discard_stale_scratch(ctx.workdir, name, fingerprint):
-        print(f"{name}: discarded partial work started under another config or inputs", flush=True)
     staging = staging_dir(ctx.workdir, name)
-    copied = (_read_json(_mirrored_path(ctx.workdir, name)) or []) if storage.is_remote(staging) else None
-    _mirror(ctx.workdir, staging, STAGES[name].owned(), copied)
-    # The stage sees this run's config.json (the report reads it), not the last
-    # complete run's; the work directory's copy is written after success.
-    with contextlib.suppress(FileNotFoundError):
-        storage.remove(os.path.join(staging, CONFIG))
-    artifacts.write_json_atomic(os.path.join(staging, CONFIG), ctx.config.to_dict())
+    if processes.is_writer():
+        if discard_stale_scratch(ctx.workdir, name, fingerprint):
+            print(f"{name}: discarded partial work started under another config or inputs", flush=True)
+        copied = (_read_json(_mirrored_path(ctx.workdir, name)) or []) if storage.is_remote(staging) else None
+        _mirror(ctx.workdir, staging, STAGES[name].owned(), copied)
+        # The stage sees this run's config.json (the report reads it), not the last
+        # complete run's; the work directory's copy is written after success.
+        with contextlib.suppress(FileNotFoundError):
+            storage.remove(os.path.join(staging, CONFIG))
+        artifacts.write_json_atomic(os.path.join(staging, CONFIG), ctx.config.to_dict())
+    processes.barrier(f"staging {name}")  # the other processes read the staging directory process 0 made
     start = time.time()
     print(f"== stage {name}", flush=True)
     try:
@@ -506,18 +508,18 @@ def _run_stage(ctx: StageContext, name: str, fingerprint: dict) -> dict:
         # OS before the next starts (host_memory.py).
         host_memory.release()
     seconds = round(time.time() - start, 1)
-    if _main_process(ctx.config):
+    processes.barrier(f"finished {name}")  # every process has written its part (checkpoint shards)
+    if processes.is_writer():
         drop_training_checkpoints(staging, STAGES[name].scratch)
-    outputs = output_fingerprints(staging, stage_outputs(ctx.config, name))
-    absent = [rel for rel, value in outputs.items() if value is None]
-    if absent:
-        raise RuntimeError(f"stage {name} finished without writing {absent} in {staging}")
-    manifest = {"stage": name, "fingerprint": fingerprint, "outputs": outputs, "seconds": seconds,
-                "summary": summary}
-    if _main_process(ctx.config):
+        outputs = output_fingerprints(staging, stage_outputs(ctx.config, name))
+        absent = [rel for rel, value in outputs.items() if value is None]
+        if absent:
+            raise RuntimeError(f"stage {name} finished without writing {absent} in {staging}")
+        manifest = {"stage": name, "fingerprint": fingerprint, "outputs": outputs, "seconds": seconds,
+                    "summary": summary}
         with interrupts.deferred():  # Ctrl-C waits for the swap-in (a second one does not)
             _swap_in(ctx.workdir, name, manifest)
-    _barrier(ctx.config, f"swap-in {name}")  # the other processes read what was swapped in
+    processes.barrier(f"swap-in {name}")  # the other processes read what was swapped in
     return {"stage": name, "status": f"done in {seconds}s", "seconds": seconds, **summary}
 
 
@@ -599,8 +601,9 @@ def _acquire(workdir: str, path: str, me: dict) -> None:
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Holds `<workdir>/.lock` (this pid and host, and a token unique to this
-    hold) while the block runs. A lock whose pid is dead on this host is stale
-    and taken over; a live one is a UserError naming its pid and host."""
+    hold) while the block runs, and yields its content. A lock whose pid is
+    dead on this host is stale and taken over; a live one is a UserError
+    naming its pid and host."""
     path = storage.join(workdir, LOCK)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
     held = False
@@ -617,32 +620,12 @@ def workdir_lock(workdir: str):
                 raise UserError(f"cannot write the lock {path}: {e.strerror}; make {workdir} writable or "
                                 "choose another --workdir") from e
             held = True
-        yield
+        yield me
     finally:
         if held:
             with interrupts.deferred():
                 if _read_json(path) == me:
                     storage.remove(path)
-
-
-def _distributed(config) -> bool:
-    section = config.get("distributed") if hasattr(config, "get") else None
-    return bool(section and section.get("enabled", False))
-
-
-def _main_process(config) -> bool:
-    """Whether this process owns the work directory's bookkeeping (lock,
-    swap-in): always, except in a multi-process run, where process 0 does."""
-    if not _distributed(config):
-        return True
-    import jax
-    return jax.process_index() == 0
-
-
-def _barrier(config, tag: str) -> None:
-    if _distributed(config):
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(tag)
 
 
 def run_mesh(config) -> Optional["Mesh"]:
@@ -670,23 +653,28 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
         raise UserError(f"--stages: unknown stage {', '.join(map(repr, unknown))}; "
                         f"known: {','.join(ORDER)}")
     stages.sort(key=ORDER.index)
-    workdir = _make_workdir(workdir)
-    unwritable = _unwritable(workdir, stages)
+    # In a multi-process run process 0 makes, locks and keeps the work
+    # directory; the others check that they see the same one (processes.py).
+    writer = processes.is_writer()
+    workdir = _make_workdir(workdir) if writer else storage.abspath(workdir)
+    unwritable = processes.broadcast(_unwritable(workdir, stages) if writer else None)
     if unwritable is not None:
         return _inspect_read_only(config, workdir, stages, force, unwritable)
-    lock = workdir_lock(workdir) if _main_process(config) else contextlib.nullcontext()
-    with errors.full_disk_in(workdir), lock:  # a full disk: one line naming the workdir's filesystem
-        for name in ORDER if _main_process(config) else ():
+    lock = workdir_lock(workdir) if writer else contextlib.nullcontext()
+    with errors.full_disk_in(workdir), lock as held:  # a full disk: one line naming the workdir's filesystem
+        processes.check_shared_workdir(workdir, held and held["token"])
+        for name in ORDER if writer else ():
             if finish_swap(workdir, name):
                 print(f"{name}: completed the swap-in a kill had cut short", flush=True)
-        _barrier(config, "pipeline start")
+        processes.barrier("pipeline start")
         ctx = StageContext(config, workdir, run_mesh(config), progress)
         rows = [_stage_row(ctx, name, force) for name in stages]
-        if _main_process(config):
+        if writer:
             artifacts.write_json_atomic(os.path.join(workdir, CONFIG), config.to_dict())
-        if not storage.is_remote(workdir):  # (Cloud Storage has no empty directories)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(workdir, STAGING))  # only when empty: nothing left in progress
+            if not storage.is_remote(workdir):  # (Cloud Storage has no empty directories)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(workdir, STAGING))  # only when empty: nothing left in progress
+        processes.barrier("pipeline end")  # the lock is released after every process is done
     return rows
 
 
@@ -697,6 +685,16 @@ def _stage_row(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
 
 
 def _skip_or_run(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
+    # Process 0 decides for every process of the run, from the work directory it keeps.
+    decision = processes.broadcast(_skip_or_fingerprint(ctx, name, force) if processes.is_writer() else None)
+    if "skipped" in decision:
+        return {"stage": name, "status": "skipped (complete)", **decision["skipped"]}
+    return _run_stage(ctx, name, decision["fingerprint"])
+
+
+def _skip_or_fingerprint(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
+    """{"skipped": the manifest's summary} for a complete stage, else
+    {"fingerprint": what it runs under}."""
     fingerprint = stage_fingerprint(ctx.config, ctx.workdir, name)
     if storage.exists(_manifest_path(ctx.workdir, name)):
         reason = "forced (--force)" if force else rerun_reason(ctx.workdir, name, fingerprint)
@@ -705,10 +703,9 @@ def _skip_or_run(ctx: StageContext, name: str, force: bool) -> dict[str, Any]:
             if _read_json(started_path(ctx.workdir, name)) not in (None, fingerprint):
                 _discard_staging(ctx.workdir, name)
                 storage.remove(started_path(ctx.workdir, name))
-            summary = _read_json(_manifest_path(ctx.workdir, name))["summary"]
-            return {"stage": name, "status": "skipped (complete)", **summary}
+            return {"skipped": _read_json(_manifest_path(ctx.workdir, name))["summary"]}
         print(f"{name}: {reason}; rerunning", flush=True)
-    return _run_stage(ctx, name, fingerprint)
+    return {"fingerprint": fingerprint}
 
 
 # ------------------------------------------------------------ a work directory that cannot be written

@@ -32,8 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
         # messages, chat headers) once per batch; the answers are the same
         # within float rounding (inference/prefix_groups.py).
         "shared_prefix": True})
+    # Multi-host runs (one process per host). A process silent for
+    # heartbeat_timeout_seconds is lost: the others stop with one line naming it.
     config.distributed = ml_collections.ConfigDict({
-        "enabled": False, "coordinator_address": "", "num_processes": 0, "process_id": -1})
+        "enabled": False, "coordinator_address": "", "num_processes": 0, "process_id": -1,
+        "heartbeat_timeout_seconds": 60})
     return config
 
 

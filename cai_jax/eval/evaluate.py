@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, pipeline, storage
+from cai_jax import artifacts, pipeline, processes, storage
 from cai_jax.constitution import constitution_from_config
 from cai_jax.data.conversation import Turn, answer_stop_strings, build_initial_prompt
 from cai_jax.data.prompt_sets import Prompt, load_prompts
@@ -172,12 +172,13 @@ def eval_prompts(data, section) -> dict[str, list[Prompt]]:
 
 # ------------------------------------------------------------ answers
 
-def _reopen(path: str, key: str = "id") -> artifacts.PartialJsonl:
-    """A PartialJsonl that starts from the finished file of an earlier run, so
-    its records can be reused when new models or prompts are added."""
-    if storage.exists(path) and not storage.exists(path + ".partial"):
+def _reopen(path: str, key: str = "id"):
+    """A record log (processes.open_records) that starts from the finished file
+    of an earlier run, so its records can be reused when new models or prompts
+    are added."""
+    if processes.is_writer() and storage.exists(path) and not storage.exists(path + ".partial"):
         artifacts.write_jsonl_atomic(path + ".partial", artifacts.read_jsonl(path))
-    return artifacts.PartialJsonl(path, key=key)
+    return processes.open_records(path, key=key)
 
 
 def answer_key(model: str, prompt_id: str) -> str:
@@ -436,14 +437,15 @@ def _update_revision_scores(ctx, factory: JudgeFactory) -> Optional[int]:
         return None
     out_path = ctx.path("eval", "revision_scores.jsonl")
     stamp = artifacts.fingerprint({"sl_data": artifacts.file_hash(sl_path), "pm": factory.version("pm")})
-    if storage.exists(out_path):
-        old = artifacts.read_jsonl(out_path)
-        if old and all(r.get("stamp") == stamp for r in old):
-            return len(old)
+    old = artifacts.read_jsonl(out_path) if storage.exists(out_path) else []
+    # Every process takes process 0's way: scoring is a collective.
+    if processes.broadcast(bool(old) and all(r.get("stamp") == stamp for r in old)):
+        return len(old)
     sl_records = artifacts.read_jsonl(sl_path)
     judge = factory.get("pm")
     records = [{**r, "stamp": stamp} for r in revision_scores(sl_records, judge.scorer)]
-    artifacts.write_jsonl_atomic(out_path, records)
+    if processes.is_writer():
+        artifacts.write_jsonl_atomic(out_path, records)
     return len(records)
 
 
@@ -492,7 +494,8 @@ def run_stage(ctx) -> dict:
                                         "n_judgments": sum(r["outcome"] is not None for r in records)})
     log.finish(order=[r["id"] for dim in active for r in by_dim[dim]])
     elo = report.elo_document(reference, [m.describe() for m in models], dimensions)
-    artifacts.write_json_atomic(ctx.path("eval", "elo.json"), elo)
+    if processes.is_writer():
+        artifacts.write_json_atomic(ctx.path("eval", "elo.json"), elo)
     n_revision = _update_revision_scores(ctx, factory)
 
     summary = {"models": len(models), "answers": len(answers),
@@ -504,8 +507,9 @@ def run_stage(ctx) -> dict:
         for m in [m for m in models if m.name == "sl_cai"] + last_rl:
             label = "rl_last" if m.step is not None else m.name
             summary[f"{dim}_elo_{label}"] = round(float(result.elo[m.name]), 1) + 0.0  # no "-0.0"
-    path = report.write_report(ctx.workdir, current_stage={"stage": "eval", "summary": summary},
-                               sample_prompts=section.report_prompts)
-    # Written in the stage's staging directory; the pipeline moves it home.
-    print(f"report: {os.path.join(pipeline.home_of(ctx.workdir), os.path.basename(path))}", flush=True)
+    if processes.is_writer():
+        path = report.write_report(ctx.workdir, current_stage={"stage": "eval", "summary": summary},
+                                   sample_prompts=section.report_prompts)
+        # Written in the stage's staging directory; the pipeline moves it home.
+        print(f"report: {os.path.join(pipeline.home_of(ctx.workdir), os.path.basename(path))}", flush=True)
     return summary

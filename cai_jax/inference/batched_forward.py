@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cai_jax import sharding as shd
+from cai_jax import processes, sharding as shd
 from cai_jax.inference.sampling_buckets import (bucket, left_pad, length_sorted_batches, right_pad,
                                                 width_bucket)
 
@@ -112,7 +112,7 @@ def batched_forward(forward: Callable[..., Any], rows: Sequence[Sequence[int]], 
         tokens_bt, mask_bt = pad([rows[i] for i in idx] + fillers, num_rows, width, pad_id)
         extras_bt = [pad([extra[i] for i in idx], num_rows, width, 0)[0] for extra in token_extras]
         out = forward(*(place_batch(x, mesh, rules) for x in (tokens_bt, mask_bt, *extras_bt)))
-        out = jax.tree.map(np.asarray, out)
+        out = processes.tree_to_host(out)  # every process gets every row
         for r, i in enumerate(idx):
             results[i] = jax.tree.map(lambda x: x[r], out)
         if on_batch is not None:

@@ -25,6 +25,8 @@ from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
+from cai_jax import processes
+
 from cai_jax.inference.prefix_groups import common_prefix_length
 
 
@@ -75,8 +77,8 @@ class KVStore:
 def host_layers(cache, scanned: bool) -> tuple[list, list]:
     """The sampler's cache as NumPy per layer: ([B, H_kv, hd, S] keys, [B, H_kv, S, hd] values)."""
     if scanned:
-        return list(np.asarray(cache["k"])), list(np.asarray(cache["v"]))
-    return [np.asarray(k) for k in cache["k"]], [np.asarray(v) for v in cache["v"]]
+        return list(processes.to_host(cache["k"])), list(processes.to_host(cache["v"]))
+    return [processes.to_host(k) for k in cache["k"]], [processes.to_host(v) for v in cache["v"]]
 
 
 def store_rows(store: KVStore, cache, scanned: bool, keys: Sequence[Hashable], prompts: Sequence,

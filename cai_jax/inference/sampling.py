@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from cai_jax import sharding as shd
+from cai_jax import processes, sharding as shd
 from cai_jax.inference import kv_store as kv_store_lib
 from cai_jax.inference import prefix_groups
 from cai_jax.inference.batched_forward import batch_row_multiple, batched_forward, place_batch
@@ -540,22 +540,22 @@ class Sampler:
             limit = min(step + interval, sampling.max_new_tokens)
             state = _decode(self.trunk, params, state, np.int32(limit), put(stopped), knobs, mode=mode,
                             pad_id=self.pad_id)
-            new_step = int(state["step"])
+            new_step = int(processes.to_host(state["step"]))
             self.decode_steps += new_step - step
             if new_step < limit:  # the loop exited early: every row is done
                 break
             step = new_step
             if sampling.stop_strings:
-                tokens, num = np.asarray(state["tokens"]), np.asarray(state["num_tokens"])
-                done = np.asarray(state["done"])
+                tokens, num = processes.to_host(state["tokens"]), processes.to_host(state["num_tokens"])
+                done = processes.to_host(state["done"])
                 for r in range(n):
                     if not done[r] and find_stop(self._text(tokens[r, :num[r]]),
                                                  sampling.stop_strings) is not None:
                         stopped[r] = True
-        tokens, logprobs = np.asarray(state["tokens"]), np.asarray(state["logprobs"])
-        num = np.asarray(state["num_tokens"])
+        tokens, logprobs = processes.to_host(state["tokens"]), processes.to_host(state["logprobs"])
+        num = processes.to_host(state["num_tokens"])
         if kv_store is not None:
-            key_mask = np.asarray(state["key_mask"])
+            key_mask = processes.to_host(state["key_mask"])
             kv_store_lib.store_rows(kv_store, state["cache"], self.config.scan_layers, row_ids,
                                     [prompts[i] for i in idx], tokens, num, key_mask,
                                     key_mask.shape[1] - tokens.shape[1])
@@ -616,7 +616,7 @@ class Sampler:
             for g in groups:
                 g.suffixes = [s + conts[i] for s, i in zip(g.suffixes, g.rows)]
             idx = [i for g in groups for i in g.rows]
-            logp = np.asarray(_score(self.trunk, placed, self._prompt_arrays(
+            logp = processes.to_host(_score(self.trunk, placed, self._prompt_arrays(
                 groups, bucket(len(idx), self.batch_multiple), MIN_PROMPT_BUCKET)))
             for r, i in enumerate(idx):
                 out[i] = logp[r, logp.shape[1] - len(conts[i]):].astype(np.float32)
@@ -643,7 +643,7 @@ class Sampler:
         for groups in self._batches(prompts, batch_size, keys is not None, keys):
             idx = [i for g in groups for i in g.rows]
             arrays = self._prompt_arrays(groups, bucket(len(idx), self.batch_multiple), min_width)
-            out[idx] = np.asarray(_next_token_logprobs(self.trunk, placed, arrays, tokens_k))[:len(idx)]
+            out[idx] = processes.to_host(_next_token_logprobs(self.trunk, placed, arrays, tokens_k))[:len(idx)]
             if on_batch is not None:
                 on_batch(len(idx))
         return out

@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts
+from cai_jax import artifacts, processes
 from cai_jax.inference import prefix_groups
 from cai_jax.inference.option_scorer import OptionScorer, option_token_ids, p_first_and_mass
 from cai_jax.constitution import (Constitution, FeedbackPrinciple, constitution_from_config,
@@ -558,7 +558,7 @@ def run_stage(ctx) -> dict:
     comparisons = comparisons_from_pairs(artifacts.read_jsonl(pairs_path), pairs_path)
     if section.limit:
         comparisons = comparisons[:section.limit]
-    out = artifacts.PartialJsonl(ctx.path("labels.jsonl"))
+    out = processes.open_records(ctx.path("labels.jsonl"))
     done = out.done_keys()
     todo = [c for c in comparisons if c.id not in done]
     if todo and section.source == "construction":

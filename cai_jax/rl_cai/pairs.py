@@ -44,7 +44,7 @@ import ml_collections
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts
+from cai_jax import artifacts, processes
 from cai_jax.constitution import ContrastiveFraming, constitution_from_config, sample_principles
 from cai_jax.data.conversation import Turn, answer_stop_strings, build_initial_prompt, to_messages
 from cai_jax.data.prompt_sets import load_prompts
@@ -212,7 +212,7 @@ def run_stage(ctx) -> dict:
         framings = constitution_from_config(config.constitution, config.seed).contrastive_framings
         for p in prompts:
             p["construction"] = draw_construction(p, framings, config.seed)
-    out = artifacts.PartialJsonl(ctx.path("pairs.jsonl"))
+    out = processes.open_records(ctx.path("pairs.jsonl"))
     done = out.done_keys()
     todo = [p for p in prompts if p["id"] not in done]
     skipped: list[str] = []

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts, host_memory, sharding as shd, stats, storage
+from cai_jax import artifacts, host_memory, processes, sharding as shd, stats, storage
 from cai_jax.config import optimizer_section
 from cai_jax.data.conversation import answer_stop_strings
 from cai_jax.models.config import TransformerConfig
@@ -126,7 +126,7 @@ def _head_view(params: dict, heads) -> dict:
 def _cast(params, dtype):
     # copy=False: a float32 reference of a float32 policy is placed straight
     # from the host arrays, not from a second 2 GB copy of a 0.5B model.
-    return jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
+    return jax.tree.map(lambda x: processes.to_host(x).astype(dtype, copy=False), params)
 
 
 @dataclasses.dataclass
@@ -309,7 +309,7 @@ class PPORunner:
         scored = self.scorer(policy_state.params, self.ref_params, value_params,
                              put(rollout.tokens), put(rollout.attention_mask),
                              put(rollout.action_mask))
-        scored = {k: np.asarray(v) for k, v in scored.items()}
+        scored = {k: processes.to_host(v) for k, v in scored.items()}
         mask = rollout.action_mask
         raw = np.asarray(s.reward_fn(rollout), np.float32)
         if raw.shape != (len(prompts),):
@@ -387,7 +387,8 @@ class PPORunner:
                 value_cfg, value_params = self.setup.value_config, value_state.params
             save_model_dir(os.path.join(directory, "value"), value_cfg,
                            _head_view(value_params, ("scalar",)), self.setup.tokenizer, about=about)
-        record_rl_checkpoint(models_dir, done, directory)  # what eval and rl_cai[/step_K] read
+        if processes.is_writer():
+            record_rl_checkpoint(models_dir, done, directory)  # what eval and rl_cai[/step_K] read
 
     def _state_tree(self, policy_state, value_state):
         return ({"policy": policy_state} if self.shared
@@ -408,7 +409,8 @@ class PPORunner:
         machine), after which `run` cannot start afresh again. Returns the
         summary numbers."""
         c, s = self.c, self.setup
-        storage.makedirs(out_dir)
+        if processes.is_writer():
+            storage.makedirs(out_dir)
         checkpointer = Checkpointer(os.path.join(out_dir, "ckpt"), keep_last=c.keep_checkpoints)
         writer = MetricWriter(out_dir, "metrics", tensorboard=c.tensorboard)
         # The trainers' order: the latest checkpoint if there is one, else fresh states.
@@ -464,11 +466,13 @@ class PPORunner:
         writer.close()
         checkpointer.close()
         self.final_states = (policy_state, value_state)
+        processes.barrier("ppo metrics written")  # the others read process 0's log
         return summarize(os.path.join(out_dir, "metrics.jsonl"))
 
     @staticmethod
     def _write_eval(out_dir, step, records):
-        artifacts.write_jsonl_atomic(eval_records_path(out_dir, step), records)
+        if processes.is_writer():
+            artifacts.write_jsonl_atomic(eval_records_path(out_dir, step), records)
 
 
 def eval_records_path(out_dir: str, step: int) -> str:

@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cai_jax import artifacts, sharding as shd
+from cai_jax import artifacts, processes, sharding as shd
 from cai_jax.errors import UserError
 from cai_jax.inference.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section
@@ -355,14 +355,15 @@ def run_stage(ctx) -> dict:
         raise UserError(f"pm_train.judge_fraction is {section.judge_fraction} but {ctx.path('labels.jsonl')} "
                         "holds the pairs of one prompt, which cannot train two PMs on disjoint prompts; "
                         "make pairs of more prompts or set pm_train.judge_fraction=0")
-    artifacts.write_json_atomic(ctx.path("pm_train", "prompts.json"), {
-        "pm": sorted({prompt_key(e["id"]) for e in reward_pairs}),
-        "pm_judge": sorted({prompt_key(e["id"]) for e in judge_pairs})})
+    if processes.is_writer():
+        artifacts.write_json_atomic(ctx.path("pm_train", "prompts.json"), {
+            "pm": sorted({prompt_key(e["id"]) for e in reward_pairs}),
+            "pm_judge": sorted({prompt_key(e["id"]) for e in judge_pairs})})
     phases = [("pm", "main", "models/pm", reward_pairs, params, config.seed + 1, "")]
     if judge_pairs:
         # Both PMs start from the same weights; training the first donates
         # them, so the judge starts from a host copy taken now.
-        phases.append(("pm_judge", "judge", "models/pm_judge", judge_pairs, jax.tree.map(np.asarray, params),
+        phases.append(("pm_judge", "judge", "models/pm_judge", judge_pairs, processes.tree_to_host(params),
                        config.seed + 2, "judge_"))
     for name, scratch, out, pairs, start_params, seed, prefix in phases:
         # Pairs made from one prompt stay on one side of the split.
@@ -373,7 +374,7 @@ def run_stage(ctx) -> dict:
             num_steps=steps, section=section, optimizer_cfg=section.optimizer.to_dict(), mesh=mesh,
             directory=ctx.path("pm_train", scratch), seed=seed, pad_id=pad_id, max_len=max_len,
             progress=ctx.progress)
-        save_model_dir(ctx.path(out), cfg, jax.tree.map(np.asarray, trained), tokenizer,
+        save_model_dir(ctx.path(out), cfg, processes.tree_to_host(trained), tokenizer,
                        about={"render": style, "max_seq_len": max_len, "made_from": section.init_source,
                               "stage": "pm_train", "trained_on": f"{len(train)} pairs of "
                               f"{len({prompt_key(e['id']) for e in train})} prompts"})

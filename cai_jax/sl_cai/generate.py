@@ -34,7 +34,7 @@ import numpy as np
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
-from cai_jax import artifacts
+from cai_jax import artifacts, processes
 from cai_jax.model_ref import resolve
 from cai_jax.constitution import (
     Constitution,
@@ -339,7 +339,7 @@ def answer_prompts(items: Sequence[Prompt], builder: PromptBuilder, generate: Ge
 def _generate_resumable(path: str, items: Sequence[Prompt], chunk: int, make_records,
                         desc: str, progress: bool, stamp: dict) -> list[dict]:
     """Runs make_records over the items not yet in `<path>.partial`, chunk by chunk."""
-    log = artifacts.PartialJsonl(path)
+    log = processes.open_records(path)
     done = log.done_keys()
     todo = [it for it in items if it.id not in done]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress,

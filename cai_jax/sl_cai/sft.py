@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from cai_jax import artifacts, sharding as shd, storage
+from cai_jax import artifacts, processes, sharding as shd, storage
 from cai_jax.inference.batched_forward import batched_forward, training_width
 from cai_jax.config import optimizer_section
 from cai_jax.model_ref import resolve
@@ -269,5 +269,6 @@ def run_stage(ctx) -> dict:
         "base_eval_loss": base_eval.get("loss"),
         "sl_cai_eval_loss": final_eval.get("loss"),
     }
-    artifacts.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    if processes.is_writer():
+        artifacts.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary

@@ -14,9 +14,10 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from cai_jax import artifacts, storage
+from cai_jax import artifacts, processes, storage
 from cai_jax.errors import UserError
 
 
@@ -37,10 +38,11 @@ class Checkpointer:
     def save(self, step: int, state, rng: jax.Array, extra: Optional[dict] = None) -> None:
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            rng=ocp.args.StandardSave({"key": jax.random.key_data(rng)}),
+            # On the host: a key on one device cannot be saved by several processes.
+            rng=ocp.args.StandardSave({"key": np.asarray(jax.random.key_data(rng))}),
             extra=ocp.args.JsonSave(extra or {})))
         self._manager.wait_until_finished()
-        if jax.process_index() == 0:
+        if processes.is_writer():
             sums = self._checksums()
             sums[str(step)] = artifacts.content_fingerprint(self._step_dir(step))
             artifacts.write_json_atomic(self._checksums_path(), {s: sums[s] for s in sums

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from cai_jax import artifacts, storage
+from cai_jax import artifacts, processes, storage
 
 
 def _plain(value):
@@ -25,27 +25,31 @@ class MetricWriter:
     """Appends {"step": s, **metrics} to `<dir>/<name>.jsonl` and to TensorBoard.
 
     On resume, lines with a step >= the restored step are dropped first so the
-    log holds each step once.
+    log holds each step once. In a multi-process run only process 0 writes.
     """
 
     def __init__(self, directory: str, name: str = "metrics", tensorboard: bool = True):
-        storage.makedirs(directory)
         self.path = storage.join(directory, f"{name}.jsonl")
         self._tb = None
-        if tensorboard:
+        self.writes = processes.is_writer()
+        if self.writes:
+            storage.makedirs(directory)
+        if tensorboard and self.writes:
             from tensorboardX import SummaryWriter
             if storage.is_remote(directory):
                 _events_through_storage()
             self._tb = SummaryWriter(storage.join(directory, "tensorboard", name))
 
     def truncate_from(self, step: int) -> None:
-        if not storage.exists(self.path):
+        if not self.writes or not storage.exists(self.path):
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", -1) < step]
         storage.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, step: int, metrics: Mapping) -> None:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if not self.writes:
+            return
         storage.append(self.path, json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in record.items():

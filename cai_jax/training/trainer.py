@@ -44,7 +44,7 @@ import jax
 import optax
 from tqdm.auto import tqdm
 
-from cai_jax import sharding as shd
+from cai_jax import processes, sharding as shd
 from cai_jax.errors import DivergenceError
 from cai_jax.models.config import TransformerConfig
 from cai_jax.models.transformer import Transformer, abstract_params
@@ -196,7 +196,8 @@ class Trainer:
                    dynamic_ncols=True)
         for step in range(start.step, num_steps):
             rng, step_rng = jax.random.split(rng)
-            state, metrics = self.train_step(state, next(data_iter), step_rng)
+            batch = processes.put_batch(next(data_iter), self.batch_sharding)
+            state, metrics = self.train_step(state, batch, step_rng)
             done = step + 1
             logged = {k: float(v) for k, v in metrics.items()}
             if budget.check(logged, f"{desc} step {done}"):

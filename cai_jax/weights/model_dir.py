@@ -21,6 +21,7 @@ stage's outputs appear in the work directory only when it has finished).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ import tempfile
 import jax
 import numpy as np
 
-from cai_jax import artifacts, storage
+from cai_jax import artifacts, processes, storage
 from cai_jax.models.config import TransformerConfig
 from cai_jax.weights import layout
 
@@ -43,32 +44,41 @@ _OLD_PM_INFO_FILE = "preference.json"
 def save_model_dir(directory: str, cfg: TransformerConfig, params, tokenizer=None,
                    about: dict | None = None) -> None:
     directory = storage.abspath(directory)
+    # In a multi-process run every process saves its shards of the parameters
+    # into the same directory (process 0's temporary one on a local disk).
+    writer = processes.is_writer()
     if storage.is_remote(directory):
-        storage.rmtree(directory)
+        if writer:
+            storage.rmtree(directory)
+        processes.barrier(f"cleared {directory}")
         _write_model_files(directory, cfg, params, tokenizer, about)
         return
-    with storage.local_directory_built(directory) as tmp:
-        _write_model_files(tmp, cfg, params, tokenizer, about)
+    with storage.local_directory_built(directory) if writer else contextlib.nullcontext() as tmp:
+        _write_model_files(processes.broadcast(tmp), cfg, params, tokenizer, about)
+    processes.barrier(f"in place {directory}")  # the others may read it from here on
 
 
 def _write_model_files(directory: str, cfg: TransformerConfig, params, tokenizer, about) -> None:
     import orbax.checkpoint as ocp
 
-    storage.write_atomic(storage.join(directory, "model.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
-    storage.write_atomic(storage.join(directory, ABOUT_FILE), json.dumps(about or {}, indent=1))
-    if tokenizer is not None:
-        if storage.is_remote(directory):  # tokenizers write local files only
-            with tempfile.TemporaryDirectory(prefix="cai_jax-tokenizer-") as local:
-                tokenizer.save_pretrained(local)
-                storage.upload_tree(local, storage.join(directory, "tokenizer"))
-        else:
-            tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+    if processes.is_writer():  # the other processes save only their shards of the parameters
+        storage.write_atomic(storage.join(directory, "model.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+        storage.write_atomic(storage.join(directory, ABOUT_FILE), json.dumps(about or {}, indent=1))
+        if tokenizer is not None:
+            if storage.is_remote(directory):  # tokenizers write local files only
+                with tempfile.TemporaryDirectory(prefix="cai_jax-tokenizer-") as local:
+                    tokenizer.save_pretrained(local)
+                    storage.upload_tree(local, storage.join(directory, "tokenizer"))
+            else:
+                tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
     params = layout.to_scan_layout(params, cfg)
     digest = params_digest(params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(storage.join(directory, "params"), params)
         ckptr.wait_until_finished()
-    artifacts.seal_directory(directory, {"params": digest})
+    processes.barrier(f"saved {directory}")  # every process's shards are there
+    if processes.is_writer():
+        artifacts.seal_directory(directory, {"params": digest})
 
 
 def params_digest(params) -> str:
@@ -76,18 +86,11 @@ def params_digest(params) -> str:
     and bytes, in the tree's (sorted) order. One leaf at a time on the host."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.ascontiguousarray(_on_host(leaf))
+        array = np.ascontiguousarray(processes.to_host(leaf))  # gathered from every process
         h.update(json.dumps([jax.tree_util.keystr(path), str(array.dtype), array.shape]).encode())
         h.update(array.reshape(-1).view(np.uint8))
         del array
     return h.hexdigest()
-
-
-def _on_host(leaf) -> np.ndarray:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        from jax.experimental import multihost_utils  # parameters spread over processes
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(leaf)
 
 
 def read_model_config(directory: str) -> TransformerConfig:
