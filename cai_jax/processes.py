@@ -129,7 +129,8 @@ def open_records(path: str, key: str = "id"):
 
     log = artifacts.PartialJsonl(path, key=key) if is_writer() else None
     barrier(f"open {path}")
-    log = log or _RecordsCopy(path, key)
+    if log is None:
+        log = _RecordsCopy(path, key)
     barrier(f"opened {path}")
     return log
 
@@ -158,34 +159,29 @@ class _RecordsCopy:
 
 # ------------------------------------------------------------------ one shared work directory
 
-def check_shared_workdir(workdir: str, token: Optional[str]) -> None:
+def check_shared_workdir(workdir: str, lock: str, token: Optional[str]) -> None:
     """Raises the same UserError on every process unless each one finds
-    process 0's `token` (None: process 0 did not check, e.g. a read-only run)
-    in `<workdir>/.lock`, which process 0 holds. Every process reports what it
-    found before any of them raises, so no process is left waiting."""
+    process 0's `token` (the others pass None) in the `lock` file process 0
+    holds. Every process reports what it found before any of them raises, so
+    none is left waiting for another."""
     client = _client()
     if client is None:
         return
-    token = broadcast(token)
-    if token is None:
-        return
-    from cai_jax.pipeline import LOCK  # the lock process 0 holds carries the token
-
-    path = os.path.join(workdir, LOCK)
+    expected = broadcast({"token": token, "workdir": workdir})
     try:
-        with open(path) as f:
+        with open(lock) as f:
             seen = json.load(f).get("token")
     except (OSError, ValueError, AttributeError):
         seen = None
     key = f"{_PREFIX}workdir/{next(_calls)}/"
-    client.key_value_set(f"{key}{index()}", "ok" if seen == token else "missing")
-    missing = [i for i in range(count())
-               if client.blocking_key_value_get(f"{key}{i}", _KV_TIMEOUT_MS) != "ok"]
+    client.key_value_set(f"{key}{index()}", "ok" if seen == expected["token"] else workdir)
+    missing = {i: client.blocking_key_value_get(f"{key}{i}", _KV_TIMEOUT_MS) for i in range(count())}
+    missing = {i: path for i, path in missing.items() if path != "ok"}
     if missing:
-        which = ", ".join(map(str, missing))
-        raise UserError(f"process {which} of {count()} does not see the work directory {workdir} that "
-                        f"process 0 locked (its lock {path} is absent or another run's there): every process "
-                        "must see one shared work directory (a gs:// bucket or a shared file system)")
+        which = ", ".join(f"{i} ({path})" for i, path in missing.items())
+        raise UserError(f"process {which} of {count()} does not see the work directory {expected['workdir']} "
+                        "that process 0 made and locked: every process must see one shared work directory "
+                        "(a gs:// bucket or a shared file system)")
 
 
 # ------------------------------------------------------------------ a lost or failed process
@@ -244,9 +240,7 @@ def _stop(line: str, code: int) -> None:
     process 0 (`_wait_for_the_others`)."""
     try:
         sys.stdout.flush()
-        _client().key_value_set(f"{_PREFIX}left/{index()}", "1")
-    except Exception:
-        pass  # the coordinator is gone: nobody waits
+        _leave()
     finally:
         print(line, file=sys.stderr, flush=True)
         os._exit(code)
@@ -273,11 +267,17 @@ def run_and_report(fn: Callable[..., T], *args, **kwargs) -> T:
         if _watch is None or (isinstance(e, SystemExit) and not e.code):
             raise
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        if _is_runtime_error(e):
+            # A collective whose peer died fails here (gloo: "connection closed by
+            # peer") or hangs: either way the watch names the lost process, and
+            # ends this one, within its timeout.
+            _watch.stopped.wait(_watch.timeout + 3 * _watch.interval)
         if not isinstance(e, SystemExit):
             import traceback
             traceback.print_exc()
         _watch.stopped.set()
         _report_failure(e, code)
+        _leave()
         _wait_for_the_others()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -286,6 +286,19 @@ def run_and_report(fn: Callable[..., T], *args, **kwargs) -> T:
         if _watch is not None:
             _watch.stopped.set()
     return result
+
+
+def _is_runtime_error(error: BaseException) -> bool:
+    """An error of XLA's runtime (a failed collective among them)."""
+    import jax
+    return isinstance(error, jax.errors.JaxRuntimeError)
+
+
+def _leave() -> None:
+    try:
+        _client().key_value_set(f"{_PREFIX}left/{index()}", "1")
+    except Exception:
+        pass  # the coordinator is gone: nobody waits
 
 
 def _wait_for_the_others(seconds: float = 10.0) -> None:
