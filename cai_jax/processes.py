@@ -19,7 +19,7 @@ the rest of the code asks about the others, so that no stage looks at
   dead process only after its heartbeat timeout (100 s by default) and then
   aborts every process with a C++ stack trace, so the watch here uses its own
   heartbeats through the key-value store, with a shorter timeout, and JAX's
-  stays as the backstop (`jax_heartbeat_timeout`).
+  (at least twice as long, distributed.py) stays as the backstop.
 
 With one process every function here is a no-op that needs no JAX.
 """
@@ -31,7 +31,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
 from cai_jax import storage
 from cai_jax.errors import UserError
@@ -202,8 +202,8 @@ class _Watch(threading.Thread):
         last = {i: (None, time.monotonic()) for i in range(n) if i != me}
         unreachable_since = None
         for beat in itertools.count():
-            if self.stopped.wait(0 if beat == 0 else self.interval):
-                return
+            if self.stopped.wait(0 if beat == 0 else self.interval) or _client() is None:
+                return  # stopped, or jax.distributed shut down
             try:
                 client.key_value_set(f"{_PREFIX}beat/{me}", str(beat), allow_overwrite=True)
                 beats = dict(client.key_value_dir_get(f"{_PREFIX}beat/"))
@@ -214,7 +214,7 @@ class _Watch(threading.Thread):
                 if time.monotonic() - unreachable_since > min(self.timeout, 10 * self.interval):
                     _stop(f"error: lost process 0 of {n} (the coordinator does not answer: "
                           f"{str(e).splitlines()[0][:120]}); the run stops here. Relaunch every process with "
-                          "the same command to resume", EXIT_PROCESS_LOST)
+                          "the same command to resume", EXIT_PROCESS_LOST, lost=0)
                 continue
             if self.stopped.is_set():
                 return
@@ -231,16 +231,17 @@ class _Watch(threading.Thread):
                 elif now - since > self.timeout:
                     _stop(f"error: lost process {other} of {n} (no heartbeat for {now - since:.0f} s: its host "
                           "died or hangs); the run stops here. Relaunch every process with the same command "
-                          "to resume", EXIT_PROCESS_LOST)
+                          "to resume", EXIT_PROCESS_LOST, lost=other)
 
 
-def _stop(line: str, code: int) -> None:
-    """Ends this process at once with one line: an orderly exit would wait for
-    the lost process in JAX's shutdown barrier. It first says it leaves, for
-    process 0 (`_wait_for_the_others`)."""
+def _stop(line: str, code: int, lost: Optional[int] = None) -> None:
+    """Ends this process at once with one line (an orderly exit would wait for
+    the `lost` process in JAX's shutdown barrier), after telling the others why."""
     try:
         sys.stdout.flush()
+        _publish_failure(line[len("error: "):] if line.startswith("error: ") else line, code)
         _leave()
+        _wait_for_the_others(lost)
     finally:
         print(line, file=sys.stderr, flush=True)
         os._exit(code)
@@ -271,7 +272,7 @@ def run_and_report(fn: Callable[..., T], *args, **kwargs) -> T:
             # A collective whose peer died fails here (gloo: "connection closed by
             # peer") or hangs: either way the watch names the lost process, and
             # ends this one, within its timeout.
-            _watch.stopped.wait(_watch.timeout + 3 * _watch.interval)
+            time.sleep(_watch.timeout + 3 * _watch.interval)
         if not isinstance(e, SystemExit):
             import traceback
             traceback.print_exc()
@@ -301,16 +302,18 @@ def _leave() -> None:
         pass  # the coordinator is gone: nobody waits
 
 
-def _wait_for_the_others(seconds: float = 10.0) -> None:
-    """Process 0 hosts the coordination service: when it fails, it waits a
-    little for the others to read its failure and leave, since each of them
-    aborts with a stack trace the moment the service goes away."""
+def _wait_for_the_others(lost: Optional[int] = None, seconds: float = 10.0) -> None:
+    """Process 0 hosts the coordination service: when it stops, it waits a
+    little for the others (but a `lost` one) to read why and leave, since each
+    of them aborts with a stack trace the moment the service goes away."""
     if index() != 0:
         return
+    others = {i for i in range(1, count()) if i != lost}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if len(_client().key_value_dir_get(f"{_PREFIX}left/")) >= count() - 1:
+            left = {int(key.rsplit("/", 1)[1]) for key, _ in _client().key_value_dir_get(f"{_PREFIX}left/")}
+            if others <= left:
                 return
         except Exception:
             return
@@ -323,6 +326,11 @@ def _report_failure(error: BaseException, code: int) -> None:
     line = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if not isinstance(cause, (UserError, SystemExit)):
         line = f"{type(cause).__name__}: {line}"
+    _publish_failure(line, code)
+
+
+def _publish_failure(line: str, code: int) -> None:
+    """Tells the others' watch that this process stops, why and with which status."""
     try:
         _client().key_value_set(f"{_PREFIX}failed/{index()}", json.dumps({"line": line, "code": code}))
     except Exception:
