@@ -35,6 +35,11 @@ starts over. One run at a time holds the work directory (`.lock`). A work
 directory the run cannot write is only inspected: when every stage asked for
 is complete it says so and writes nothing, else one line says what must run.
 
+In a multi-process run (one process per host) process 0 alone keeps this
+bookkeeping (the lock, staging, the journal, manifests) and decides which
+stages run; the others follow its decisions and wait for it at barriers
+(processes.py).
+
 Each stage is called with a `StageContext`: the config, its staging directory
 and the run's device mesh, which `run_pipeline` builds once from `config.mesh`
 (`sharding.mesh_from_config`) for every stage it runs.
