@@ -667,7 +667,7 @@ def run_pipeline(config, workdir: str, stages: Optional[list[str]] = None, progr
         return _inspect_read_only(config, workdir, stages, force, unwritable)
     lock = workdir_lock(workdir) if writer else contextlib.nullcontext()
     with errors.full_disk_in(workdir), lock as held:  # a full disk: one line naming the workdir's filesystem
-        processes.check_shared_workdir(workdir, os.path.join(workdir, LOCK), held and held["token"])
+        processes.check_shared_workdir(workdir, storage.join(workdir, LOCK), held and held["token"])
         for name in ORDER if writer else ():
             if finish_swap(workdir, name):
                 print(f"{name}: completed the swap-in a kill had cut short", flush=True)

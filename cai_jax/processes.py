@@ -169,7 +169,7 @@ def check_shared_workdir(workdir: str, lock: str, token: Optional[str]) -> None:
         return
     expected = broadcast({"token": token, "workdir": workdir})
     try:
-        with open(lock) as f:
+        with storage.open(lock) as f:
             seen = json.load(f).get("token")
     except (OSError, ValueError, AttributeError):
         seen = None
