@@ -22,6 +22,8 @@ import time
 import numpy as np
 import pytest
 
+from test_gcs_workdir import BUCKET as GCS_BUCKET, emulator  # noqa: F401 (a fake-gcs-server fixture)
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 GLOBAL_DEVICES = 8
 MESH = ["--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
@@ -212,3 +214,22 @@ def test_all_stages_on_two_processes_equal_one_process(tmp_path):
     for stage in ("sl_generate", "sl_train", "pairs", "feedback", "pm_train", "ppo", "eval"):
         manifests = [json.loads((d / "stages" / f"{stage}.json").read_text()) for d in (single_dir, multi_dir)]
         assert_close(manifests[0]["summary"], manifests[1]["summary"], rel=1e-5, path=stage)
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_bucket_make_the_files_of_one_local_process(tmp_path, emulator):
+    """sl_generate and sl_train as 2 x 4 devices in a gs:// work directory
+    (fake-gcs-server, tests/gcs_emulator.py) and as 1 x 8 on a local disk: the
+    same generated files, the same weights to rounding; a second run skips both."""
+    from cai_jax import storage
+
+    url = f"gs://{GCS_BUCKET}/{tmp_path.name}"
+    local = tmp_path / "local"
+    Run(tmp_path, "local", [local], SHORT).finish()
+    Run(tmp_path, "bucket", [url] * 2, SHORT).finish()
+    for name in ("sl_data.jsonl", "helpful_data.jsonl"):
+        assert storage.read_bytes(f"{url}/{name}") == (local / name).read_bytes(), name
+    assert_same_weights(local / "models" / "sl_cai", f"{url}/models/sl_cai")  # orbax reads the bucket
+    again = Run(tmp_path, "again", [url] * 2, SHORT)
+    again.finish()
+    assert (again.logs / "0.out").read_text().count("skipped (complete)") == 2
