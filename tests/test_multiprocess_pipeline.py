@@ -145,6 +145,7 @@ def test_two_processes_make_the_run_of_one_and_resume_after_losing_one(tmp_path)
     killed_at = _kill_process_1_in_training(broken, multi_dir)
     code = broken.wait()[0]
     noticed = time.monotonic() - killed_at
+    print(f"process 0 stopped {noticed:.1f} s after process 1 was killed (heartbeat timeout {HEARTBEAT} s)")
     lines = broken.stderr(0).strip().splitlines()
     assert code == 1, broken.stderr(0)[-3000:]
     assert noticed < LOST_BOUND
