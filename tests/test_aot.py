@@ -206,7 +206,7 @@ def test_tiny_pm_and_ppo_compile(v5p8):
                               pm_train=dict(max_seq_len=64)),
                       "v5p:2x2x1", "ppo", {"fsdp": 4}, devices=v5p8)
     assert [p.name for p in ppo.phases] == ["policy_update", "value_update", "prefill", "decode",
-                                            "prefill_shared", "decode_shared", "rollout_scores", "pm_score"]
+                                            "rollout_scores", "pm_score"]
     cfg = model_config_from_dict(_tiny())
     value_params = model_config_from_dict(_tiny(heads=("scalar",))).num_params()
     # Frozen reference (LM head) and preference model (scalar head) in bfloat16.
@@ -214,7 +214,7 @@ def test_tiny_pm_and_ppo_compile(v5p8):
     assert ppo.resident_bytes["preference_model"] == pytest.approx(value_params * 2 / 4, abs=64)
     assert ppo.resident_bytes["policy_params"] + ppo.resident_bytes["policy_opt_state"] == pytest.approx(
         _independent_train_state_bytes(cfg, 4), abs=1024)
-    policy, value, prefill, decode, _, decode_shared, scoring, pm_score = ppo.phases
+    policy, value, prefill, decode, scoring, pm_score = ppo.phases
     # While the policy updates, everything but its own state and the batch stays resident.
     held = ppo.resident_bytes
     assert policy.other_resident_bytes == (held["value_params"] + held["value_opt_state"]
@@ -223,9 +223,6 @@ def test_tiny_pm_and_ppo_compile(v5p8):
     # with all four models and both optimizer states resident beside it.
     assert decode.other_resident_bytes == sum(held.values())
     assert decode.argument_bytes >= ppo.generation.weight_bytes + ppo.generation.cache_bytes
-    # The shared-prefix layout's decode (its cache checked by hand in
-    # test_aot_generate) runs with the same models resident.
-    assert decode_shared.other_resident_bytes == decode.other_resident_bytes
     assert ppo.peak_bytes == max(p.total_bytes for p in ppo.phases)
     # One iteration: the rollout's generation, its scoring, epochs x minibatches of updates.
     t, chips_peak = ppo.iteration_seconds, 4 * 459e12
@@ -234,8 +231,7 @@ def test_tiny_pm_and_ppo_compile(v5p8):
     assert t["total"] == pytest.approx(ppo.generation.seconds + t["score"] + t["update"])
     assert "one PPO iteration at these bounds" in ppo.format()
     # Another config, another program: one trunk, the reference in float32 (ppo.ref_dtype's default).
-    shared = aot.run_aot(_config(**_ppo(8, 48, 16, share_trunk=True), pm_train=dict(max_seq_len=64),
-                                 sampling=dict(shared_prefix=False)),
+    shared = aot.run_aot(_config(**_ppo(8, 48, 16, share_trunk=True), pm_train=dict(max_seq_len=64)),
                          "v5p:2x2x1", "ppo", {"fsdp": 4}, devices=v5p8)
     assert [p.name for p in shared.phases] == ["policy_update", "prefill", "decode", "rollout_scores",
                                                "pm_score"]

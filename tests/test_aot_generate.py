@@ -164,8 +164,8 @@ def v5p8():
 def test_tiny_generate_memory_and_decode_bytes_by_hand(v5p8):
     # bfloat16 compute over float32 weights, 8 rows of 48 + 16 slots on fsdp=4.
     model = model_section("tiny")
-    config = _config(model, **_rollout(8, 48, 16, dtype="bfloat16"), sampling=dict(shared_prefix=True))
-    report = aot.run_aot(config, "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
+    config = _config(model, **_rollout(8, 48, 16, dtype="bfloat16"))
+    report = aot.run_aot(config, "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8, shared_prefix=True)
     assert report.fits
     assert [p.name for p in report.phases] == ["prefill", "decode", "prefill_shared", "decode_shared"]
     cfg = model_config_from_dict(model)
@@ -197,22 +197,19 @@ def test_tiny_generate_memory_and_decode_bytes_by_hand(v5p8):
     assert decode_shared.alias_bytes >= shared_cache
     # (The chips pad the slot axis to 128 lanes, which hides 64 against 112
     # slots in the byte counts: the compiled shapes themselves.)
-    phases = aot_steps.build_phases("generate", config, shd.make_mesh({"fsdp": 4}, v5p8))
+    phases = aot_steps.build_phases("generate", config, shd.make_mesh({"fsdp": 4}, v5p8), shared_prefix=True)
     slots = {p.name: jax.tree.leaves(p.args[2]["cache"])[0].shape[-1] for p in phases.phases
              if p.name.startswith("decode")}
     assert slots == {"decode": 48 + 16, "decode_shared": 48 + 48 + 16}
     assert weights + shared_cache <= decode_shared.argument_bytes < weights + shared_cache + 256 * 2 ** 10
-    whole_only = aot.run_aot(_config(model, **_rollout(8, 48, 16, dtype="bfloat16"),
-                                     sampling=dict(shared_prefix=False)),
-                             "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
+    whole_only = aot_steps.build_phases("generate", config, shd.make_mesh({"fsdp": 4}, v5p8))
     assert [p.name for p in whole_only.phases] == ["prefill", "decode"]
 
 
 @needs_libtpu
 def test_smollm2_generate_compiles_for_v5p(v5p8):
     model = model_section("smollm2-135m")
-    # Whole prompts only (the shared-prefix layout is checked on the tiny model above).
-    config = _config(model, **_rollout(4, 64, 16, dtype="bfloat16"), sampling=dict(shared_prefix=False))
+    config = _config(model, **_rollout(4, 64, 16, dtype="bfloat16"))
     report = aot.run_aot(config, "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
     cfg = model_config_from_dict(model)
     # 30 layers x 3 KV heads x 64 dims x 80 slots, one row per chip.
@@ -225,8 +222,7 @@ def test_model_from_a_config_json_alone_compiles_sft_and_generate(tmp_path, v5p8
     # A model known only by its config.json.
     _small_qwen2_config_json(tmp_path, max_position_embeddings=256)
     config = _config(_hf_section(tmp_path, dtype="bfloat16"), **_rollout(8, 32, 16),
-                     sl_train=dict(batch_size=8, max_seq_len=64, grad_accum_steps=1),
-                     sampling=dict(shared_prefix=False))
+                     sl_train=dict(batch_size=8, max_seq_len=64, grad_accum_steps=1))
     sft = aot.run_aot(config, "v5p:2x2x1", "sft", {"fsdp": 4}, devices=v5p8)
     generate = aot.run_aot(config, "v5p:2x2x1", "generate", {"fsdp": 4}, devices=v5p8)
     assert sft.fits and generate.fits and sft.model == generate.model == tmp_path.name

@@ -353,11 +353,12 @@ def compile_phases(phases: aot_steps.Phases, chip: tpu_specs.ChipSpec, progress=
 
 def run_aot(config, topology: str, kind: str, mesh_sizes: Optional[Mapping[str, int]] = None,
             devices=None, micro_batch_per_shard: Optional[int] = None, progress=None,
-            section: str = "ppo", prompt_tokens: Optional[int] = None) -> AotReport:
+            section: str = "ppo", prompt_tokens: Optional[int] = None,
+            shared_prefix: bool = False) -> AotReport:
     """Compiles step `kind` as the experiment `config` runs it (model section,
     stage section; mesh sizes default to config.mesh) for `topology`; returns
-    the report or raises DoesNotFit / AotConfigError. `section` and
-    `prompt_tokens`: see aot_steps.build_phases."""
+    the report or raises DoesNotFit / AotConfigError. `section`,
+    `prompt_tokens` and `shared_prefix`: see aot_steps.build_phases."""
     chip, _ = tpu_specs.parse_topology(topology)
     devices = devices if devices is not None else topology_devices(topology)
     try:
@@ -366,7 +367,8 @@ def run_aot(config, topology: str, kind: str, mesh_sizes: Optional[Mapping[str, 
     except ValueError as e:
         raise AotConfigError(f"{e} (topology {topology} has {len(devices)} chips)") from None
     try:
-        phases = aot_steps.build_phases(kind, config, mesh, micro_batch_per_shard, section, prompt_tokens)
+        phases = aot_steps.build_phases(kind, config, mesh, micro_batch_per_shard, section, prompt_tokens,
+                                        shared_prefix)
     except ValueError as e:
         raise AotConfigError(str(e)) from None
     reports = compile_phases(phases, chip, progress)
@@ -397,7 +399,8 @@ def _main(argv):
         report = run_aot(config, flags.FLAGS.topology, flags.FLAGS.step, mesh_sizes,
                          micro_batch_per_shard=flags.FLAGS.micro_batch_per_shard,
                          progress=lambda m: print(m, file=sys.stderr, flush=True),
-                         section=flags.FLAGS.section, prompt_tokens=flags.FLAGS.prompt_tokens)
+                         section=flags.FLAGS.section, prompt_tokens=flags.FLAGS.prompt_tokens,
+                         shared_prefix=flags.FLAGS.shared_prefix)
     except (DoesNotFit, AotConfigError) as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)
@@ -422,6 +425,9 @@ def main():
     flags.DEFINE_integer("prompt_tokens", None,
                          "--step=generate: the longest prompt (default: the section's limit; "
                          "sl_generate has none but the model's context)")
+    flags.DEFINE_bool("shared_prefix", False,
+                      "--step=generate and ppo: also compile the sampler's shared-prefix layout "
+                      "(sampling.shared_prefix) at its largest shape (experiments/SCALING.md)")
     flags.DEFINE_integer("micro_batch_per_shard", None,
                          "set the section's grad_accum_steps so each batch shard takes this many rows "
                          "per micro-step (0: none; default: the config's grad_accum_steps)")

@@ -216,24 +216,27 @@ def section_of(config, name: str) -> ml_collections.ConfigDict:
 
 
 def build_phases(kind: str, config, mesh, micro_batch_per_shard: Optional[int] = None,
-                 section: str = "ppo", prompt_tokens: Optional[int] = None) -> Phases:
+                 section: str = "ppo", prompt_tokens: Optional[int] = None,
+                 shared_prefix: bool = False) -> Phases:
     """The abstract phases of one step of `kind` as `config` runs it on `mesh`.
     `micro_batch_per_shard` replaces the section's grad_accum_steps by the
     accumulation that gives each batch shard that many rows per micro-step.
     `section` (generate only) names the stage section that generates, and
-    `prompt_tokens` replaces its longest prompt."""
+    `prompt_tokens` replaces its longest prompt. `shared_prefix` (generate and
+    ppo) adds the sampler's shared-prefix layout (aot_generate.shared_prefix_phases)."""
     if kind not in STEP_KINDS:
         raise ValueError(f"--step is {kind!r}; one of {STEP_KINDS}")
     model_cfg, name, notes = model_for_aot(config.model)
     if kind == "generate":
-        phases = _generate_phases(model_cfg, config, mesh, section, prompt_tokens)
+        phases = _generate_phases(model_cfg, config, mesh, section, prompt_tokens, shared_prefix)
     else:
         stage = stage_section(config, kind)
         if micro_batch_per_shard is not None and kind != "score":
             rows = stage.minibatch_size if kind == "ppo" else stage.batch_size
             stage.grad_accum_steps = grad_accum_for(rows, mesh, micro_batch_per_shard)
         builder = {"sft": _sft_phases, "pm": _pm_phases, "ppo": _ppo_phases, "score": _score_phases}[kind]
-        phases = builder(model_cfg, stage, config, mesh)
+        phases = (_ppo_phases(model_cfg, stage, config, mesh, shared_prefix=shared_prefix) if kind == "ppo"
+                  else builder(model_cfg, stage, config, mesh))
         if kind == "ppo" and phases.generation is None:
             notes.append("generation is not compiled on one device: the sampler runs its feature-major "
                          "trunk there, which the AOT tool does not model")
@@ -291,7 +294,7 @@ def _rollout_rows(rows: int, prompt: int, answer: int) -> dict:
     return {**tokens, **per_answer}
 
 
-def _ppo_phases(cfg, c, config, mesh, with_generation: Optional[bool] = None):
+def _ppo_phases(cfg, c, config, mesh, with_generation: Optional[bool] = None, shared_prefix: bool = False):
     from cai_jax.inference import preference_scorer
     from cai_jax.rl_cai import ppo
     from cai_jax.tools import aot_generate
@@ -343,7 +346,7 @@ def _ppo_phases(cfg, c, config, mesh, with_generation: Optional[bool] = None):
     if with_generation:  # the rollout: the sampler on the policy's weights
         workload = aot_generate.workload_for(config, "ppo", policy_cfg)
         generation, plan = aot_generate.generate_phases(policy_cfg, workload, mesh, "policy_params",
-                                                        policy_cfg.scan_layers, _shares_prefixes(config))
+                                                        policy_cfg.scan_layers, shared_prefix)
         phases += generation
     # The scorer is a plain jit: the shardings come from its abstract arguments.
     phases += [
@@ -380,13 +383,7 @@ def _score_phases(cfg, c, config, mesh):
     return Phases("score", phases, resident, 1, rows * seq, whole.model_config, workload)
 
 
-def _shares_prefixes(config) -> bool:
-    """Whether the stages' sampler runs its shared-prefix layout too (config.sampling.shared_prefix)."""
-    sampling_section = config.get("sampling") if hasattr(config, "get") else None
-    return bool(sampling_section and sampling_section.get("shared_prefix", False))
-
-
-def _generate_phases(cfg, config, mesh, section: str, prompt_tokens: Optional[int]):
+def _generate_phases(cfg, config, mesh, section: str, prompt_tokens: Optional[int], shared_prefix: bool):
     """The sampler's prefill and decode for the stage `section`, on the
     weights of the model that section generates with: the policy (in
     ppo.dtype) for ppo, config.model for sl_generate and pairs."""
@@ -398,7 +395,7 @@ def _generate_phases(cfg, config, mesh, section: str, prompt_tokens: Optional[in
     cfg = cfg.replace(heads=("lm",))
     workload = aot_generate.workload_for(config, section, cfg, prompt_tokens)
     phases, plan = aot_generate.generate_phases(cfg, workload, mesh, "model_weights", cfg.scan_layers,
-                                                _shares_prefixes(config))
+                                                shared_prefix)
     resident = {"model_weights": abstract_params_sharded(cfg, mesh)}
     summary = {"section": section, "rows": workload.rows, "batch_size": workload.batch_size,
                "prompt_tokens": workload.prompt_tokens, "answer_len": workload.answer_tokens,
