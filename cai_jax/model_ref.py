@@ -149,8 +149,7 @@ def _real(path: str) -> str:
     staging directory where the run's models are symlinks (os.path.realpath),
     or on Cloud Storage copies, named by the place they were copied from."""
     if storage.is_remote(path):
-        from cai_jax.pipeline import outside_staging
-        return outside_staging(path)
+        return storage.outside_staging(path)
     return os.path.realpath(path)
 
 

@@ -76,7 +76,9 @@ from cai_jax.errors import DivergenceError, UserError
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
-STAGING = ".staging"  # <workdir>/.staging/<stage>/: a stage's work until it is complete
+# <workdir>/.staging/<stage>/: a stage's work until it is complete (named in
+# storage.py, which model references read it from too)
+STAGING = storage.STAGING
 LOCK = ".lock"
 CONFIG = "config.json"  # the config of the last run whose stages all finished
 
@@ -302,16 +304,6 @@ def home_of(path: str) -> str:
     path = storage.abspath(path)
     parent = storage.dirname(path)
     return storage.dirname(parent) if storage.basename(parent) == STAGING else path
-
-
-def outside_staging(path: str) -> str:
-    """A path inside a staging directory (`<workdir>/.staging/<stage>/x`) as the
-    work directory's own (`<workdir>/x`); any other path unchanged."""
-    parts = path.split("/")
-    for i in range(len(parts) - 2):
-        if parts[i] == STAGING:
-            return "/".join(parts[:i] + parts[i + 2:])
-    return path
 
 
 def started_path(workdir: str, name: str) -> str:

@@ -35,6 +35,7 @@ from typing import IO, Iterator, Optional, Union
 from cai_jax.errors import UserError
 
 SCHEME = "gs://"
+STAGING = ".staging"  # a work directory's room for stages still running (pipeline.py)
 
 
 def is_remote(path: str) -> bool:
@@ -70,6 +71,16 @@ def basename(path: str) -> str:
 
 def relpath(path: str, start: str) -> str:
     return posixpath.relpath(path, start) if is_remote(path) else os.path.relpath(path, start)
+
+
+def outside_staging(path: str) -> str:
+    """A path inside a staging directory (`<workdir>/.staging/<stage>/x`) as the
+    work directory's own (`<workdir>/x`); any other path unchanged."""
+    parts = path.split("/")
+    for i in range(len(parts) - 2):
+        if parts[i] == STAGING:
+            return "/".join(parts[:i] + parts[i + 2:])
+    return path
 
 
 # ------------------------------------------------------------------ Cloud Storage access
