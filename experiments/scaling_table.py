@@ -54,7 +54,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for TPU needs no loca
 import jax  # noqa: E402
 
 from cai_jax import sharding as shd  # noqa: E402
-from cai_jax.tools import aot_steps, tpu_specs  # noqa: E402
+from cai_jax.tools import aot_phase, aot_steps, tpu_specs  # noqa: E402
 from cai_jax.artifacts import write_json_atomic  # noqa: E402
 from cai_jax.config import load_config  # noqa: E402
 from cai_jax.tools import aot  # noqa: E402
@@ -139,10 +139,10 @@ def summary(report: aot.AotReport) -> dict:
     return out
 
 
-def trained_state_bytes(phases: aot_steps.Phases) -> int:
+def trained_state_bytes(phases: aot_phase.Phases) -> int:
     """Per-chip bytes of the largest state a phase trains (its gradients and
     optimizer update make most of the temporaries); 0 for generation alone."""
-    held = {k: aot_steps.bytes_per_chip(v) for k, v in phases.resident.items()}
+    held = {k: aot_phase.bytes_per_chip(v) for k, v in phases.resident.items()}
     if "train_state" in held:
         return held["train_state"]
     return max([held.get(f"{m}_params", 0) + held.get(f"{m}_opt_state", 0) for m in ("policy", "value")
@@ -162,7 +162,7 @@ def estimated_bytes(config, kind: str, topology: str) -> float:
     mesh = shd.make_mesh(default_mesh(len(devices)), devices)
     step, section = split_kind(kind)
     phases = aot_steps.build_phases(step, config, mesh, MICRO_BATCH_PER_SHARD, section)
-    resident = sum(aot_steps.bytes_per_chip(v) for v in phases.resident.values())
+    resident = sum(aot_phase.bytes_per_chip(v) for v in phases.resident.values())
     return resident + 1.5 * trained_state_bytes(phases)
 
 

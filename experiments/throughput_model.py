@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cai_jax.tools import aot_steps, tpu_specs  # noqa: E402
+from cai_jax.tools import aot_phase, tpu_specs  # noqa: E402
 from cai_jax.artifacts import write_json_atomic  # noqa: E402
 from cai_jax.models.config import model_config_from_dict  # noqa: E402
 
@@ -146,11 +146,11 @@ def measure_cpu(save=lambda partial: None) -> dict:
           f"value {out['value_update']}", flush=True)
 
     flops = {
-        "decode": aot_steps.forward_flops(cfg, rows, 1) * answer_len + aot_steps.forward_flops(cfg, rows, prompt_len),
-        "rollout_scores": 2 * aot_steps.forward_flops(cfg, rows, seq) + aot_steps.forward_flops(value_cfg, rows, seq),
-        "pm_score": aot_steps.forward_flops(value_cfg, rows, seq),
-        "policy_update": aot_steps.train_flops(cfg, rows, seq)[0] * epochs,
-        "value_update": aot_steps.train_flops(value_cfg, rows, seq)[0] * epochs,
+        "decode": aot_phase.forward_flops(cfg, rows, 1) * answer_len + aot_phase.forward_flops(cfg, rows, prompt_len),
+        "rollout_scores": 2 * aot_phase.forward_flops(cfg, rows, seq) + aot_phase.forward_flops(value_cfg, rows, seq),
+        "pm_score": aot_phase.forward_flops(value_cfg, rows, seq),
+        "policy_update": aot_phase.train_flops(cfg, rows, seq)[0] * epochs,
+        "value_update": aot_phase.train_flops(value_cfg, rows, seq)[0] * epochs,
     }
     out["flops"] = flops
     return out
@@ -178,16 +178,16 @@ def tpu_model(size: str, workload: dict, topology: str = "v5p:4x4x4") -> dict:
     for step in range(answer):
         cache = kv_bytes_per_token * rows * (prompt + step)
         memory_time = (weight_bytes + cache) / (chips * chip.hbm_bandwidth)
-        flop_time = aot_steps.forward_flops(cfg, rows, 1) / (chips * chip.peak_bf16_flops)
+        flop_time = aot_phase.forward_flops(cfg, rows, 1) / (chips * chip.peak_bf16_flops)
         decode += max(memory_time, flop_time)
-    prefill = aot_steps.forward_flops(cfg, rows, prompt) / compute
+    prefill = aot_phase.forward_flops(cfg, rows, prompt) / compute
     phases = {
         "decode": decode + prefill,
-        "rollout_scores": (2 * aot_steps.forward_flops(cfg, rows, seq)
-                           + aot_steps.forward_flops(value_cfg, rows, seq)) / compute,
-        "pm_score": aot_steps.forward_flops(value_cfg, rows, seq) / compute,
-        "policy_update": aot_steps.train_flops(cfg, rows, seq)[0] / compute,
-        "value_update": aot_steps.train_flops(value_cfg, rows, seq)[0] / compute,
+        "rollout_scores": (2 * aot_phase.forward_flops(cfg, rows, seq)
+                           + aot_phase.forward_flops(value_cfg, rows, seq)) / compute,
+        "pm_score": aot_phase.forward_flops(value_cfg, rows, seq) / compute,
+        "policy_update": aot_phase.train_flops(cfg, rows, seq)[0] / compute,
+        "value_update": aot_phase.train_flops(value_cfg, rows, seq)[0] / compute,
     }
     # If decoding kept the training layout, every step would all-gather each
     # chip's missing FSDP shards of the weights over the interconnect instead.
@@ -204,9 +204,9 @@ def idle_cpu_model(cpu: dict) -> dict:
     flops = cpu["flops"]
     rows, answer = cpu["rows"], cpu["answer_len"]
     step_bytes = 4 * cfg.num_params()  # float32 weights read once per decode step
-    step_flops = aot_steps.forward_flops(cfg, rows, 1)
+    step_flops = aot_phase.forward_flops(cfg, rows, 1)
     decode = answer * max(step_bytes / CPU_READ_BANDWIDTH, step_flops / CPU_MATMUL_FLOPS)
-    decode += aot_steps.forward_flops(cfg, rows, cpu["prompt_len"]) / rate  # prefill
+    decode += aot_phase.forward_flops(cfg, rows, cpu["prompt_len"]) / rate  # prefill
     return {"decode": decode, **{k: flops[k] / rate for k in
                                  ("rollout_scores", "pm_score", "policy_update", "value_update")}}
 

@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from cai_jax import sharding as shd
-from cai_jax.tools import aot_steps, tpu_specs
+from cai_jax.tools import aot_phase, aot_steps, tpu_specs
 from cai_jax.config import load_config_module, model_section
 from cai_jax.models.config import model_config_from_dict
 from cai_jax.tools import aot
@@ -76,11 +76,11 @@ def test_matmul_weights_by_hand():
     cfg = model_config_from_dict({"name": "tiny", "vocab_size": 512})
     # d=64, 4 query heads and 2 KV heads of 16, SwiGLU width 128, 2 layers, tied head.
     per_layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * 64 * 128
-    assert aot_steps.matmul_weights(cfg) == 2 * per_layer + 64 * 512
+    assert aot_phase.matmul_weights(cfg) == 2 * per_layer + 64 * 512
     # Forward: 2 FLOPs per weight per token, plus QK^T and PV over all 32 keys.
     rows, seq = 3, 32
     attention = 2 * (2 * 2 * seq * 4 * 16)
-    assert aot_steps.forward_flops(cfg, rows, seq) == rows * seq * (2 * (2 * per_layer + 64 * 512) + attention)
+    assert aot_phase.forward_flops(cfg, rows, seq) == rows * seq * (2 * (2 * per_layer + 64 * 512) + attention)
 
 
 @pytest.mark.parametrize("kind", ["sft", "pm"])
@@ -138,7 +138,7 @@ def test_ppo_program_follows_the_configs_dtypes_and_shared_trunk():
     # bfloat16, half the argument bytes for its weights.
     scorer = {p.name: p for p in shared.phases}["rollout_scores"]
     assert "bf16" in scorer.fn.lower(*scorer.args).as_text()
-    ref_bytes = [aot_steps.bytes_per_chip(p.resident["reference"]) for p in (separate, shared)]
+    ref_bytes = [aot_phase.bytes_per_chip(p.resident["reference"]) for p in (separate, shared)]
     assert ref_bytes[1] == ref_bytes[0] // 2
 
 
@@ -191,7 +191,7 @@ def test_tiny_sft_compiles_for_v5p_and_reports_memory(v5p8):
     assert abs(report.resident_bytes["train_state"] - state) < 1024
     assert phase.alias_bytes >= state  # the donated state is updated in place
     assert phase.temp_bytes > 0
-    assert report.model_flops == aot_steps.train_flops(cfg, 8, 128)[0]
+    assert report.model_flops == aot_phase.train_flops(cfg, 8, 128)[0]
     assert report.step_seconds_at_peak == pytest.approx(report.model_flops / (4 * 459e12))
     text = report.format()
     assert "v5p-8" in text and "fits" in text

@@ -45,7 +45,7 @@ if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from cai_jax import sharding as shd
-from cai_jax.tools import aot_generate, aot_steps, tpu_specs
+from cai_jax.tools import aot_generate, aot_phase, aot_steps, tpu_specs
 
 GIB = 2 ** 30
 INSTALL_HINT = 'pip install "jax[tpu]==0.10.2"'
@@ -306,9 +306,9 @@ def _cost_flops(compiled) -> Optional[float]:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def compile_phases(phases: aot_steps.Phases, chip: tpu_specs.ChipSpec, progress=None) -> list[PhaseReport]:
+def compile_phases(phases: aot_phase.Phases, chip: tpu_specs.ChipSpec, progress=None) -> list[PhaseReport]:
     """Lowers and compiles every phase; raises DoesNotFit as soon as one cannot fit."""
-    resident = {k: aot_steps.bytes_per_chip(v) for k, v in phases.resident.items()}
+    resident = {k: aot_phase.bytes_per_chip(v) for k, v in phases.resident.items()}
     total_resident = sum(resident.values())
     if total_resident > chip.hbm_bytes:  # no compile needed to know
         held = ", ".join(f"{k} {v / GIB:.1f}" for k, v in resident.items())
@@ -384,7 +384,7 @@ def run_aot(config, topology: str, kind: str, mesh_sizes: Optional[Mapping[str, 
         mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes, peak_flops_per_chip=chip.peak_bf16_flops,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, workload=dict(phases.workload),
         grad_accum_steps=phases.grad_accum_steps, tokens_per_step=phases.tokens_per_step,
-        resident_bytes={k: aot_steps.bytes_per_chip(v) for k, v in phases.resident.items()},
+        resident_bytes={k: aot_phase.bytes_per_chip(v) for k, v in phases.resident.items()},
         phases=reports, generation=generation, notes=phases.notes)
 
 

@@ -51,7 +51,7 @@ from cai_jax.inference.trunks.base import HEAD_VD
 from cai_jax.inference.trunks.flax_model import FlaxModelTrunk
 from cai_jax.models.config import TransformerConfig
 from cai_jax.tools import tpu_specs
-from cai_jax.tools.aot_steps import (Phase, abstract_array, abstract_params_sharded, attention_flops,
+from cai_jax.tools.aot_phase import (Phase, abstract_array, abstract_params_sharded, attention_flops,
                                      bytes_per_chip, matmul_weights, section_of)
 
 GENERATE_SECTIONS = ("ppo", "sl_generate", "pairs")
