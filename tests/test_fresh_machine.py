@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 # `sys.modules["torch"] = None` makes `import torch` raise ImportError, as on a
@@ -20,6 +22,9 @@ _RUN_WITHOUT_TORCH = (
     "runpy.run_module('cai_jax.main', run_name='__main__')")
 
 
+# Slow (74 s): CI's main command runs the real thing on every submission, in a
+# new virtualenv without torch and with empty caches (.ci/run).
+@pytest.mark.slow
 def test_tiny_pipeline_runs_without_torch_and_with_empty_caches(tmp_path):
     env = dict(os.environ, CAI_JAX_CACHE=str(tmp_path / "cache"),
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PLATFORMS="cpu")

@@ -133,6 +133,9 @@ def _kill_process_1_in_training(run: Run, workdir) -> float:
     return time.monotonic()
 
 
+# Slow (94-130 s, the suite's longest): the default suite keeps the start-up
+# check below and tests/test_multihost.py's two-process training step.
+@pytest.mark.slow
 def test_two_processes_make_the_run_of_one_and_resume_after_losing_one(tmp_path):
     """sl_generate and sl_train as 1 x 8 devices and as 2 x 4; the second loses
     process 1 (SIGKILL) inside sl_train: process 0 stops within the bound with
