@@ -28,15 +28,12 @@ def write_text_atomic(path: str, text: str) -> None:
     storage.write_atomic(path, text)
 
 
-umask = storage.umask
-
-
 def follow_umask(path: str) -> None:
     """Gives `path` and everything under it the modes a plain open or mkdir
     would have (temp files and directories are created private)."""
     if storage.is_remote(path):
         return  # objects have no modes
-    mask = umask()
+    mask = storage.umask()
     for root, dirs, files in os.walk(path) if os.path.isdir(path) else [(None, [], [path])]:
         if root is not None:
             os.chmod(root, 0o777 & ~mask)
