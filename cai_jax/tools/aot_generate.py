@@ -36,6 +36,7 @@ Bounds, per sampler call:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Optional
@@ -180,6 +181,11 @@ def sampler_weights(sampler: sampling.Sampler) -> dict:
     return weights
 
 
+def _rows_array(shape, dtype, mesh, rules):
+    """An abstract per-row array, split over the mesh's batch axes as the sampler puts it."""
+    return abstract_array(shape, dtype, shd.data_sharding(mesh, len(shape), rules))
+
+
 def generate_phases(model_cfg: TransformerConfig, workload: GenerateWorkload, mesh, holder: str,
                     holder_scans_layers: bool, shared_prefix: bool = False) -> tuple[list[Phase], GeneratePlan]:
     """Prefill and decode of one sampler batch. `holder` names the resident
@@ -198,9 +204,7 @@ def generate_phases(model_cfg: TransformerConfig, workload: GenerateWorkload, me
     copies = holder_scans_layers != sampler.config.scan_layers
     uses = () if copies else (holder,)
 
-    def data(shape, dtype):
-        return abstract_array(shape, dtype, shd.data_sharding(mesh, len(shape), rules))
-
+    data = functools.partial(_rows_array, mesh=mesh, rules=rules)
     scalar = lambda dtype: abstract_array((), dtype, shd.replicated(mesh))  # noqa: E731
     knobs = {"temperature": scalar(jnp.float32), "top_k": scalar(jnp.int32), "top_p": scalar(jnp.float32),
              "stop_ids": abstract_array((STOP_ID_SLOTS,), jnp.int32, shd.replicated(mesh))}
@@ -236,10 +240,7 @@ def shared_prefix_phases(plan: GeneratePlan, trunk, prefill_args: tuple, statics
     rows, width, gen_width = plan.rows, plan.prompt_width, plan.gen_width
     _, weights, _, row_ids, active, seed, knobs = prefill_args
     mesh, rules = trunk.mesh, trunk.rules
-
-    def data(shape, dtype):
-        return abstract_array(shape, dtype, shd.data_sharding(mesh, len(shape), rules))
-
+    data = functools.partial(_rows_array, mesh=mesh, rules=rules)
     prompt = {"prefix": data((rows, width), jnp.int32), "prefix_mask": data((rows, width), jnp.bool_),
               "suffix": data((rows, width), jnp.int32), "suffix_mask": data((rows, width), jnp.bool_),
               "group": data((rows,), jnp.int32)}
